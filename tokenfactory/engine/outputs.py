@@ -1,0 +1,103 @@
+"""What crosses the boundaries inside a worker: scheduler -> model runner -> scheduler -> client.
+
+`SchedulerOutput` and `ModelRunnerOutput` stay inside the engine process and may hold live
+objects. `EngineCoreOutput` crosses processes (to the gateway, or to the twin's meters), so it is a
+msgspec Struct that serialises compactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+from tokenfactory.engine.request import Request
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """One request's share of a step: compute `num_tokens` tokens starting at
+    `request.num_computed_tokens`, writing their KV into `block_ids`.
+
+    The runner samples a new token for this request only if the chunk reaches the end of the
+    request's known tokens (`request.num_computed_tokens + num_tokens == request.num_tokens`);
+    a chunk in the middle of a long prompt samples nothing.
+    """
+
+    request: Request
+    num_tokens: int
+    block_ids: list[int]
+    """The request's whole block table after allocation for this step (KV cache slots)."""
+
+    @property
+    def start(self) -> int:
+        return self.request.num_computed_tokens
+
+    @property
+    def end(self) -> int:
+        return self.request.num_computed_tokens + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        return self.end == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """A step: a token budget spread over requests, no separate prefill and decode phases."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+    """Requests whose blocks were freed this step (they recompute later)."""
+    finished_ids: list[str] = field(default_factory=list)
+    """Requests that finished since the last step; the runner drops their state (seeded RNGs)."""
+
+    @property
+    def num_scheduled_tokens(self) -> dict[str, int]:
+        return {c.request.request_id: c.num_tokens for c in self.chunks}
+
+    @property
+    def total_num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Logprob(msgspec.Struct, array_like=True, frozen=True):
+    token_id: int
+    logprob: float
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True, frozen=True):
+    """The chosen token's logprob and the top alternatives (most likely first)."""
+
+    chosen: Logprob
+    top: list[Logprob]
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """Per request that sampled this step: its new token (and logprobs when asked for)."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """New tokens for one request after one step; the last one carries `finish_reason`."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    """"stop", "length" or "abort"; None while the request runs on."""
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (OpenAI `cached_tokens`)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -80,6 +80,8 @@ class ModelConfig:
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
+            # transformers >= 5 writes rope_theta and rope_scaling together as `rope_parameters`.
+            rope = cfg.get("rope_parameters") or {}
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             return cls(
@@ -93,8 +95,8 @@ class ModelConfig:
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling")),
+                rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+                rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling") or rope),
                 # Qwen2 always has q/k/v bias; Llama and Mistral say so with attention_bias.
                 attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),

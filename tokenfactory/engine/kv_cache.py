@@ -1,0 +1,292 @@
+"""The paged KV cache manager: fixed-size blocks, ref counts and a hash-chained prefix cache.
+
+Pure Python bookkeeping; the model runner owns the tensors and only ever sees block ids.
+
+A block's hash covers its tokens and, through its parent's hash, every token before it, so
+equal hashes mean equal prefixes. A block is cached (hash -> block) once all of its tokens'
+KV has been computed, whether they came from the prompt or were generated.
+
+Free blocks live in two pools:
+- `_fresh`: blocks holding no cached hash; allocation takes these first.
+- `_evictable`: blocks with ref count 0 that still hold a cached prefix, least recently freed
+  first. Allocation evicts from the front when `_fresh` is empty; a prefix hit revives a
+  block out of it in O(1). A request's blocks are freed tail-first, so a chain's end is
+  evicted before its start (a shorter prefix stays usable longer).
+
+Every store into and eviction from the prefix cache is recorded as a `KVEvent`; that stream
+is all a router in another process knows about this cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from tokenfactory.engine.request import Request
+
+ROOT_HASH = 0
+"""The parent hash of a sequence's first block."""
+
+
+def hash_block_tokens(parent_hash: int, token_ids: Sequence[int]) -> int:
+    """A 64-bit hash of one block, chained on its parent's; the same in every process
+    (no Python `hash()`, whose salt differs per process)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(parent_hash.to_bytes(8, "little"))
+    h.update(struct.pack(f"<{len(token_ids)}I", *token_ids))
+    return int.from_bytes(h.digest(), "little")
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """The chained hashes of every full block of `token_ids` (a router uses these to find
+    which worker holds a prompt's prefix)."""
+    hashes: list[int] = []
+    _extend_block_hashes(hashes, token_ids, block_size, len(token_ids) // block_size)
+    return hashes
+
+
+def _extend_block_hashes(
+    hashes: list[int], token_ids: Sequence[int], block_size: int, num_blocks: int
+) -> None:
+    """Append the hashes of blocks len(hashes)..num_blocks-1, continuing the chain."""
+    parent = hashes[-1] if hashes else ROOT_HASH
+    for i in range(len(hashes), num_blocks):
+        parent = hash_block_tokens(parent, token_ids[i * block_size : (i + 1) * block_size])
+        hashes.append(parent)
+
+
+class KVEvent(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """A change to the prefix cache, as a router sees it.
+
+    "stored": `block_hashes` form one chain (each the parent of the next); the first one's
+    parent is `parent_hash` (None at a sequence start); `token_ids` are their tokens, in order.
+    "removed": `block_hashes` were evicted. "cleared": the whole cache was dropped.
+    """
+
+    kind: str
+    block_hashes: list[int] = []
+    parent_hash: int | None = None
+    token_ids: list[int] = []
+    block_size: int = 0
+
+
+@dataclass(slots=True)
+class _RequestBlocks:
+    """One request's share of the cache; kept across preemption so hashes are never redone."""
+
+    block_ids: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+    """Chained hashes of the request's full blocks, extended as tokens arrive."""
+    num_cached_blocks: int = 0
+    """Leading blocks of `block_ids` already offered to the prefix cache."""
+
+
+class KVCacheManager:
+    """Hands out KV blocks to requests, shares cached prefixes, and evicts in LRU order."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._ref_counts = [0] * num_blocks
+        self._block_hashes: list[int | None] = [None] * num_blocks
+        self._hash_to_block: dict[int, int] = {}
+        self._fresh: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() yields block 0 first
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._requests: dict[str, _RequestBlocks] = {}
+        self._events: list[KVEvent] = []
+        self.prefix_cache_queries = 0
+        """Tokens of admitted requests looked up in the prefix cache."""
+        self.prefix_cache_hits = 0
+        """Of those, tokens served from the cache."""
+
+    # --- stats -----------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._fresh) + len(self._evictable)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by some request (cached-but-free blocks count as free)."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._hash_to_block)
+
+    # --- the scheduler's verbs -------------------------------------------------------------
+
+    def lookup_prefix(self, request: Request) -> int:
+        """Tokens of `request` whose KV already sits in the cache (a multiple of block_size).
+
+        At most num_tokens - 1: the last token is always computed, to get its logits.
+        Changes nothing but the request's memoised hashes.
+        """
+        if not self.enable_prefix_caching:
+            return 0
+        state = self._state(request.request_id)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        _extend_block_hashes(state.hashes, request.all_token_ids, self.block_size, max_blocks)
+        return len(self._cached_chain(state.hashes, max_blocks)) * self.block_size
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
+        """Make room for `num_new_tokens` past `request.num_computed_tokens`; all or nothing.
+
+        On a request's admission `num_cached_tokens` (from `lookup_prefix`, same step) attaches
+        the cached prefix blocks first. Returns False, changing nothing, when blocks are short.
+        """
+        state = self._state(request.request_id)
+        hits: list[int] = []
+        if num_cached_tokens:
+            if state.block_ids:
+                raise ValueError(f"request {request.request_id} already holds blocks")
+            hits = self._cached_chain(state.hashes, num_cached_tokens // self.block_size)
+            if len(hits) * self.block_size != num_cached_tokens:
+                raise ValueError(f"{num_cached_tokens} cached tokens were not looked up this step")
+        total_tokens = request.num_computed_tokens + num_cached_tokens + num_new_tokens
+        num_needed = -(-total_tokens // self.block_size) - len(state.block_ids) - len(hits)
+        num_reviving = sum(1 for b in hits if self._ref_counts[b] == 0)
+        if num_needed > self.num_free_blocks - num_reviving:
+            return False
+        if not state.block_ids and self.enable_prefix_caching:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += num_cached_tokens
+        if hits:
+            for block in hits:  # revive before allocating, so eviction cannot take them
+                if self._ref_counts[block] == 0:
+                    del self._evictable[block]
+                self._ref_counts[block] += 1
+            state.block_ids.extend(hits)
+            state.num_cached_blocks = len(hits)
+        evicted: list[int] = []
+        for _ in range(max(num_needed, 0)):
+            state.block_ids.append(self._take_free_block(evicted))
+        if evicted:
+            self._events.append(KVEvent("removed", evicted, block_size=self.block_size))
+        return True
+
+    def cache_blocks(self, request: Request) -> None:
+        """Offer the request's newly full, computed blocks to the prefix cache.
+
+        Called after a step advanced `num_computed_tokens`; hashes are extended only over the
+        new blocks. A block whose prefix is already cached elsewhere stays private.
+        """
+        state = self._requests.get(request.request_id)
+        if not self.enable_prefix_caching or state is None:
+            return
+        bs = self.block_size
+        num_full = min(request.num_computed_tokens // bs, len(state.block_ids))
+        if num_full <= state.num_cached_blocks:
+            return
+        _extend_block_hashes(state.hashes, request.all_token_ids, bs, num_full)
+        run_start: int | None = None  # first block of the current chain of new entries
+        for i in range(state.num_cached_blocks, num_full):
+            block_hash, block = state.hashes[i], state.block_ids[i]
+            if block_hash in self._hash_to_block:  # the same prefix computed twice
+                if run_start is not None:
+                    self._emit_stored(state.hashes, request.all_token_ids, run_start, i)
+                run_start = None
+                continue
+            self._hash_to_block[block_hash] = block
+            self._block_hashes[block] = block_hash
+            run_start = i if run_start is None else run_start
+        if run_start is not None:
+            self._emit_stored(state.hashes, request.all_token_ids, run_start, num_full)
+        state.num_cached_blocks = num_full
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks, tail first. A finished request is forgotten; a
+        preempted one keeps its hashes for its next lookup."""
+        state = self._requests.get(request.request_id)
+        if state is None:
+            return
+        for block in reversed(state.block_ids):
+            self._ref_counts[block] -= 1
+            if self._ref_counts[block] == 0:
+                if self._block_hashes[block] is None:
+                    self._fresh.append(block)
+                else:
+                    self._evictable[block] = None  # most recently used at the end
+        if request.is_finished:
+            del self._requests[request.request_id]
+        else:
+            state.block_ids = []
+            state.num_cached_blocks = 0
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The request's block table (a live view: read it, do not change it)."""
+        state = self._requests.get(request_id)
+        return state.block_ids if state is not None else []
+
+    def take_events(self) -> list[KVEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (e.g. after new weights); blocks in use stay allocated."""
+        for block in self._hash_to_block.values():
+            self._block_hashes[block] = None
+        self._hash_to_block.clear()
+        self._fresh.extend(self._evictable)
+        self._evictable.clear()
+        self._events.append(KVEvent("cleared", block_size=self.block_size))
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _state(self, request_id: str) -> _RequestBlocks:
+        state = self._requests.get(request_id)
+        if state is None:
+            state = self._requests[request_id] = _RequestBlocks()
+        return state
+
+    def _cached_chain(self, hashes: list[int], max_blocks: int) -> list[int]:
+        """Block ids of the longest cached prefix among the first `max_blocks` hashes."""
+        blocks: list[int] = []
+        for i in range(min(max_blocks, len(hashes))):
+            block = self._hash_to_block.get(hashes[i])
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def _take_free_block(self, evicted: list[int]) -> int:
+        """A free block with ref count 1: a fresh one, or else the least recently used cached one."""
+        if self._fresh:
+            block = self._fresh.pop()
+        else:
+            block, _ = self._evictable.popitem(last=False)
+            block_hash = self._block_hashes[block]
+            assert block_hash is not None
+            del self._hash_to_block[block_hash]
+            self._block_hashes[block] = None
+            evicted.append(block_hash)
+        self._ref_counts[block] = 1
+        return block
+
+    def _emit_stored(self, hashes: list[int], token_ids: list[int], start: int, end: int) -> None:
+        bs = self.block_size
+        self._events.append(
+            KVEvent(
+                "stored",
+                hashes[start:end],
+                parent_hash=hashes[start - 1] if start else None,
+                token_ids=token_ids[start * bs : end * bs],
+                block_size=bs,
+            )
+        )

@@ -1,0 +1,224 @@
+"""The only part of the engine that touches tensors: a step's chunks in, sampled tokens out.
+
+Each step the runner lays the scheduled chunks out as one flat batch (decode rows first, then
+prefill chunks), builds the attention metadata once for all layers, runs the model, and samples
+the rows whose chunk reaches the end of its request's known tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tokenfactory.engine.attention import AttentionMetadata, PrefillChunk
+from tokenfactory.engine.config import ConfigError, EngineConfig, ModelConfig
+from tokenfactory.engine.model import ARCHITECTURES, CausalLM, KVCache
+from tokenfactory.engine.outputs import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+from tokenfactory.engine.request import Request
+from tokenfactory.engine.sampler import Sampler
+from tokenfactory.engine.weights import load_checkpoint, load_dummy
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """One step's flat batch, ready for the model."""
+
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampling_rows]: each sampling chunk's last row
+    sampling_requests: list[Request]
+
+
+def build_model(config: EngineConfig) -> CausalLM:
+    """Construct the model on the target device and dtype and fill its weights."""
+    device = torch.device(config.device)
+    model_cls = ARCHITECTURES[config.model.architecture]
+    # Build on the meta device so no memory is spent on an initialisation we overwrite.
+    with torch.device("meta"):
+        model = model_cls(config.model, config.context_len, device)
+    model.to_empty(device=device)
+    model.to(config.torch_dtype)
+    model.tie_weights()
+    if config.load_format == "dummy":
+        load_dummy(model, config.seed)
+    else:
+        load_checkpoint(model, config.model_path)
+    return model.eval()
+
+
+def kv_bytes_per_block(config: EngineConfig) -> int:
+    """K and V of one block across all layers, in the engine dtype."""
+    m = config.model
+    per_token = 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim
+    return per_token * config.cache.block_size * config.torch_dtype.itemsize
+
+
+SMALL_HIDDEN_SIZE = 512
+"""Below this width a matmul is too small for intra-op threads to pay for their handoff."""
+
+
+def _choose_cpu_threads(model: ModelConfig) -> None:
+    if "OMP_NUM_THREADS" in os.environ:
+        return  # the user chose; torch already follows it
+    # torch counts the host's cores, but a container or taskset may allow fewer, and
+    # oversubscribed threads make every small op wait on the others (100x on a busy machine).
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = 1 if model.hidden_size <= SMALL_HIDDEN_SIZE else min(torch.get_num_threads(), allowed or 1)
+    torch.set_num_threads(threads)
+
+
+class ModelRunner:
+    """Owns the model, its paged KV cache and the sampler of one worker."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.block_size = config.cache.block_size
+        if self.device.type == "cpu":
+            _choose_cpu_threads(config.model)
+        self.model = build_model(config)
+        block_bytes = kv_bytes_per_block(config)
+        self.num_blocks = config.cache.num_blocks or config.cache.memory_bytes // block_bytes
+        if self.num_blocks < 1:
+            raise ConfigError(
+                f"cache.memory_bytes ({config.cache.memory_bytes}) is smaller than one KV block "
+                f"({block_bytes} bytes)"
+            )
+        self.kv_caches = self._allocate_kv_cache()
+        self.sampler = Sampler(self.device, config.seed)
+
+    def _allocate_kv_cache(self) -> KVCache:
+        m = self.config.model
+        # Zeros, not empty: padded block-table entries are read (then masked), and garbage NaNs
+        # would leak through the masked softmax.
+        cache = torch.zeros(
+            (m.num_hidden_layers, 2, self.num_blocks, self.block_size, m.num_key_value_heads,
+             m.head_dim),
+            dtype=self.config.torch_dtype,
+            device=self.device,
+        )
+        return [(cache[i, 0], cache[i, 1]) for i in range(m.num_hidden_layers)]
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Compute every scheduled chunk's tokens; sample for the chunks that end their request."""
+        self.sampler.forget(sched.finished_ids)
+        output = ModelRunnerOutput()
+        if sched.is_empty:
+            return output
+        logits, sampling_requests = self.compute_logits(sched.chunks)
+        if not sampling_requests:
+            return output
+        tokens, logprobs = self.sampler.sample(logits, sampling_requests)
+        for req, token, lp in zip(sampling_requests, tokens, logprobs, strict=True):
+            output.sampled_token_ids[req.request_id] = token
+            if lp is not None:
+                output.logprobs[req.request_id] = lp
+        return output
+
+    @torch.inference_mode()
+    def compute_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[Request]]:
+        """Run the model on the chunks (writing their KV) -> float32 logits [num_sampling, vocab]
+        for the requests whose chunk samples, in the returned order."""
+        batch = self._prepare(chunks)
+        logits = self.model(
+            batch.input_ids, batch.positions, self.kv_caches, batch.meta, batch.logits_indices
+        )
+        return logits, batch.sampling_requests
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> StepBatch:
+        """Lay the chunks out as one flat batch and build all index and mask tensors once."""
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        prefills = [c for c in chunks if c.num_tokens > 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        sampling: list[Request] = []
+        for chunk in decodes + prefills:
+            start, end, block_ids = chunk.start, chunk.end, chunk.block_ids
+            input_ids.extend(chunk.request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            bs = self.block_size
+            slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
+            if chunk.samples:
+                logits_rows.append(len(input_ids) - 1)
+                sampling.append(chunk.request)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            num_decode_tokens=len(decodes),
+            decode_shared_blocks=None,
+            decode_block_tables=None,
+            decode_mask=None,
+            prefills=self._prefill_chunks(prefills, first_row=len(decodes)),
+        )
+        if decodes:
+            tables = self._decode_tables(decodes)
+            meta.decode_shared_blocks, meta.decode_block_tables, meta.decode_mask = tables
+        return StepBatch(
+            input_ids=self._tensor(input_ids),
+            positions=self._tensor(positions),
+            meta=meta,
+            logits_indices=self._tensor(logits_rows),
+            sampling_requests=sampling,
+        )
+
+    def _decode_tables(
+        self, decodes: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """-> the blocks all rows share (or None), each row's remaining blocks padded
+        [num_decodes, max_blocks], and their additive context mask
+        [num_decodes, 1, 1, max_blocks * block_size]."""
+        bs = self.block_size
+        # A shared block must lie wholly before every row's newest token (never written this step).
+        shareable = (min(c.end for c in decodes) - 1) // bs
+        num_shared = _num_shared_blocks([c.block_ids for c in decodes], shareable)
+        shared = self._tensor(decodes[0].block_ids[:num_shared]) if num_shared else None
+        own_blocks = [math.ceil(c.end / bs) - num_shared for c in decodes]
+        width = max(own_blocks)
+        tables = [
+            c.block_ids[num_shared : num_shared + n] + [0] * (width - n)
+            for c, n in zip(decodes, own_blocks)
+        ]
+        own_lens = self._tensor([c.end - num_shared * bs for c in decodes])
+        keys = torch.arange(width * bs, device=self.device)
+        outside = (keys >= own_lens.unsqueeze(1)).view(len(decodes), 1, 1, -1)
+        mask = torch.zeros(outside.shape, dtype=self.config.torch_dtype, device=self.device)
+        return shared, self._tensor(tables), mask.masked_fill_(outside, float("-inf"))
+
+    def _prefill_chunks(self, prefills: list[ScheduledChunk], first_row: int) -> list[PrefillChunk]:
+        """Per chunk: its rows, and (after a cached prefix) its blocks and offset causal mask."""
+        result = []
+        row = first_row
+        for chunk in prefills:
+            n = chunk.num_tokens
+            if chunk.start == 0:
+                result.append(PrefillChunk(row, row + n, None, None))
+            else:
+                num_blocks = math.ceil(chunk.end / self.block_size)
+                keys = torch.arange(num_blocks * self.block_size, device=self.device)
+                query_pos = torch.arange(chunk.start, chunk.end, device=self.device)
+                mask = keys.unsqueeze(0) <= query_pos.unsqueeze(1)  # [n, num_blocks * block_size]
+                table = self._tensor(chunk.block_ids[:num_blocks])
+                result.append(PrefillChunk(row, row + n, table, mask))
+            row += n
+        return result
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+def _num_shared_blocks(tables: list[list[int]], limit: int) -> int:
+    """How many leading block ids all tables have in common (at most `limit`; 0 for one row,
+    where sharing saves nothing)."""
+    if len(tables) < 2:
+        return 0
+    first = tables[0]
+    count = 0
+    while count < limit and all(t[count] == first[count] for t in tables):
+        count += 1
+    return count

@@ -1,0 +1,331 @@
+"""Continuous batching: each step spreads a token budget over requests.
+
+There are no prefill and decode phases. A request has `num_tokens` (prompt plus output so far)
+and `num_computed_tokens` (already in the KV cache); a step gives it some of the difference.
+A decode is a chunk of one token, a chunked prefill a chunk of many, a prefix-cache hit starts a
+request with tokens already computed, and a preempted request simply starts again from zero
+over its prompt and output (recompute), reusing whatever prefix is still cached.
+
+Each step serves running requests first, highest priority then earliest arrival first; when
+blocks run out the lowest-priority, latest-arrived running request is preempted. Then waiting
+requests are admitted in the same order while budget, blocks and `max_num_seqs` allow; a
+waiting request may preempt running ones of strictly lower priority to get blocks.
+
+Pure bookkeeping: no clock, no I/O, no tensors, so the digital twin drives this very class.
+Cost per step is O(running requests) plus the admitted ones.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tokenfactory.engine.kv_cache import KVCacheManager
+from tokenfactory.engine.outputs import (
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    ScheduledChunk,
+    SchedulerOutput,
+)
+from tokenfactory.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:  # config.py pulls in torch; the scheduler only reads its fields
+    from tokenfactory.engine.config import SchedulerConfig
+
+
+def _serving_order(request: Request) -> tuple[int, float]:
+    """Priority descending, then arrival ascending."""
+    return (-request.priority, request.arrival_time)
+
+
+@dataclass(slots=True, frozen=True)
+class SchedulerStats:
+    """A snapshot for dashboards, metrics and the twin."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_free_blocks: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    """Preemptions since start, all requests together."""
+
+
+@dataclass(slots=True)
+class _StepPlan:
+    """The step being built."""
+
+    budget: int
+    chunks: dict[str, ScheduledChunk] = field(default_factory=dict)
+    preempted_ids: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    """Decides, step by step, which requests compute how many tokens."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int | None = None) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self._requests: dict[str, Request] = {}
+        """Every unfinished request, by id."""
+        self._running: list[Request] = []
+        """Kept in serving order, so the preemption victim is always the last one."""
+        self._waiting: list[tuple[int, float, int, Request]] = []
+        """A heap of (-priority, arrival, seq, request); aborted entries are dropped lazily."""
+        self._num_waiting = 0
+        self._seq = itertools.count()
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+
+    # --- requests in ----------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raises ValueError for one that could never run."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        max_tokens = request.num_prompt_tokens + request.sampling.max_tokens
+        if self.max_model_len is not None:
+            if request.num_prompt_tokens > self.max_model_len:
+                raise ValueError(
+                    f"prompt ({request.num_prompt_tokens} tokens) is longer than the "
+                    f"context window ({self.max_model_len} tokens)"
+                )
+            max_tokens = min(max_tokens, self.max_model_len)
+        if max_tokens > self.kv.capacity_tokens:
+            raise ValueError(
+                f"request {request.request_id!r} may need {max_tokens} tokens of KV cache "
+                f"(prompt plus max_tokens) but the whole cache holds {self.kv.capacity_tokens}"
+            )
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and request.num_prompt_tokens > budget:
+            raise ValueError(
+                f"prompt ({request.num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
+                f"({self.config.max_num_batched_tokens}) and chunked prefill is disabled"
+            )
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        self._push_waiting(request)
+
+    def abort(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
+        """Finish these requests with "abort", wherever they are; unknown ids are ignored."""
+        outputs: list[EngineCoreOutput] = []
+        any_running = False
+        for request_id in request_ids:
+            request = self._requests.get(request_id)
+            if request is None:
+                continue
+            any_running |= request.status == RequestStatus.RUNNING
+            if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                self._num_waiting -= 1  # its heap entry is skipped when reached
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            outputs.append(self._output(request, []))
+        if any_running:
+            self._running = [r for r in self._running if not r.is_finished]
+        return outputs
+
+    # --- a step ---------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Spread this step's token budget: running requests first, then waiting ones."""
+        plan = _StepPlan(budget=self.config.max_num_batched_tokens)
+        self._schedule_running(plan)
+        if not plan.preempted_ids:  # blocks are short: admitting more would only thrash
+            self._schedule_waiting(plan)
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(
+            chunks=list(plan.chunks.values()),
+            preempted_ids=plan.preempted_ids,
+            finished_ids=finished,
+        )
+
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        index = 0
+        while index < len(self._running) and plan.budget > 0:
+            request = self._running[index]
+            num_new = self._chunk_size(request, request.num_computed_tokens, plan.budget)
+            if num_new <= 0:
+                index += 1
+                continue
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self._running[-1]  # always after `index`: nothing scheduled yet
+                self._preempt_last(plan)
+                if victim is request:
+                    return
+            self._add_chunk(plan, request, num_new)
+            index += 1
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        while self._num_waiting and plan.budget > 0 and len(self._running) < self.config.max_num_seqs:
+            request = self._peek_waiting()
+            if request.request_id in plan.preempted_ids:
+                return  # just preempted for someone else: not back in the same step
+            num_cached = self.kv.lookup_prefix(request)
+            remaining = request.num_tokens - num_cached
+            num_new = self._chunk_size(request, num_cached, plan.budget)
+            if num_new < remaining and not self._may_chunk(remaining):
+                return
+            if not self._allocate_preempting_lower(plan, request, num_new, num_cached):
+                return  # keep serving order: nobody overtakes the head of the queue
+            heapq.heappop(self._waiting)
+            self._num_waiting -= 1
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            bisect.insort(self._running, request, key=_serving_order)
+            self._add_chunk(plan, request, num_new)
+
+    def _allocate_preempting_lower(
+        self, plan: _StepPlan, request: Request, num_new: int, num_cached: int
+    ) -> bool:
+        """Allocate for a waiting request, preempting strictly lower-priority running ones."""
+        while not self.kv.allocate_slots(request, num_new, num_cached):
+            if not self._running or self._running[-1].priority >= request.priority:
+                return False
+            self._preempt_last(plan)
+        return True
+
+    def _chunk_size(self, request: Request, num_computed: int, budget: int) -> int:
+        """Tokens to compute for `request` now: the rest of its tokens, within the budget and
+        (for chunked prefill) the per-request cap."""
+        num_new = min(request.num_tokens - num_computed, budget)
+        cap = self.config.long_prefill_token_threshold
+        if cap > 0 and self.config.enable_chunked_prefill:
+            num_new = min(num_new, cap)
+        return num_new
+
+    def _may_chunk(self, remaining: int) -> bool:
+        # Without chunked prefill a request waits for a step with room for all of it, except a
+        # preempted one that grew past the whole budget: it could never run otherwise.
+        return self.config.enable_chunked_prefill or remaining > self.config.max_num_batched_tokens
+
+    def _add_chunk(self, plan: _StepPlan, request: Request, num_new: int) -> None:
+        block_ids = self.kv.block_ids(request.request_id)
+        plan.chunks[request.request_id] = ScheduledChunk(request, num_new, block_ids)
+        plan.budget -= num_new
+
+    def _preempt_last(self, plan: _StepPlan) -> None:
+        """Preempt the lowest-priority, latest-arrived running request (recompute later)."""
+        victim = self._running.pop()
+        chunk = plan.chunks.pop(victim.request_id, None)
+        if chunk is not None:  # it was served earlier this step: give its tokens back
+            plan.budget += chunk.num_tokens
+        victim.status = RequestStatus.PREEMPTED
+        self.kv.free(victim)
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        plan.preempted_ids.append(victim.request_id)
+        self._push_waiting(victim)
+
+    # --- results in -----------------------------------------------------------------------
+
+    def update_from_output(
+        self, scheduled: SchedulerOutput, result: ModelRunnerOutput | None
+    ) -> list[EngineCoreOutput]:
+        """Advance each scheduled request, append its sampled token, and apply stop checks."""
+        if result is None:
+            return []
+        outputs: list[EngineCoreOutput] = []
+        any_finished = False
+        for chunk in scheduled.chunks:
+            request = chunk.request
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted since the step was scheduled
+            samples = chunk.samples
+            request.num_computed_tokens += chunk.num_tokens
+            self.kv.cache_blocks(request)
+            token = result.sampled_token_ids.get(request.request_id) if samples else None
+            if token is None:
+                continue
+            request.append_output_token(token)
+            status = self._check_stop(request, token)
+            if status is not None:
+                self._finish(request, status)
+                any_finished = True
+            logprobs = result.logprobs.get(request.request_id)
+            outputs.append(self._output(request, [token], None if logprobs is None else [logprobs]))
+        if any_finished:
+            self._running = [r for r in self._running if not r.is_finished]
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        """The finished status after `token` was appended, or None to go on.
+
+        EOS and stop token ids count only once more than `min_tokens` tokens were generated,
+        so a request always yields at least `min_tokens` tokens before its stop token.
+        """
+        sampling = request.sampling
+        if request.num_output_tokens > sampling.min_tokens:
+            if token in request.eos_token_ids and not sampling.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+            if token in sampling.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= sampling.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if self.max_model_len is not None and request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # --- state ----------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self._running),
+            num_waiting=self._num_waiting,
+            kv_usage=self.kv.usage,
+            num_free_blocks=self.kv.num_free_blocks,
+            prefix_cache_hit_rate=self.kv.prefix_hit_rate,
+            num_preemptions=self.num_preemptions,
+        )
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _push_waiting(self, request: Request) -> None:
+        # A preempted request keeps its arrival time, so it goes back ahead of newer
+        # requests of its priority.
+        heapq.heappush(self._waiting, (-request.priority, request.arrival_time, next(self._seq), request))
+        self._num_waiting += 1
+
+    def _peek_waiting(self) -> Request:
+        """The head of the waiting queue, dropping entries of aborted requests on the way."""
+        while self._waiting[0][3].is_finished:
+            heapq.heappop(self._waiting)
+        return self._waiting[0][3]
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        """Mark finished and free its blocks; the caller drops it from `_running`."""
+        request.status = status
+        self.kv.free(request)
+        del self._requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    def _output(
+        self, request: Request, new_token_ids: list[int], logprobs: list | None = None
+    ) -> EngineCoreOutput:
+        return EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=new_token_ids,
+            new_logprobs=logprobs,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+        )

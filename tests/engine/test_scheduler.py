@@ -271,6 +271,24 @@ def test_prefix_cache_hit_is_reported_and_skipped():
     assert scheduler.stats().prefix_cache_hit_rate == pytest.approx(8 / (10 + 11))
 
 
+def test_requests_sharing_an_uncomputed_prefix_wait_for_it_instead_of_recomputing():
+    scheduler = make_scheduler(max_num_batched_tokens=64)
+    prefix = [7] * 12  # three full blocks
+    for i in range(4):
+        scheduler.add_request(Request(f"r{i}", prefix + [100 + i, 200 + i], SamplingParams(max_tokens=2),
+                                      arrival_time=float(i)))
+    unrelated = Request("other", [300 + j for j in range(6)], SamplingParams(max_tokens=2), arrival_time=9.0)
+    scheduler.add_request(unrelated)
+    outputs, steps = run_all(scheduler)
+    # Step 1: r0 computes the shared prefix; the other sharers wait, the unrelated one does not.
+    assert steps[0].num_scheduled_tokens == {"r0": 14, "other": 6}
+    # Step 2: the sharers arrive to find the prefix cached and compute only their own tail.
+    assert {rid: n for rid, n in steps[1].num_scheduled_tokens.items() if rid.startswith("r") and rid != "r0"} \
+        == {"r1": 2, "r2": 2, "r3": 2}
+    assert [outputs[f"r{i}"][0].num_cached_tokens for i in range(4)] == [0, 12, 12, 12]
+    assert_no_leaks(scheduler)
+
+
 def test_abort_waiting_running_and_unknown_frees_everything():
     scheduler = make_scheduler(max_num_seqs=1)
     runner = KVCheckingRunner()

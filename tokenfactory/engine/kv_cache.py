@@ -84,6 +84,8 @@ class _RequestBlocks:
     """Chained hashes of the request's full blocks, extended as tokens arrive."""
     num_cached_blocks: int = 0
     """Leading blocks of `block_ids` already offered to the prefix cache."""
+    inflight: range = range(0)
+    """Indexes of the blocks this request is computing that other requests may be waiting for."""
 
 
 class KVCacheManager:
@@ -102,6 +104,8 @@ class KVCacheManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._requests: dict[str, _RequestBlocks] = {}
         self._events: list[KVEvent] = []
+        self._inflight: dict[int, int] = {}
+        """Hash -> number of running requests computing that (not yet cached) block."""
         self.prefix_cache_queries = 0
         """Tokens of admitted requests looked up in the prefix cache."""
         self.prefix_cache_hits = 0
@@ -145,6 +149,15 @@ class KVCacheManager:
         _extend_block_hashes(state.hashes, request.all_token_ids, self.block_size, max_blocks)
         return len(self._cached_chain(state.hashes, max_blocks)) * self.block_size
 
+    def is_computing(self, request: Request, num_cached_tokens: int) -> bool:
+        """Whether the block right after `request`'s cached prefix is being computed by another
+        running request: waiting for it turns the duplicate work into a prefix hit."""
+        state = self._requests.get(request.request_id)
+        if state is None or not self._inflight:
+            return False
+        index = num_cached_tokens // self.block_size
+        return index < len(state.hashes) and state.hashes[index] in self._inflight
+
     def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
         """Make room for `num_new_tokens` past `request.num_computed_tokens`; all or nothing.
 
@@ -152,6 +165,7 @@ class KVCacheManager:
         the cached prefix blocks first. Returns False, changing nothing, when blocks are short.
         """
         state = self._state(request.request_id)
+        admitting = not state.block_ids
         hits: list[int] = []
         if num_cached_tokens:
             if state.block_ids:
@@ -174,6 +188,8 @@ class KVCacheManager:
                 self._ref_counts[block] += 1
             state.block_ids.extend(hits)
             state.num_cached_blocks = len(hits)
+        if admitting and self.enable_prefix_caching:
+            self._mark_inflight(state, len(hits))
         evicted: list[int] = []
         for _ in range(max(num_needed, 0)):
             state.block_ids.append(self._take_free_block(evicted))
@@ -195,6 +211,7 @@ class KVCacheManager:
         if num_full <= state.num_cached_blocks:
             return
         _extend_block_hashes(state.hashes, request.all_token_ids, bs, num_full)
+        self._clear_inflight(state, num_full)
         run_start: int | None = None  # first block of the current chain of new entries
         for i in range(state.num_cached_blocks, num_full):
             block_hash, block = state.hashes[i], state.block_ids[i]
@@ -216,6 +233,7 @@ class KVCacheManager:
         state = self._requests.get(request.request_id)
         if state is None:
             return
+        self._clear_inflight(state, len(state.hashes))
         for block in reversed(state.block_ids):
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
@@ -254,6 +272,24 @@ class KVCacheManager:
         if state is None:
             state = self._requests[request_id] = _RequestBlocks()
         return state
+
+    def _mark_inflight(self, state: _RequestBlocks, start: int) -> None:
+        """On admission: the request will compute its known full blocks from `start` on."""
+        state.inflight = range(start, len(state.hashes))
+        for i in state.inflight:
+            h = state.hashes[i]
+            self._inflight[h] = self._inflight.get(h, 0) + 1
+
+    def _clear_inflight(self, state: _RequestBlocks, end: int) -> None:
+        """The request's blocks before `end` are computed (or abandoned): no longer in flight."""
+        done = range(state.inflight.start, min(end, state.inflight.stop))
+        for i in done:
+            h = state.hashes[i]
+            if self._inflight[h] == 1:
+                del self._inflight[h]
+            else:
+                self._inflight[h] -= 1
+        state.inflight = range(max(done.stop, state.inflight.start), state.inflight.stop)
 
     def _cached_chain(self, hashes: list[int], max_blocks: int) -> list[int]:
         """Block ids of the longest cached prefix among the first `max_blocks` hashes."""

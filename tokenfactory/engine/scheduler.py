@@ -160,17 +160,23 @@ class Scheduler:
             index += 1
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
-        while self._num_waiting and plan.budget > 0 and len(self._running) < self.config.max_num_seqs:
+        deferred: list[tuple[int, float, int, Request]] = []
+        while self._num_waiting > len(deferred) and plan.budget > 0 and len(self._running) < self.config.max_num_seqs:
             request = self._peek_waiting()
             if request.request_id in plan.preempted_ids:
-                return  # just preempted for someone else: not back in the same step
+                break  # just preempted for someone else: not back in the same step
             num_cached = self.kv.lookup_prefix(request)
+            if self.kv.is_computing(request, num_cached):
+                # Its next prefix block is being computed for another request: admitted next
+                # step, it gets that block from the cache instead of computing it again.
+                deferred.append(heapq.heappop(self._waiting))
+                continue
             remaining = request.num_tokens - num_cached
             num_new = self._chunk_size(request, num_cached, plan.budget)
             if num_new < remaining and not self._may_chunk(remaining):
-                return
+                break
             if not self._allocate_preempting_lower(plan, request, num_new, num_cached):
-                return  # keep serving order: nobody overtakes the head of the queue
+                break  # keep serving order: nobody overtakes the head of the queue
             heapq.heappop(self._waiting)
             self._num_waiting -= 1
             request.status = RequestStatus.RUNNING
@@ -179,6 +185,8 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             bisect.insort(self._running, request, key=_serving_order)
             self._add_chunk(plan, request, num_new)
+        for entry in deferred:
+            heapq.heappush(self._waiting, entry)
 
     def _allocate_preempting_lower(
         self, plan: _StepPlan, request: Request, num_new: int, num_cached: int

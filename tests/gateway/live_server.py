@@ -1,0 +1,68 @@
+"""A live gateway on loopback: uvicorn in a thread, the engine in its own process, a real port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from tokenfactory.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenfactory.gateway.app import build_app
+from tokenfactory.runtime.client import AsyncEngineClient
+
+MODEL_NAME = "tiny"
+CONTEXT_LEN = 512
+API_KEY = "sk-test-key"
+
+
+def gateway_config(model_dir: Path) -> EngineConfig:
+    return EngineConfig.from_pretrained(
+        model_dir,
+        served_model_name=MODEL_NAME,
+        max_model_len=CONTEXT_LEN,
+        cache=CacheConfig(block_size=16, num_blocks=1024),
+        scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=1024),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """Serve `config` on a free loopback port until `stop()`."""
+
+    def __init__(self, config: EngineConfig, api_keys: Sequence[str] = ()) -> None:
+        self.model = config.name
+        self.api_key = api_keys[0] if api_keys else "unused"
+        self.worker = AsyncEngineClient(config)
+        self.app = build_app(config, api_keys=api_keys, worker=self.worker)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        )
+        self.thread = threading.Thread(target=self.server.run, name="live-gateway", daemon=True)
+
+    def start(self, timeout_s: float = 120.0) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def health(self) -> httpx.Response:
+        return httpx.get(f"{self.url}/health", timeout=10)

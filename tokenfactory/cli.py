@@ -1,0 +1,84 @@
+"""`tokenfactory serve | bench engine | bench serve`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+
+from tokenfactory.bench import decode_bench, engine_bench, serve_bench
+from tokenfactory.engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
+from tokenfactory.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
+from tokenfactory.gateway.app import build_app
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint folder in the Hugging Face layout (default: the built-in tiny model)")
+    p.add_argument("--served-model-name", help="the name clients send as `model` (default: the folder name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require this bearer key on /v1 routes (repeat for several keys)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--max-model-len", type=int, default=0, help="context window (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+    p.add_argument("--block-size", type=int, default=CacheConfig.block_size)
+    p.add_argument("--num-blocks", type=int, help="KV cache blocks (default: sized from a memory budget)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def serve_config(args: argparse.Namespace) -> EngineConfig:
+    model_dir = args.model or str(ensure_tiny_model())
+    name = args.served_model_name or ("" if args.model else TINY_MODEL_NAME)
+    return EngineConfig.from_pretrained(
+        model_dir,
+        served_model_name=name,
+        device=args.device,
+        dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens),
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    config = serve_config(args)
+    app = build_app(config, api_keys=args.api_key)
+    print(f"tokenfactory: serving {config.name!r} from {config.model_path} on {config.device} "
+          f"at http://{args.host}:{args.port}/v1", flush=True)
+    # uvicorn turns Ctrl-C/SIGTERM into a graceful exit, whose lifespan shutdown stops the engine.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenfactory", description="An open token factory.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API")
+    add_serve_arguments(serve_parser)
+    serve_parser.set_defaults(func=serve)
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bench_engine = bench.add_parser("engine", help="our engine against transformers generate, same run")
+    engine_bench.add_arguments(bench_engine)
+    bench_engine.set_defaults(func=engine_bench.main)
+    bench_serve = bench.add_parser("serve", help="N concurrent HTTP streams against the engine alone, same run")
+    serve_bench.add_arguments(bench_serve)
+    bench_serve.set_defaults(func=serve_bench.main)
+    bench_decode = bench.add_parser("decode", help="decode tokens/s as a fraction of the memory-bandwidth bound")
+    decode_bench.add_arguments(bench_decode)
+    bench_decode.set_defaults(func=decode_bench.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

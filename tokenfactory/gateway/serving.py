@@ -1,0 +1,392 @@
+"""Chat and text completions: OpenAI request -> engine sequences -> OpenAI response or SSE stream.
+
+All text work happens here, in the gateway process: chat templates, tokenization, incremental
+detokenization, stop strings, logprob formatting. The worker sees only token ids. Each OpenAI
+choice is one engine sequence; `n` choices of one prompt are `n` sequences sharing the prompt,
+so the prefix cache computes it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tokenfactory.engine.outputs import TokenLogprobs
+from tokenfactory.engine.request import SamplingParams
+from tokenfactory.engine.text import TextStream
+from tokenfactory.engine.tokenizer import Tokenizer, TokenizerError
+from tokenfactory.gateway.errors import APIError, bad_request, engine_unavailable, model_not_found
+from tokenfactory.gateway.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    PromptTokensDetails,
+    SamplingFields,
+    TopLogprob,
+    Usage,
+    now_s,
+    random_id,
+)
+from tokenfactory.runtime.client import EngineDeadError, RequestRejectedError, Worker
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class SequenceSpec:
+    """One engine sequence behind one OpenAI choice."""
+
+    index: int
+    prompt_index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(slots=True)
+class Delta:
+    """What one engine step added to one choice, as text."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs]
+    finish_reason: str | None
+    num_cached_tokens: int
+
+
+@dataclass(slots=True)
+class ChoiceTotals:
+    """A choice accumulated over its deltas (for full responses and usage)."""
+
+    prompt_index: int
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+
+    def add(self, delta: Delta) -> None:
+        self.text.append(delta.text)
+        self.num_tokens += len(delta.token_ids)
+        self.logprobs.extend(delta.logprobs)
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+
+
+class OpenAIServing:
+    """The handlers behind /v1/chat/completions and /v1/completions for one served model."""
+
+    def __init__(self, worker: Worker, tokenizer: Tokenizer, model_name: str, context_len: int) -> None:
+        self.worker = worker
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.context_len = context_len
+
+    # ------------------------------------------------------------------ chat
+
+    async def chat(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        self._check_model(req.model)
+        messages = [m.for_template() for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=req.tools)
+        except TokenizerError as e:
+            raise bad_request(str(e), param="messages") from None
+        prompt = self.tokenizer.encode(text, add_special_tokens=False)
+        seqs = self._sequences(req, [prompt], req.max_output_tokens, "messages")
+        rid, created = random_id("chatcmpl"), now_s()
+        if req.stream:
+            return _sse(self._stream_chat(req, rid, created, seqs))
+        totals = await self._collect(seqs)
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content="".join(t.text)),
+                logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None,
+                finish_reason=t.finish_reason,
+            )
+            for i, t in enumerate(totals)
+        ]
+        body = ChatCompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
+                                      usage=_usage(seqs, totals))
+        return JSONResponse(body.model_dump())
+
+    async def _stream_chat(
+        self, req: ChatCompletionRequest, rid: str, created: int, seqs: list[SequenceSpec]
+    ) -> AsyncIterator[str]:
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            c = ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
+            return _event(c.model_dump(exclude=None if req.include_usage else {"usage"}))
+
+        totals = [ChoiceTotals(s.prompt_index) for s in seqs]
+        for s in seqs:
+            yield chunk([ChatChunkChoice(index=s.index, delta=DeltaMessage(role="assistant", content=""))])
+        async for d in self._run_all(seqs):
+            totals[d.index].add(d)
+            logprobs = self._chat_logprobs(d.logprobs) if req.logprobs else None
+            if d.text or d.finish_reason or logprobs:
+                delta = DeltaMessage(content=d.text or None)
+                yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
+                                             finish_reason=d.finish_reason)])
+        if req.include_usage:
+            yield chunk([], _usage(seqs, totals))
+
+    def _chat_logprobs(self, logprobs: list[TokenLogprobs]) -> ChatLogprobs:
+        def top(token_id: int, logprob: float) -> TopLogprob:
+            token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+        content = []
+        for lp in logprobs:
+            chosen = top(lp.chosen.token_id, lp.chosen.logprob)
+            alternatives = [top(t.token_id, t.logprob) for t in lp.top]
+            content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=alternatives))
+        return ChatLogprobs(content=content)
+
+    # ------------------------------------------------------------------ completions
+
+    async def completions(self, req: CompletionRequest) -> JSONResponse | StreamingResponse:
+        self._check_model(req.model)
+        prompts = self._completion_prompts(req.prompt)
+        seqs = self._sequences(req, prompts, req.max_output_tokens, "prompt")
+        echoes = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
+        rid, created = random_id("cmpl"), now_s()
+        if req.stream:
+            return _sse(self._stream_completions(req, rid, created, seqs, echoes))
+        totals = await self._collect(seqs)
+        choices = []
+        for i, t in enumerate(totals):
+            echo = echoes[t.prompt_index]
+            logprobs = self._completion_logprobs(t.logprobs, len(echo)) if req.logprobs is not None else None
+            choices.append(CompletionChoice(index=i, text=echo + "".join(t.text), logprobs=logprobs,
+                                            finish_reason=t.finish_reason))
+        body = CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
+                                  usage=_usage(seqs, totals))
+        return JSONResponse(body.model_dump())
+
+    async def _stream_completions(
+        self, req: CompletionRequest, rid: str, created: int, seqs: list[SequenceSpec], echoes: list[str]
+    ) -> AsyncIterator[str]:
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+            c = CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
+            return _event(c.model_dump(exclude=None if req.include_usage else {"usage"}))
+
+        totals = [ChoiceTotals(s.prompt_index) for s in seqs]
+        offsets = [len(echoes[s.prompt_index]) for s in seqs]  # text_offset of each choice's next token
+        for s in seqs:
+            if echoes[s.prompt_index]:
+                yield chunk([CompletionChoice(index=s.index, text=echoes[s.prompt_index])])
+        async for d in self._run_all(seqs):
+            totals[d.index].add(d)
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = self._completion_logprobs(d.logprobs, offsets[d.index])
+                offsets[d.index] += sum(len(t) for t in logprobs.tokens)
+            if d.text or d.finish_reason or logprobs:
+                yield chunk([CompletionChoice(index=d.index, text=d.text, logprobs=logprobs,
+                                              finish_reason=d.finish_reason)])
+        if req.include_usage:
+            yield chunk([], _usage(seqs, totals))
+
+    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise bad_request("prompt must not be empty", param="prompt")
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        vocab = self.tokenizer.vocab_size
+        for ids in prompts:
+            if not ids:
+                raise bad_request("prompt must contain at least one token", param="prompt")
+            if any(not 0 <= t < vocab for t in ids):
+                raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return prompts
+
+    def _completion_logprobs(self, logprobs: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for lp in logprobs:
+            token = self.tokenizer.decode([lp.chosen.token_id], skip_special_tokens=False)
+            out.tokens.append(token)
+            out.token_logprobs.append(lp.chosen.logprob)
+            out.top_logprobs.append(
+                {self.tokenizer.decode([t.token_id], skip_special_tokens=False): t.logprob for t in lp.top}
+            )
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out
+
+    # ------------------------------------------------------------------ shared
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise model_not_found(model)
+        if not self.worker.is_alive:
+            raise engine_unavailable(self.worker.dead_reason or "not running")
+
+    def _sequences(
+        self, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, prompt_param: str
+    ) -> list[SequenceSpec]:
+        """`n` sequences per prompt, each with its own seed, checked against the context window."""
+        seqs = []
+        for p, prompt in enumerate(prompts):
+            budget = self._max_tokens(len(prompt), max_tokens, prompt_param)
+            for i in range(req.n):
+                seed = None if req.seed is None else req.seed + i
+                seqs.append(SequenceSpec(len(seqs), p, prompt, self._sampling(req, budget, seed)))
+        return seqs
+
+    def _max_tokens(self, num_prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
+        limit = self.context_len
+        if requested is None:
+            if num_prompt_tokens >= limit:
+                raise bad_request(
+                    f"This model's maximum context length is {limit} tokens. However, your "
+                    f"{prompt_param} resulted in {num_prompt_tokens} tokens, leaving no room for the "
+                    f"completion. Please reduce the length of the {prompt_param}.",
+                    param=prompt_param, code="context_length_exceeded",
+                )
+            return limit - num_prompt_tokens
+        if num_prompt_tokens + requested > limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the {prompt_param}, "
+                f"{requested} in the completion). Please reduce the length of the {prompt_param} "
+                f"or completion.",
+                param=prompt_param, code="context_length_exceeded",
+            )
+        return requested
+
+    def _sampling(self, req: SamplingFields, max_tokens: int, seed: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                seed=seed, stop=req.stop_strings, ignore_eos=req.ignore_eos, logprobs=req.num_logprobs,
+                min_tokens=req.min_tokens,
+            )
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+
+    async def _run_one(self, rid: str, seq: SequenceSpec) -> AsyncIterator[Delta]:
+        """Drive one engine sequence and turn its token ids into text deltas, applying stop strings."""
+        stream = TextStream(self.tokenizer, seq.prompt_token_ids, seq.params.stop)
+        outputs = self.worker.generate(f"{rid}-{seq.index}", seq.prompt_token_ids, seq.params)
+        try:
+            async for out in outputs:
+                text, stop = stream.push(out.new_token_ids)
+                finish = "stop" if stop is not None else out.finish_reason
+                if finish is not None:
+                    text += stream.finish()
+                yield Delta(seq.index, text, out.new_token_ids, out.new_logprobs or [], finish,
+                            out.num_cached_tokens)
+                if finish is not None:
+                    return  # leaving the engine's stream early (a stop string) aborts the sequence
+        finally:
+            await outputs.aclose()
+
+    async def _run_all(self, seqs: list[SequenceSpec]) -> AsyncIterator[Delta]:
+        rid = random_id("seq")
+        async for delta in _merge([self._run_one(rid, s) for s in seqs]):
+            yield delta
+
+    async def _collect(self, seqs: list[SequenceSpec]) -> list[ChoiceTotals]:
+        totals = [ChoiceTotals(s.prompt_index) for s in seqs]
+        try:
+            async for d in self._run_all(seqs):
+                totals[d.index].add(d)
+        except EngineDeadError as e:
+            raise engine_unavailable(str(e)) from None
+        except RequestRejectedError as e:
+            raise bad_request(str(e)) from None
+        return totals
+
+
+def _usage(seqs: list[SequenceSpec], totals: list[ChoiceTotals]) -> Usage:
+    """Prompt tokens count once per prompt (its n choices share it), cached as the least any saw."""
+    prompt_tokens, cached = {}, {}
+    for s, t in zip(seqs, totals, strict=True):
+        prompt_tokens[s.prompt_index] = len(s.prompt_token_ids)
+        cached[s.prompt_index] = min(cached.get(s.prompt_index, t.num_cached_tokens), t.num_cached_tokens)
+    num_prompt = sum(prompt_tokens.values())
+    num_completion = sum(t.num_tokens for t in totals)
+    return Usage(
+        prompt_tokens=num_prompt,
+        completion_tokens=num_completion,
+        total_tokens=num_prompt + num_completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())),
+    )
+
+
+_DONE = object()
+
+
+async def _merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """Interleave several async streams in arrival order; leaving early cancels all of them."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait(item)
+        except Exception as e:  # handed to the consumer, which raises it
+            queue.put_nowait(e)
+        finally:
+            queue.put_nowait(_DONE)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()  # each pump's generator then aborts its engine sequence
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(_with_done(events), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """End every stream with `[DONE]`; an engine failure mid-stream becomes an SSE error event."""
+    try:
+        async for event in events:
+            yield event
+    except EngineDeadError as e:
+        yield _event(engine_unavailable(str(e)).body())
+    except RequestRejectedError as e:
+        yield _event(bad_request(str(e)).body())
+    except APIError as e:
+        yield _event(e.body())
+    yield "data: [DONE]\n\n"
+

@@ -1,0 +1,135 @@
+"""The engine's own process: a busy loop around `EngineCore`, fed and drained over ZMQ.
+
+The gateway does every piece of HTTP and text work elsewhere, so this process only ever
+(1) takes the requests and aborts that arrived, (2) runs one step, (3) sends that step's outputs as
+one message. It reads its inbox without waiting while it has work and blocks on it only when idle,
+so the accelerator is never starved by request traffic.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+
+import zmq
+
+from tokenfactory.engine.config import EngineConfig
+from tokenfactory.engine.engine import EngineCore
+from tokenfactory.engine.outputs import EngineCoreOutput
+from tokenfactory.engine.request import Request
+from tokenfactory.runtime.wire import (
+    Abort,
+    AddRequest,
+    EngineFailed,
+    EngineLoad,
+    OutputBatch,
+    Ready,
+    Shutdown,
+    encoder,
+    to_engine_decoder,
+)
+
+PARENT_CHECK_INTERVAL_S = 1.0
+"""How often the loop checks that the gateway still lives (an orphaned engine would spin forever)."""
+
+
+def run_engine_process(config: EngineConfig, inbox_addr: str, outbox_addr: str) -> None:
+    """Process entry point: build the engine, say `Ready`, then serve until `Shutdown`."""
+    # Ctrl-C reaches the whole process group; the gateway decides when the engine stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(inbox_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(outbox_addr)
+    try:
+        core = EngineCore(config)
+        outbox.send(encoder.encode(Ready(
+            num_blocks=core.kv.num_blocks,
+            block_size=config.cache.block_size,
+            context_len=config.context_len,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            pid=os.getpid(),
+        )))
+        EngineLoop(core, inbox, outbox).run()
+    except Exception:
+        outbox.send(encoder.encode(EngineFailed(traceback.format_exc())))
+        raise
+    finally:
+        ctx.destroy(linger=1000)
+
+
+class EngineLoop:
+    """Receive, step, send; one `OutputBatch` per step that produced anything."""
+
+    def __init__(self, core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
+        self.core = core
+        self.inbox = inbox
+        self.outbox = outbox
+        self.num_steps = 0
+        self._parent = multiprocessing.parent_process()
+        self._last_parent_check = time.monotonic()
+
+    def run(self) -> None:
+        while True:
+            outputs: list[EngineCoreOutput] = []
+            rejected: dict[str, str] = {}
+            received = self._receive(outputs, rejected, block=not self.core.has_work())
+            if received is None:
+                return
+            if self.core.has_work():
+                outputs.extend(self.core.step())
+                self.num_steps += 1
+            if outputs or rejected or received:
+                batch = OutputBatch(outputs=outputs, load=self.load(), rejected=rejected)
+                self.outbox.send(encoder.encode(batch))
+
+    def _receive(self, outputs: list[EngineCoreOutput], rejected: dict[str, str], block: bool) -> int | None:
+        """Apply every waiting message; the number applied, or None on `Shutdown`/orphaning."""
+        if block:
+            while not self.inbox.poll(timeout=int(PARENT_CHECK_INTERVAL_S * 1000)):
+                if not self._parent_alive():
+                    return None
+        elif not self._parent_alive():
+            return None
+        count = 0
+        while True:
+            try:
+                raw = self.inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return count
+            msg = to_engine_decoder.decode(raw)
+            if isinstance(msg, Shutdown):
+                return None
+            count += 1
+            if isinstance(msg, AddRequest):
+                self._add(msg, rejected)
+            elif isinstance(msg, Abort):
+                outputs.extend(self.core.abort(msg.request_ids))
+
+    def _add(self, msg: AddRequest, rejected: dict[str, str]) -> None:
+        request = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, priority=msg.priority)
+        try:
+            self.core.add_request(request)
+        except ValueError as e:
+            rejected[msg.request_id] = str(e)
+
+    def _parent_alive(self) -> bool:
+        now = time.monotonic()
+        if self._parent is None or now - self._last_parent_check < PARENT_CHECK_INTERVAL_S:
+            return True
+        self._last_parent_check = now
+        return self._parent.is_alive()
+
+    def load(self) -> EngineLoad:
+        scheduler, kv = self.core.scheduler, self.core.kv
+        return EngineLoad(
+            num_running=scheduler.num_running,
+            num_waiting=scheduler.num_waiting,
+            num_free_blocks=kv.num_free_blocks,
+            num_total_blocks=kv.num_blocks,
+            num_steps=self.num_steps,
+        )

@@ -1,0 +1,77 @@
+"""Messages between a worker's client and its engine process, msgspec-encoded.
+
+Two one-way channels, so neither side ever waits on the other:
+
+- client -> engine: `AddRequest`, `Abort`, `Shutdown`;
+- engine -> client: `Ready` once at start, then one `OutputBatch` per step (every request's new
+  tokens from that step in a single message, plus the engine's load), and `EngineFailed` if the
+  engine cannot go on.
+
+The structs are tagged, so one decoder per direction reads any message of that direction. They
+hold only plain data, so any byte transport (ZMQ today, Ray or TCP later) can carry them.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from tokenfactory.engine.outputs import EngineCoreOutput
+from tokenfactory.engine.request import SamplingParams
+
+
+class AddRequest(msgspec.Struct, tag=True, array_like=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    priority: int = 0
+
+
+class Abort(msgspec.Struct, tag=True, array_like=True):
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag=True, array_like=True):
+    """Ask the engine process to exit after its current step."""
+
+
+class EngineLoad(msgspec.Struct, array_like=True):
+    """How busy the engine is: what a router or /health needs to know."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_steps: int = 0
+
+
+class Ready(msgspec.Struct, tag=True, array_like=True):
+    """The engine built its model and KV cache and takes requests now."""
+
+    num_blocks: int
+    block_size: int
+    context_len: int
+    max_num_seqs: int
+    pid: int
+
+
+class OutputBatch(msgspec.Struct, tag=True, array_like=True):
+    """One engine step's outputs (possibly none) and the load right after it."""
+
+    outputs: list[EngineCoreOutput]
+    load: EngineLoad
+    rejected: dict[str, str] = {}
+    """Requests the engine refused outright, with the reason (e.g. past the context window)."""
+
+
+class EngineFailed(msgspec.Struct, tag=True, array_like=True):
+    """The engine hit an error it cannot recover from; the process exits after sending it."""
+
+    message: str
+
+
+ToEngine = AddRequest | Abort | Shutdown
+FromEngine = Ready | OutputBatch | EngineFailed
+
+encoder = msgspec.msgpack.Encoder()
+to_engine_decoder = msgspec.msgpack.Decoder(ToEngine)
+from_engine_decoder = msgspec.msgpack.Decoder(FromEngine)

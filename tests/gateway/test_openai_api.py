@@ -223,6 +223,17 @@ def test_client_disconnect_aborts_and_frees_kv_blocks(gateway):
     assert engine["num_steps"] - steps_before < 300
 
 
+def test_client_leaving_a_full_response_request_aborts_it(gateway):
+    steps_before = wait_idle(gateway)["num_steps"]
+    body = {"model": gateway.model, "messages": PROMPT, "max_tokens": 480, "ignore_eos": True}
+    headers = {"authorization": f"Bearer {gateway.api_key}"}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 480 tokens are ready
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=0.5)
+    engine = wait_idle(gateway)
+    assert engine["num_free_blocks"] == engine["num_total_blocks"]
+    assert engine["num_steps"] - steps_before < 300
+
+
 def test_64_concurrent_streams_all_complete(gateway):
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str | None]:
         stream = await client.chat.completions.create(

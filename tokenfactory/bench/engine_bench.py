@@ -64,8 +64,9 @@ def shared_prefix_workload(
     return Workload(prompts, outs)
 
 
-def run_engine(config: EngineConfig, work: Workload) -> tuple[RunResult, list[list[int]]]:
+def run_engine(config: EngineConfig, work: Workload, threads: int) -> tuple[RunResult, list[list[int]]]:
     engine = LLMEngine(config)
+    torch.set_num_threads(threads)  # the runner picks its own; both sides get the same here
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in work.output_lens]
     engine.generate([work.prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
     engine.core.kv.reset_prefix_cache()
@@ -122,6 +123,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-baseline", action="store_true", help="measure only our engine")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="CPU threads for both sides (default: all this process may use)")
     p.add_argument("--json", type=Path, help="also write the results to this file")
 
 
@@ -142,8 +145,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"workload: {args.num_requests} requests, shared prefix {args.prefix_len} tokens, "
           f"questions {args.question_len[0]}-{args.question_len[1]}, outputs "
           f"{args.output_len[0]}-{args.output_len[1]} ({work.num_output_tokens} output tokens); "
-          f"model {config.name} on {args.device} {dtype}", flush=True)
-    ours, our_tokens = run_engine(config, work)
+          f"model {config.name} on {args.device} {dtype}, {args.threads} CPU threads", flush=True)
+    ours, our_tokens = run_engine(config, work, args.threads)
     _report(ours)
     results = {"ours": asdict(ours) | {"tokens_per_s": ours.tokens_per_s}}
     if not args.skip_baseline:

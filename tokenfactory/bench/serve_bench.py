@@ -32,7 +32,10 @@ from tokenfactory.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
 @dataclass
 class StreamTiming:
     sent_s: float
-    token_times: list[float] = field(default_factory=list)
+    chunk_times: list[float] = field(default_factory=list)
+    """Arrival of each SSE chunk with text (a chunk may carry several tokens when the gateway
+    catches up on several steps at once)."""
+    completion_tokens: int = 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,57 +62,64 @@ def main(args: argparse.Namespace) -> int:
     print(f"workload: {args.concurrency} requests x ({args.prompt_len} prompt + {args.output_len} "
           f"output tokens), greedy; model {config.name} on {config.device}", flush=True)
 
-    alone_s, alone_steps = run_alone(config, prompts, args.output_len)
+    alone_s, alone_steps, alone_step_s = run_alone(config, prompts, args.output_len)
     total = args.concurrency * args.output_len
     print(f"engine alone: {total} tokens in {alone_s:.2f} s = {total / alone_s:,.0f} tokens/s "
-          f"({alone_steps} steps, {1000 * alone_s / alone_steps:.1f} ms/step)", flush=True)
+          f"({alone_steps} steps, {1000 * alone_step_s / alone_steps:.1f} ms/step)", flush=True)
 
     port = _free_port()
     server = _start_server(model_dir, name, port, args)
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, server)
-        served_s, timings = asyncio.run(run_served(url, config.name, prompts, args.output_len))
-        steps = httpx.get(f"{url}/health", timeout=10).json()["engine"]["num_steps"]
+        served_s, timings, steps, step_s = asyncio.run(run_served(url, config.name, prompts, args.output_len))
     finally:
         server.terminate()
         server.wait(30)
-    got = sum(len(t.token_times) for t in timings)
-    ttft = [t.token_times[0] - t.sent_s for t in timings if t.token_times]
-    itl = [b - a for t in timings for a, b in zip(t.token_times, t.token_times[1:])]
+    got = sum(t.completion_tokens for t in timings)
+    ttft = [t.chunk_times[0] - t.sent_s for t in timings if t.chunk_times]
+    gaps = [b - a for t in timings for a, b in zip(t.chunk_times, t.chunk_times[1:])]
     print(f"served ({args.concurrency} concurrent streams): {got} tokens in {served_s:.2f} s = "
-          f"{got / served_s:,.0f} tokens/s ({steps} engine steps incl. warm-up)")
-    print(f"  TTFT p50 {_ms(ttft, 50)} ms, p99 {_ms(ttft, 99)} ms; inter-token p50 {_ms(itl, 50)} ms, "
-          f"p99 {_ms(itl, 99)} ms")
+          f"{got / served_s:,.0f} tokens/s ({steps} steps, {1000 * step_s / max(steps, 1):.1f} ms/step; "
+          f"the engine was stepping {step_s / served_s:.0%} of the time)")
+    print(f"  TTFT p50 {_ms(ttft, 50)} ms, p99 {_ms(ttft, 99)} ms; between chunks p50 {_ms(gaps, 50)} ms, "
+          f"p99 {_ms(gaps, 99)} ms")
     if got != total:
         print(f"error: {total - got} tokens missing from the streams", file=sys.stderr)
         return 1
+    print(f"engine step rate under HTTP load vs alone: "
+          f"{(steps / step_s) / (alone_steps / alone_step_s):.2f}")
     print(f"ratio (served / engine alone, tokens/s): {(got / served_s) / (total / alone_s):.2f}")
     return 0
 
 
-def run_alone(config: EngineConfig, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
+def run_alone(config: EngineConfig, prompts: list[list[int]], output_len: int) -> tuple[float, int, float]:
+    """-> wall seconds, steps, seconds inside steps."""
     engine = LLMEngine(config)
     engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
     engine.steps.clear()
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     engine.generate(prompts, params)
-    return time.perf_counter() - t0, len(engine.steps)
+    return time.perf_counter() - t0, len(engine.steps), sum(s.duration_s for s in engine.steps)
 
 
 async def run_served(url: str, model: str, prompts: list[list[int]], output_len: int):
     limits = httpx.Limits(max_connections=len(prompts) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await _stream_one(client, model, prompts[0][:8], 2)  # warm-up
+        before = (await client.get("/health")).json()["engine"]
         t0 = time.perf_counter()
         timings = await asyncio.gather(*(_stream_one(client, model, p, output_len) for p in prompts))
-        return time.perf_counter() - t0, timings
+        wall = time.perf_counter() - t0
+        after = (await client.get("/health")).json()["engine"]
+        steps = after["num_steps"] - before["num_steps"]
+        return wall, timings, steps, after["step_seconds"] - before["step_seconds"]
 
 
 async def _stream_one(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> StreamTiming:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     timing = StreamTiming(time.perf_counter())
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
@@ -117,9 +127,10 @@ async def _stream_one(client: httpx.AsyncClient, model: str, prompt: list[int], 
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["text"] is not None:
-                timing.token_times.append(time.perf_counter())
-    # One chunk per generated token: count them (the tokenizer may merge text, never tokens).
+            if chunk["choices"]:
+                timing.chunk_times.append(time.perf_counter())
+            if chunk.get("usage"):
+                timing.completion_tokens = chunk["usage"]["completion_tokens"]
     return timing
 
 

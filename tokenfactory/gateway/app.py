@@ -49,11 +49,11 @@ def build_app(
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await request.app.state.serving.chat(body)
+        return await request.app.state.serving.chat(body, request.is_disconnected)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await request.app.state.serving.completions(body)
+        return await request.app.state.serving.completions(body, request.is_disconnected)
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> ModelList:
@@ -72,6 +72,7 @@ def build_app(
                 "num_free_blocks": load.num_free_blocks,
                 "num_total_blocks": load.num_total_blocks,
                 "num_steps": load.num_steps,
+                "step_seconds": round(load.step_seconds, 6),
             },
         }
         return JSONResponse(body, status_code=200 if worker.is_alive else 503)

@@ -9,8 +9,9 @@ so the prefix cache computes it once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -20,7 +21,7 @@ from tokenfactory.engine.outputs import TokenLogprobs
 from tokenfactory.engine.request import SamplingParams
 from tokenfactory.engine.text import TextStream
 from tokenfactory.engine.tokenizer import Tokenizer, TokenizerError
-from tokenfactory.gateway.errors import APIError, bad_request, engine_unavailable, model_not_found
+from tokenfactory.gateway.errors import APIError, ClientDisconnected, bad_request, engine_unavailable, model_not_found
 from tokenfactory.gateway.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -45,6 +46,13 @@ from tokenfactory.gateway.protocol import (
 from tokenfactory.runtime.client import EngineDeadError, RequestRejectedError, Worker
 
 T = TypeVar("T")
+
+
+Disconnected = Callable[[], Awaitable[bool]]
+"""Asks whether the HTTP client has gone away (Starlette's `Request.is_disconnected`)."""
+
+DISCONNECT_POLL_S = 0.25
+"""How often a full-response request checks that its client is still there."""
 
 
 @dataclass(slots=True)
@@ -99,7 +107,9 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ chat
 
-    async def chat(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+    async def chat(
+        self, req: ChatCompletionRequest, is_disconnected: Disconnected | None = None
+    ) -> JSONResponse | StreamingResponse:
         self._check_model(req.model)
         messages = [m.for_template() for m in req.messages]
         try:
@@ -111,7 +121,7 @@ class OpenAIServing:
         rid, created = random_id("chatcmpl"), now_s()
         if req.stream:
             return _sse(self._stream_chat(req, rid, created, seqs))
-        totals = await self._collect(seqs)
+        totals = await self._collect(seqs, is_disconnected)
         choices = [
             ChatChoice(
                 index=i,
@@ -159,7 +169,9 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ completions
 
-    async def completions(self, req: CompletionRequest) -> JSONResponse | StreamingResponse:
+    async def completions(
+        self, req: CompletionRequest, is_disconnected: Disconnected | None = None
+    ) -> JSONResponse | StreamingResponse:
         self._check_model(req.model)
         prompts = self._completion_prompts(req.prompt)
         seqs = self._sequences(req, prompts, req.max_output_tokens, "prompt")
@@ -167,7 +179,7 @@ class OpenAIServing:
         rid, created = random_id("cmpl"), now_s()
         if req.stream:
             return _sse(self._stream_completions(req, rid, created, seqs, echoes))
-        totals = await self._collect(seqs)
+        totals = await self._collect(seqs, is_disconnected)
         choices = []
         for i, t in enumerate(totals):
             echo = echoes[t.prompt_index]
@@ -304,7 +316,24 @@ class OpenAIServing:
         async for delta in _merge([self._run_one(rid, s) for s in seqs]):
             yield delta
 
-    async def _collect(self, seqs: list[SequenceSpec]) -> list[ChoiceTotals]:
+    async def _collect(
+        self, seqs: list[SequenceSpec], is_disconnected: Disconnected | None = None
+    ) -> list[ChoiceTotals]:
+        """Run the sequences to the end for a full (non-streamed) response. A client that goes
+        away meanwhile cancels the collection, which aborts its engine sequences."""
+        task = asyncio.ensure_future(self._gather(seqs))
+        while is_disconnected is not None:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                break
+            if await is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise ClientDisconnected()
+        return await task
+
+    async def _gather(self, seqs: list[SequenceSpec]) -> list[ChoiceTotals]:
         totals = [ChoiceTotals(s.prompt_index) for s in seqs]
         try:
             async for d in self._run_all(seqs):

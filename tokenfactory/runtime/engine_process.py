@@ -70,6 +70,7 @@ class EngineLoop:
         self.inbox = inbox
         self.outbox = outbox
         self.num_steps = 0
+        self.step_seconds = 0.0
         self._parent = multiprocessing.parent_process()
         self._last_parent_check = time.monotonic()
 
@@ -81,7 +82,9 @@ class EngineLoop:
             if received is None:
                 return
             if self.core.has_work():
+                t0 = time.perf_counter()
                 outputs.extend(self.core.step())
+                self.step_seconds += time.perf_counter() - t0
                 self.num_steps += 1
             if outputs or rejected or received:
                 batch = OutputBatch(outputs=outputs, load=self.load(), rejected=rejected)
@@ -132,4 +135,5 @@ class EngineLoop:
             num_free_blocks=kv.num_free_blocks,
             num_total_blocks=kv.num_blocks,
             num_steps=self.num_steps,
+            step_seconds=self.step_seconds,
         )

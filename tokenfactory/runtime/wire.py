@@ -42,6 +42,8 @@ class EngineLoad(msgspec.Struct, array_like=True):
     num_free_blocks: int = 0
     num_total_blocks: int = 0
     num_steps: int = 0
+    step_seconds: float = 0.0
+    """Time spent inside steps since start (num_steps / step_seconds is the step rate)."""
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):

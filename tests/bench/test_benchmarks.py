@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tokenfactory.cli import main
 
 
-def test_bench_engine_matches_transformers_and_prints_the_ratio(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("load_format", ["auto", "dummy"])
+def test_bench_engine_matches_transformers_and_prints_the_ratio(tiny_model_dir, tmp_path, capsys, load_format):
     out = tmp_path / "result.json"
     argv = ["bench", "engine", "--model", str(tiny_model_dir), "--num-requests", "6", "--prefix-len", "48",
-            "--question-len", "4", "12", "--output-len", "2", "10", "--json", str(out)]
+            "--question-len", "4", "12", "--output-len", "2", "10", "--json", str(out),
+            "--load-format", load_format]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "greedy outputs identical for 6/6 requests" in printed

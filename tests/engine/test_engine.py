@@ -88,3 +88,14 @@ def test_preemption_recomputes_to_same_tokens(model_case):
     engine = engine_for(model_dir, cache=CacheConfig(block_size=8, num_blocks=14))
     assert greedy(engine, prompts) == expected
     assert engine.core.kv.num_free_blocks == 14
+
+
+def test_dummy_weights_without_a_tokenizer_run_on_token_ids(llama_dir, tmp_path):
+    (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())  # shape only
+    config = EngineConfig.from_pretrained(tmp_path, load_format="dummy", cache=CacheConfig(block_size=8, num_blocks=64))
+    engine = LLMEngine(config, detokenize=False)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    first, second = engine.generate([[5, 6, 7, 8], [5, 6, 7, 8]], params)
+    assert len(first.token_ids) == 5 and first.token_ids == second.token_ids and first.text == ""
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        engine.generate(["text"], params)

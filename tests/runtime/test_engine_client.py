@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tokenfactory.engine.config import CacheConfig, EngineConfig
+from tokenfactory.engine.kv_cache import prompt_block_hashes
 from tokenfactory.engine.request import SamplingParams
 from tokenfactory.runtime.client import AsyncEngineClient, EngineDeadError, RequestRejectedError
 
@@ -135,14 +136,30 @@ def test_dead_engine_fails_in_flight_requests(tiny_model_dir):
     asyncio.run(asyncio.wait_for(run(), 120))
 
 
-def test_engine_that_crashes_in_a_step_says_why(tiny_model_dir):
+def test_engine_that_fails_says_why(tiny_model_dir, tmp_path):
+    # A checkpoint folder with a config but no weights: the engine process fails while loading.
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+
     async def run():
-        client = AsyncEngineClient(engine_config(tiny_model_dir))
-        await client.start()
-        # A token id past the vocabulary fails inside the model; the gateway never sends one.
-        with pytest.raises(EngineDeadError, match="engine failed"):
-            await collect(client, "bad", [10**7], greedy(2))
-        assert not client.is_alive and "Error" in client.dead_reason
-        await client.shutdown()
+        client = AsyncEngineClient(engine_config(tmp_path))
+        with pytest.raises(EngineDeadError, match="failed to start(.|\n)*safetensors"):
+            await client.start()
+        assert not client.is_alive
 
     asyncio.run(asyncio.wait_for(run(), 120))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_not_fatal(client, loop):
+    with pytest.raises(RequestRejectedError, match="token ids"):
+        loop.run(collect(client, "bad", [10**7], greedy(2)))
+    assert client.is_alive
+    assert len(loop.run(collect(client, "fine", [1, 2, 3], greedy(2)))) >= 1
+
+
+def test_kv_events_reach_subscribers(client, loop):
+    events = []
+    client.subscribe_kv_events(events.extend)
+    prompt = list(range(100, 140))  # 2 full blocks of 16 (engine_config's block size)
+    loop.run(collect(client, "events", prompt, greedy(2)))
+    stored = [h for e in events if e.kind == "stored" for h in e.block_hashes]
+    assert prompt_block_hashes(prompt, 16)[:2] == stored[:2]

@@ -11,7 +11,6 @@ and, on a known GPU, its datasheet peak.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import time
@@ -22,17 +21,8 @@ import torch
 from tokenfactory.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenfactory.engine.engine import EngineCore
 from tokenfactory.engine.request import Request, SamplingParams
+from tokenfactory.bench.shapes import SHAPES, write_shape
 from tokenfactory.engine.tiny import ensure_tiny_model
-
-SHAPES = {
-    "llama3-8b": {
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "eos_token_id": 128009, "torch_dtype": "bfloat16",
-    },
-}
-"""Model shapes for dummy-weight runs (no checkpoint needed)."""
 
 PEAK_BANDWIDTH_GBS = {"H200": 4800.0, "H100": 3350.0, "B200": 8000.0, "A100": 2039.0}
 """Datasheet HBM bandwidth by GPU name fragment (GB/s)."""
@@ -124,8 +114,7 @@ def measure_copy_bandwidth(device: str, nbytes: int = 2**30) -> float:
 
 def _model_dir(args: argparse.Namespace, tmp: Path) -> str:
     if args.shape:
-        (tmp / "config.json").write_text(json.dumps(SHAPES[args.shape]))
-        return str(tmp)
+        return str(write_shape(args.shape, tmp))
     return args.model or str(ensure_tiny_model())
 
 

@@ -14,12 +14,14 @@ import gc
 import json
 import random
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from tokenfactory.bench.shapes import SHAPES, write_shape
 from tokenfactory.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenfactory.engine.engine import LLMEngine
 from tokenfactory.engine.request import SamplingParams
@@ -64,8 +66,9 @@ def shared_prefix_workload(
     return Workload(prompts, outs)
 
 
-def run_engine(config: EngineConfig, work: Workload, threads: int) -> tuple[RunResult, list[list[int]]]:
-    engine = LLMEngine(config)
+def run_engine(config: EngineConfig, work: Workload, threads: int) -> tuple[RunResult, list[list[int]], LLMEngine]:
+    # Token ids in and out on both sides: neither detokenizes.
+    engine = LLMEngine(config, detokenize=False)
     torch.set_num_threads(threads)  # the runner picks its own; both sides get the same here
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in work.output_lens]
     engine.generate([work.prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
@@ -84,14 +87,26 @@ def run_engine(config: EngineConfig, work: Workload, threads: int) -> tuple[RunR
         "prefix_hit_rate": round(cached / prompt_tokens, 4),
         "num_blocks": engine.core.runner.num_blocks,
     }
-    return RunResult("tokenfactory", seconds, out_tokens, extra), [c.token_ids for c in done]
+    return RunResult("tokenfactory", seconds, out_tokens, extra), [c.token_ids for c in done], engine
 
 
-def run_transformers(model_dir: str, dtype: torch.dtype, device: str, work: Workload,
-                     pad_id: int) -> tuple[RunResult, list[list[int]]]:
-    from transformers import AutoModelForCausalLM  # test/bench-only dependency
+def load_reference(model_dir: str, dtype: torch.dtype, device: str, weights: dict | None):
+    """The `transformers` model: from the checkpoint, or (dummy weights) from the config with
+    our engine's weights copied in, so both sides run the very same numbers."""
+    # transformers is a dev/bench dependency, not a runtime one: imported only here.
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    if weights is None:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+    missing, _ = model.load_state_dict(weights, strict=False)
+    if missing:
+        raise RuntimeError(f"the reference model lacks weights for {missing[:3]}...")
+    return model.eval()
+
+
+def run_transformers(model, device: str, work: Workload, pad_id: int) -> tuple[RunResult, list[list[int]]]:
     longest = max(len(p) for p in work.prompts)
     # Left padding, so every row's last prompt token sits in the last column.
     ids = torch.full((len(work.prompts), longest), pad_id, dtype=torch.long)
@@ -106,6 +121,8 @@ def run_transformers(model_dir: str, dtype: torch.dtype, device: str, work: Work
         t0 = time.perf_counter()
         out = model.generate(ids, attention_mask=mask, max_new_tokens=max(work.output_lens),
                              min_new_tokens=max(work.output_lens), **gen)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     tokens = [out[i, longest:longest + n].tolist() for i, n in enumerate(work.output_lens)]
     return RunResult("transformers", seconds, work.num_output_tokens, {"batch": len(work.prompts)}), tokens
@@ -113,6 +130,7 @@ def run_transformers(model_dir: str, dtype: torch.dtype, device: str, work: Work
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder (default: the built-in tiny model)")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="a known model shape with dummy weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
@@ -129,10 +147,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    model_dir = args.model or str(ensure_tiny_model())
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(write_shape(args.shape, Path(tmp))) if args.shape else args.model or str(ensure_tiny_model())
+        return _run(args, model_dir, "dummy" if args.shape else args.load_format)
+
+
+def _run(args: argparse.Namespace, model_dir: str, load_format: str) -> int:
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     config = EngineConfig.from_pretrained(
-        model_dir, device=args.device, dtype=dtype, load_format=args.load_format, seed=args.seed,
+        model_dir, device=args.device, dtype=dtype, load_format=load_format, seed=args.seed,
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=max(args.num_requests, 1)),
         cache=CacheConfig(memory_bytes=256 * 2**20 if args.device == "cpu" else 16 * 2**30),
@@ -146,13 +169,16 @@ def main(args: argparse.Namespace) -> int:
           f"questions {args.question_len[0]}-{args.question_len[1]}, outputs "
           f"{args.output_len[0]}-{args.output_len[1]} ({work.num_output_tokens} output tokens); "
           f"model {config.name} on {args.device} {dtype}, {args.threads} CPU threads", flush=True)
-    ours, our_tokens = run_engine(config, work, args.threads)
+    ours, our_tokens, engine = run_engine(config, work, args.threads)
     _report(ours)
     results = {"ours": asdict(ours) | {"tokens_per_s": ours.tokens_per_s}}
     if not args.skip_baseline:
         gc.collect()
         pad = min(_special_ids(model_dir) or {0})
-        base, base_tokens = run_transformers(model_dir, config.torch_dtype, args.device, work, pad)
+        weights = engine.core.runner.model.state_dict() if load_format == "dummy" else None
+        reference = load_reference(model_dir, config.torch_dtype, args.device, weights)
+        del engine, weights
+        base, base_tokens = run_transformers(reference, args.device, work, pad)
         _report(base)
         same = sum(a == b for a, b in zip(our_tokens, base_tokens))
         print(f"greedy outputs identical for {same}/{len(work.prompts)} requests")

@@ -49,6 +49,10 @@ class EngineCore:
         self.last_step: StepStats | None = None
 
     def add_request(self, request: Request) -> None:
+        """Queue a request; ValueError (saying why) for one that could never run correctly."""
+        vocab = self.config.model.vocab_size
+        if min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         if request.num_prompt_tokens + request.sampling.max_tokens > self.config.context_len:
             raise ValueError(
                 f"prompt ({request.num_prompt_tokens} tokens) plus max_tokens "
@@ -105,12 +109,18 @@ class Completion:
 
 
 class LLMEngine:
-    """Offline engine: tokenizer + text streams around an in-process `EngineCore`."""
+    """Offline engine: tokenizer + text streams around an in-process `EngineCore`.
 
-    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+    With `detokenize=False` no tokenizer is needed (a dummy-weight model of some shape has
+    none): prompts are token ids, outputs are token ids, and stop strings are not available.
+    """
+
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None, detokenize: bool = True) -> None:
         self.config = config
         self.core = EngineCore(config)
-        self.tokenizer = tokenizer or Tokenizer.from_pretrained(config.model_path)
+        if tokenizer is None and detokenize:
+            tokenizer = Tokenizer.from_pretrained(config.model_path)
+        self.tokenizer = tokenizer
         self._ids = itertools.count()
         self.steps: list[StepStats] = []
 
@@ -124,15 +134,15 @@ class LLMEngine:
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         done: dict[str, Completion] = {}
-        streams: dict[str, TextStream] = {}
+        streams: dict[str, TextStream | None] = {}
         order: list[str] = []
         for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            ids = self._prompt_ids(prompt, sp)
             rid = f"gen-{next(self._ids)}"
             prio = priorities[i] if priorities else 0
             self.core.add_request(Request(rid, ids, sp, priority=prio))
             done[rid] = Completion(rid, ids, arrival_s=time.perf_counter())
-            streams[rid] = TextStream(self.tokenizer, ids, sp.stop)
+            streams[rid] = TextStream(self.tokenizer, ids, sp.stop) if self.tokenizer else None
             order.append(rid)
         while self.core.has_work():
             outputs = self.core.step()
@@ -140,6 +150,11 @@ class LLMEngine:
                 self.steps.append(self.core.last_step)
             self._collect(outputs, done, streams)
         return [done[rid] for rid in order]
+
+    def _prompt_ids(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
+            raise ValueError("text prompts and stop strings need a tokenizer (detokenize=True)")
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def _collect(self, outputs, done, streams) -> None:
         now = time.perf_counter()
@@ -153,13 +168,14 @@ class LLMEngine:
                 comp.logprobs.extend(out.new_logprobs)
             comp.num_cached_tokens = out.num_cached_tokens
             stream = streams[out.request_id]
-            _, stop = stream.push(out.new_token_ids)
+            stop = stream.push(out.new_token_ids)[1] if stream is not None else None
             if stop is not None and not out.finished:
                 to_abort.append(out.request_id)
                 comp.finish_reason, comp.stop_reason = "stop", stop
             if out.finished or stop is not None:
-                stream.finish()
-                comp.text = stream.text
+                if stream is not None:
+                    stream.finish()
+                    comp.text = stream.text
                 comp.finish_s = now
                 if comp.finish_reason is None:
                     comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason

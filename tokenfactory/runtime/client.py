@@ -18,13 +18,14 @@ import logging
 import multiprocessing
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import zmq
 import zmq.asyncio
 
 from tokenfactory.engine.config import EngineConfig
+from tokenfactory.engine.kv_cache import KVEvent
 from tokenfactory.engine.outputs import EngineCoreOutput
 from tokenfactory.engine.request import SamplingParams
 from tokenfactory.runtime.engine_process import run_engine_process
@@ -79,6 +80,9 @@ class Worker(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    def subscribe_kv_events(self, callback: Callable[[list[KVEvent]], None]) -> None:
+        """Call `callback` with each batch of the engine's prefix-cache events, in order."""
+
 
 class AsyncEngineClient:
     """A `Worker` whose engine runs in a child process ("spawn"), reached over ipc:// sockets."""
@@ -93,6 +97,7 @@ class AsyncEngineClient:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._reader: asyncio.Task | None = None
         self._tmpdir = ""
+        self._kv_listeners: list[Callable[[list[KVEvent]], None]] = []
 
     @property
     def info(self) -> Ready:
@@ -190,8 +195,14 @@ class AsyncEngineClient:
             if isinstance(msg, OutputBatch):
                 self._dispatch(msg)
 
+    def subscribe_kv_events(self, callback: Callable[[list[KVEvent]], None]) -> None:
+        self._kv_listeners.append(callback)
+
     def _dispatch(self, batch: OutputBatch) -> None:
         self._load = batch.load
+        if batch.kv_events:
+            for listener in self._kv_listeners:
+                listener(batch.kv_events)
         for out in batch.outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:  # None: the caller already left (it sent an abort)
@@ -242,10 +253,16 @@ class AsyncEngineClient:
     def abort(self, request_id: str) -> None:
         """Stop a request; its last output (finish_reason "abort") goes nowhere."""
         if self._dead_reason is None and self._info is not None:
-            self._send(Abort([request_id]))
+            with contextlib.suppress(EngineDeadError):  # a gone engine holds nothing to free
+                self._send(Abort([request_id]))
 
     def _send(self, msg: AddRequest | Abort | Shutdown) -> None:
-        self._sender.send(encoder.encode(msg), copy=False)
+        """Never blocks. The queue is unbounded (SNDHWM 0), so a send can only fail to go out at
+        once when no engine is connected: a PUSH socket would otherwise wait for one forever."""
+        try:
+            self._sender.send(encoder.encode(msg), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise EngineDeadError("the engine process is not connected") from None
 
     async def shutdown(self) -> None:
         """Stop the engine process (politely, then by force) and fail what is still in flight."""
@@ -254,7 +271,7 @@ class AsyncEngineClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         if self._process is not None and self._process.is_alive():
-            with contextlib.suppress(zmq.ZMQError):
+            with contextlib.suppress(zmq.ZMQError, EngineDeadError):
                 self._send(Shutdown())
             await asyncio.to_thread(self._process.join, 10)
             if self._process.is_alive():

@@ -86,8 +86,9 @@ class EngineLoop:
                 outputs.extend(self.core.step())
                 self.step_seconds += time.perf_counter() - t0
                 self.num_steps += 1
-            if outputs or rejected or received:
-                batch = OutputBatch(outputs=outputs, load=self.load(), rejected=rejected)
+            kv_events = self.core.take_kv_events()
+            if outputs or rejected or received or kv_events:
+                batch = OutputBatch(outputs=outputs, load=self.load(), rejected=rejected, kv_events=kv_events)
                 self.outbox.send(encoder.encode(batch))
 
     def _receive(self, outputs: list[EngineCoreOutput], rejected: dict[str, str], block: bool) -> int | None:

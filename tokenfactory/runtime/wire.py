@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import msgspec
 
+from tokenfactory.engine.kv_cache import KVEvent
 from tokenfactory.engine.outputs import EngineCoreOutput
 from tokenfactory.engine.request import SamplingParams
 
@@ -63,6 +64,8 @@ class OutputBatch(msgspec.Struct, tag=True, array_like=True):
     load: EngineLoad
     rejected: dict[str, str] = {}
     """Requests the engine refused outright, with the reason (e.g. past the context window)."""
+    kv_events: list[KVEvent] = []
+    """Prefix-cache changes in this step: what a KV-aware router subscribes to."""
 
 
 class EngineFailed(msgspec.Struct, tag=True, array_like=True):

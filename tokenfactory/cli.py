@@ -8,9 +8,11 @@ import sys
 import uvicorn
 
 from tokenfactory.bench import decode_bench, engine_bench, serve_bench
+from tokenfactory.control.router import ROUTERS
 from tokenfactory.engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
 from tokenfactory.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
 from tokenfactory.gateway.app import build_app
+from tokenfactory.runtime.pool import WorkerPool
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +30,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=CacheConfig.block_size)
     p.add_argument("--num-blocks", type=int, help="KV cache blocks (default: sized from a memory budget)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="engine processes on this machine, one gateway in front")
+    p.add_argument("--router", choices=list(ROUTERS), default="kv",
+                   help="how the gateway picks a worker when --workers > 1 (default: kv, prefix-cache aware)")
 
 
 def serve_config(args: argparse.Namespace) -> EngineConfig:
@@ -48,8 +53,13 @@ def serve_config(args: argparse.Namespace) -> EngineConfig:
 
 def serve(args: argparse.Namespace) -> int:
     config = serve_config(args)
-    app = build_app(config, api_keys=args.api_key)
-    print(f"tokenfactory: serving {config.name!r} from {config.model_path} on {config.device} "
+    if args.workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
+    # One worker keeps the plain client: no routing, no hashing of prompts.
+    pool = WorkerPool.local(config, args.workers, router=args.router) if args.workers > 1 else None
+    app = build_app(config, api_keys=args.api_key, worker=pool)
+    workers = f" with {args.workers} workers ({args.router} router)" if pool else ""
+    print(f"tokenfactory: serving {config.name!r} from {config.model_path} on {config.device}{workers} "
           f"at http://{args.host}:{args.port}/v1", flush=True)
     # uvicorn turns Ctrl-C/SIGTERM into a graceful exit, whose lifespan shutdown stops the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)

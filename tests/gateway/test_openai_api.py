@@ -155,7 +155,10 @@ def assert_openai_error(resp: httpx.Response, status: int, type_: str = "invalid
 
 
 def test_malformed_json_is_a_400(gateway):
-    assert_openai_error(post(gateway, "/v1/chat/completions", content=b'{"model": "tiny", "messages": ['), 400)
+    error = assert_openai_error(post(gateway, "/v1/chat/completions", content=b'{"model": "tiny", "messages": ['), 400)
+    assert "JSON" in error["message"]
+    error = assert_openai_error(post(gateway, "/v1/completions", json=["not", "an", "object"]), 400)
+    assert "JSON object" in error["message"]
 
 
 def test_wrong_types_are_a_400(gateway):

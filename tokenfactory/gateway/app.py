@@ -20,6 +20,8 @@ from tokenfactory.gateway.errors import install_error_handlers
 from tokenfactory.gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now_s
 from tokenfactory.gateway.serving import OpenAIServing
 from tokenfactory.runtime.client import AsyncEngineClient, Worker
+from tokenfactory.runtime.pool import WorkerPool
+from tokenfactory.runtime.wire import EngineLoad
 
 
 def build_app(
@@ -61,20 +63,34 @@ def build_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """Liveness plus the engine's load (running, waiting, free KV blocks)."""
-        load = worker.load
+        """Liveness plus the engine's load (running, waiting, free KV blocks); for a pool, the
+        load summed over live workers, then each worker's own and the router's counters."""
         body = {
             "status": "ok" if worker.is_alive else "unavailable",
             "model": config.name,
-            "engine": {
-                "num_running": load.num_running,
-                "num_waiting": load.num_waiting,
-                "num_free_blocks": load.num_free_blocks,
-                "num_total_blocks": load.num_total_blocks,
-                "num_steps": load.num_steps,
-                "step_seconds": round(load.step_seconds, 6),
-            },
+            "engine": load_json(worker.load),
         }
+        if isinstance(worker, WorkerPool):
+            body["workers"] = [
+                {"worker_id": h.worker_id, "alive": h.alive, "dead_reason": h.dead_reason,
+                 "num_routed": h.num_routed, "num_cached_blocks": h.num_cached_blocks, **load_json(h.load)}
+                for h in worker.worker_health()
+            ]
+            metrics = worker.router.metrics
+            body["router"] = {"policy": type(worker.router).__name__, "mode": metrics.mode,
+                              "decisions": metrics.decisions,
+                              "mean_predicted_overlap_tokens": round(metrics.mean_predicted_overlap_tokens, 3)}
         return JSONResponse(body, status_code=200 if worker.is_alive else 503)
 
     return app
+
+
+def load_json(load: EngineLoad) -> dict[str, int | float]:
+    return {
+        "num_running": load.num_running,
+        "num_waiting": load.num_waiting,
+        "num_free_blocks": load.num_free_blocks,
+        "num_total_blocks": load.num_total_blocks,
+        "num_steps": load.num_steps,
+        "step_seconds": round(load.step_seconds, 6),
+    }

@@ -63,6 +63,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return bad_request(f"We could not parse the JSON body of your request: {first.get('msg')}")
+    if tuple(first.get("loc", ())) == ("body",):
+        return bad_request("The request body must be a JSON object (with Content-Type: application/json).")
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     details = "; ".join(
@@ -79,7 +81,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, exc: ClientDisconnected) -> Response:
         return Response(status_code=499)  # "client closed request": nobody reads it
-
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:

@@ -1,0 +1,161 @@
+"""Routing policies as pure functions: worker states and an index in, a worker id out."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from tokenfactory.control.kv_index import ApproximateIndex, KVIndex
+from tokenfactory.control.router import (
+    ROUTERS,
+    KVAwareRouter,
+    LeastLoadedRouter,
+    NoWorkerError,
+    RandomRouter,
+    RoundRobinRouter,
+    RouteRequest,
+    WorkerState,
+    make_router,
+)
+from tokenfactory.engine.kv_cache import KVEvent, prompt_block_hashes
+
+BLOCK = 16
+PREFIX = list(range(1000, 1000 + 8 * BLOCK))  # 8 shared blocks
+
+
+def request_with_prefix(suffix: int, session_id: str | None = None, now: float = 0.0) -> RouteRequest:
+    tokens = PREFIX + [suffix] * BLOCK + [suffix]
+    return RouteRequest(prompt_block_hashes(tokens, BLOCK), len(tokens), session_id=session_id, now=now)
+
+
+def idle_workers(n: int, **overrides) -> list[WorkerState]:
+    return [WorkerState(i, num_free_blocks=100, block_size=BLOCK, **overrides) for i in range(n)]
+
+
+def index_with_prefix_on(worker_id: int) -> KVIndex:
+    index = KVIndex()
+    index.apply(worker_id, [KVEvent("stored", prompt_block_hashes(PREFIX, BLOCK))])
+    return index
+
+
+def test_kv_router_sends_a_request_to_the_worker_holding_its_prefix():
+    router = KVAwareRouter()
+    index = index_with_prefix_on(2)
+    assert router.route(request_with_prefix(1), idle_workers(3), index) == 2
+    assert router.metrics.decisions == 1 and router.metrics.mode == "events"
+    assert router.metrics.mean_predicted_overlap_tokens == 8 * BLOCK
+
+
+def test_kv_router_leaves_the_prefix_holder_when_its_load_outweighs_the_saving():
+    router = KVAwareRouter()
+    index = index_with_prefix_on(0)
+    workers = idle_workers(2)
+    workers[0].num_running = 5  # 5 decodes cost less than 8 blocks of prefill: stay
+    assert router.route(request_with_prefix(1), workers, index) == 0
+    workers[0].num_running, workers[0].num_waiting, workers[0].queued_prefill_tokens = 6, 3, 10 * BLOCK
+    assert router.route(request_with_prefix(2), workers, index) == 1
+
+
+def test_kv_router_without_any_prefix_picks_the_least_loaded_then_the_lowest_id():
+    router = KVAwareRouter()
+    workers = idle_workers(3)
+    assert router.route(request_with_prefix(1), workers, KVIndex()) == 0
+    workers[0].num_running = 1
+    assert router.route(request_with_prefix(1), workers, KVIndex()) == 1
+    assert router.metrics.mean_predicted_overlap_tokens == 0
+
+
+def test_dead_workers_are_never_chosen():
+    index = index_with_prefix_on(0)
+    workers = idle_workers(2)
+    workers[0].alive = False
+    for name in ROUTERS:
+        assert make_router(name).route(request_with_prefix(1), workers, index) == 1
+    workers[1].alive = False
+    with pytest.raises(NoWorkerError):
+        KVAwareRouter().route(request_with_prefix(1), workers, index)
+
+
+def test_softmax_sampling_is_seeded_and_favours_the_cheaper_worker():
+    index = index_with_prefix_on(1)
+
+    def picks(seed: int) -> list[int]:
+        router = KVAwareRouter(temperature=4.0, rng=random.Random(seed))
+        return [router.route(request_with_prefix(i), idle_workers(2), index) for i in range(200)]
+
+    assert picks(7) == picks(7)
+    counts = Counter(picks(7))
+    assert counts[1] > 150 and counts[0] > 0  # cost gap 8 blocks, temperature 4: about 88% / 12%
+    with pytest.raises(ValueError):
+        KVAwareRouter(temperature=-1)
+
+
+def test_round_robin_cycles_over_the_alive_workers_whatever_they_hold():
+    router = RoundRobinRouter()
+    index = index_with_prefix_on(0)
+    workers = idle_workers(3)
+    assert [router.route(request_with_prefix(i), workers, index) for i in range(4)] == [0, 1, 2, 0]
+    workers[1].alive = False
+    assert [router.route(request_with_prefix(i), workers, index) for i in range(3)] == [2, 0, 2]
+
+
+def test_random_router_is_repeatable_with_a_seed_and_uses_every_worker():
+    def picks(seed: int) -> list[int]:
+        router = RandomRouter(rng=random.Random(seed))
+        return [router.route(request_with_prefix(i), idle_workers(3)) for i in range(60)]
+
+    assert picks(3) == picks(3) and set(picks(3)) == {0, 1, 2}
+
+
+def test_least_loaded_counts_requests_then_free_blocks():
+    workers = idle_workers(3)
+    workers[0].num_running, workers[1].num_waiting = 2, 1
+    workers[2].num_running = 1
+    workers[2].num_free_blocks = 50
+    assert LeastLoadedRouter().route(request_with_prefix(1), workers) == 1  # 1 request, 100 free blocks
+    assert LeastLoadedRouter().metrics.mode == "none"
+
+
+def test_session_affinity_holds_while_the_worker_is_alive_and_not_overloaded():
+    router = RoundRobinRouter(session_affinity=True, max_waiting=4)
+    workers = idle_workers(3)
+    first = router.route(request_with_prefix(1, session_id="s"), workers)
+    assert [router.route(request_with_prefix(i, session_id="s"), workers) for i in range(3)] == [first] * 3
+    assert router.metrics.affinity_hits == 3
+    workers[first].num_waiting = 4  # overloaded: the session moves, and stays on its new worker
+    moved = router.route(request_with_prefix(5, session_id="s"), workers)
+    assert moved != first
+    workers[first].num_waiting = 0
+    assert router.route(request_with_prefix(6, session_id="s"), workers) == moved
+    workers[moved].alive = False
+    assert router.route(request_with_prefix(7, session_id="s"), workers) not in (moved,)
+    assert router.route(request_with_prefix(8, session_id="other"), workers) in {0, 1, 2} - {moved}
+
+
+def test_session_affinity_gives_way_when_the_worker_lacks_free_blocks():
+    router = KVAwareRouter(session_affinity=True)
+    workers = idle_workers(2)
+    assert router.route(request_with_prefix(1, session_id="s"), workers, KVIndex()) == 0
+    workers[0].num_free_blocks = 2  # the prompt needs 10 blocks
+    assert router.route(request_with_prefix(2, session_id="s"), workers, KVIndex()) == 1
+
+
+def test_kv_router_over_the_approximate_index_follows_its_own_decisions_until_they_expire():
+    router = KVAwareRouter()
+    index = ApproximateIndex(ttl_s=30.0)
+    workers = idle_workers(2)
+    workers[0].num_running = 1  # the first request goes to worker 1
+    assert router.route(request_with_prefix(1, now=0.0), workers, index) == 1
+    workers[1].num_running = 3  # still cheaper than recomputing 8 prefix blocks on worker 0
+    assert router.route(request_with_prefix(2, now=10.0), workers, index) == 1
+    assert router.metrics.mode == "approximate"
+    assert router.route(request_with_prefix(3, now=41.0), workers, index) == 0  # forgotten
+
+
+def test_registry_names_every_policy():
+    assert set(ROUTERS) == {"kv", "round_robin", "random", "least_loaded"}
+    assert isinstance(make_router("kv", decode_weight=2.0), KVAwareRouter)
+    with pytest.raises(ValueError, match="unknown router"):
+        make_router("telepathy")

@@ -1,0 +1,91 @@
+import dataclasses
+
+import pytest
+
+from tokenfactory.twin.cost_model import BatchShape, CostModel, default_model, shape_of
+from tokenfactory.twin.hardware import HARDWARE, get_hardware
+
+
+@pytest.fixture(scope="module")
+def h200() -> CostModel:
+    return CostModel(default_model(), get_hardware("h200"))
+
+
+def test_llama_3_8b_has_8b_parameters(h200):
+    assert 7.9e9 < h200.total_params < 8.1e9
+    assert h200.kv_bytes_per_token == 131072  # 32 layers x 8 KV heads x 128 x K,V x 2 bytes
+
+
+@pytest.mark.parametrize("batch", [1, 2, 8, 32, 64, 128, 256])
+def test_decode_sits_between_the_bandwidth_bound_and_twice_it(h200, batch):
+    context = 2048
+    cost = h200.batch_cost(decodes=[context] * batch)
+    bytes_moved = h200.weight_bytes + h200.kv_bytes_per_token * batch * (context + 2)
+    bandwidth_bound = bytes_moved / h200.hardware.hbm_bandwidth
+    assert bandwidth_bound <= cost.duration_s <= 2 * bandwidth_bound
+
+
+def test_decode_step_grows_with_batch_but_per_token_cost_falls(h200):
+    small, large = h200.batch_cost(decodes=[1024]), h200.batch_cost(decodes=[1024] * 128)
+    assert large.duration_s > small.duration_s
+    assert large.duration_s / 128 < small.duration_s / 10
+
+
+def test_long_prefill_is_compute_bound(h200):
+    cost = h200.batch_cost(prefills=[(8192, 0)])
+    flops = 2 * h200.layer_params * 8192
+    compute_bound = flops / h200.hardware.peak_flops_bf16
+    memory_bound = h200.weight_bytes / h200.hardware.hbm_bandwidth
+    assert compute_bound > 5 * memory_bound
+    assert cost.duration_s >= compute_bound / h200.compute_efficiency
+    # attention makes a later chunk of the same prompt dearer than the first
+    assert h200.batch_cost(prefills=[(8192, 32768)]).duration_s > cost.duration_s
+
+
+@pytest.mark.parametrize("name", sorted(HARDWARE))
+def test_power_stays_between_idle_and_tdp(name):
+    model = CostModel(default_model(), get_hardware(name))
+    hw = model.hardware
+    for cost in (model.batch_cost(decodes=[10]), model.batch_cost(prefills=[(4096, 0)]), model.batch_cost(decodes=[4096] * 64)):
+        assert hw.idle_w <= cost.power_w <= hw.tdp_w
+    busy = model.batch_cost(prefills=[(8192, 0)]).power_w
+    assert busy > hw.idle_w + 0.5 * (hw.tdp_w - hw.idle_w)
+
+
+def test_fp8_and_tensor_parallel_make_decode_faster(h200):
+    bf16 = h200.batch_cost(decodes=[2048] * 32).duration_s
+    fp8 = dataclasses.replace(h200, precision="fp8").batch_cost(decodes=[2048] * 32).duration_s
+    tp2 = dataclasses.replace(h200, tp=2).batch_cost(decodes=[2048] * 32)
+    assert fp8 < 0.6 * bf16
+    assert tp2.duration_s < bf16
+    assert tp2.power_w > h200.batch_cost(decodes=[2048] * 32).power_w  # two GPUs draw
+
+
+def test_kv_capacity_is_memory_left_after_weights(h200):
+    # (141 GB x 0.9 - 16.06 GB of weights) / 128 KiB per token
+    assert h200.kv_capacity_tokens() == 845642
+    assert h200.kv_num_blocks(16) == 845642 // 16
+    h100 = CostModel(default_model(), get_hardware("h100"))
+    assert h100.kv_capacity_tokens() == int((80e9 * 0.9 - h100.weight_bytes) // 131072)
+    assert dataclasses.replace(h200, precision="fp8").kv_capacity_tokens() > 2 * h200.kv_capacity_tokens()
+    assert dataclasses.replace(h100, tp=2).kv_capacity_tokens() > 2 * h100.kv_capacity_tokens()
+
+
+def test_weights_that_do_not_fit_are_refused():
+    small = dataclasses.replace(get_hardware("h100"), hbm_capacity=16e9)
+    with pytest.raises(ValueError, match="do not fit"):
+        CostModel(default_model(), small).kv_capacity_tokens()
+
+
+def test_bad_settings_are_refused(h200):
+    with pytest.raises(ValueError, match="precision"):
+        dataclasses.replace(h200, precision="int3")
+    with pytest.raises(ValueError, match="tp=3"):
+        dataclasses.replace(h200, tp=3)
+    with pytest.raises(ValueError, match="unknown hardware"):
+        get_hardware("tpu9")
+
+
+def test_shape_of_counts_attention_pairs():
+    assert shape_of([(3, 0)]) == BatchShape(num_tokens=3, attention_pairs=6, kv_read_tokens=3, num_sampled=1)
+    assert shape_of([(1, 10), (1, 20)]) == BatchShape(2, 11 + 21, 32, 2)

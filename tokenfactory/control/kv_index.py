@@ -1,0 +1,159 @@
+"""Which worker holds which prefix: the router's view of every worker's KV cache.
+
+Block hashes are chained (`engine.kv_cache.hash_block_tokens`): block i's hash covers every token
+before it, so a worker holds a prompt's first k blocks exactly when it holds the hashes of blocks
+0..k-1. `overlap` counts, per worker, the leading blocks of a request's chain that it holds and
+stops at that worker's first miss (a block past a gap cannot be reused: its parent is gone).
+
+Two indexes answer the same questions:
+- `KVIndex` is built only from the workers' `KVEvent`s (stored / removed / cleared): exact, as of
+  the last event received.
+- `ApproximateIndex` hears no events; it remembers where it sent each request's blocks and
+  forgets them after a time-to-live, for workers that publish no events.
+Both are plain dicts from block hash to workers, so a lookup is O(blocks of the request).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from tokenfactory.engine.kv_cache import KVEvent
+
+WorkerId = int
+
+
+class PrefixIndex(Protocol):
+    """What a router asks of an index."""
+
+    mode: str
+    """"events" or "approximate": how the index learns what workers hold."""
+
+    def overlap(self, block_hashes: Sequence[int], now: float = 0.0) -> dict[WorkerId, int]:
+        """Per worker holding at least the first block: how many leading blocks it holds."""
+        ...
+
+    def record_routed(self, worker_id: WorkerId, block_hashes: Sequence[int], now: float) -> None:
+        """The router sent a request with these blocks to `worker_id`."""
+        ...
+
+    def remove_worker(self, worker_id: WorkerId) -> None:
+        """Forget everything about a worker (it died or left the pool)."""
+        ...
+
+
+def leading_overlap(holders_of: Iterable[set[WorkerId] | None]) -> dict[WorkerId, int]:
+    """Count, per worker, the leading run of blocks it holds; `holders_of` yields each block's
+    holders in chain order. Stops as soon as no worker is still on its run."""
+    counts: dict[WorkerId, int] = {}
+    still_matching: set[WorkerId] | None = None
+    for depth, holders in enumerate(holders_of, start=1):
+        if not holders:
+            break
+        still_matching = set(holders) if still_matching is None else still_matching & holders
+        if not still_matching:
+            break
+        for worker_id in still_matching:
+            counts[worker_id] = depth
+    return counts
+
+
+class KVIndex:
+    """The exact index: block hash -> workers whose prefix cache holds it, from KV events."""
+
+    mode = "events"
+
+    def __init__(self) -> None:
+        self._holders: dict[int, set[WorkerId]] = {}
+        self._blocks_of: dict[WorkerId, set[int]] = {}
+
+    def apply(self, worker_id: WorkerId, events: Iterable[KVEvent]) -> None:
+        """Take one batch of a worker's events, in the order the worker emitted them."""
+        for event in events:
+            if event.kind == "stored":
+                self._store(worker_id, event.block_hashes)
+            elif event.kind == "removed":
+                self._remove(worker_id, event.block_hashes)
+            elif event.kind == "cleared":
+                self.remove_worker(worker_id)
+            else:
+                raise ValueError(f"unknown KV event kind {event.kind!r}")
+
+    def _store(self, worker_id: WorkerId, block_hashes: Iterable[int]) -> None:
+        blocks = self._blocks_of.setdefault(worker_id, set())
+        for block_hash in block_hashes:
+            self._holders.setdefault(block_hash, set()).add(worker_id)
+            blocks.add(block_hash)
+
+    def _remove(self, worker_id: WorkerId, block_hashes: Iterable[int]) -> None:
+        blocks = self._blocks_of.get(worker_id, set())
+        for block_hash in block_hashes:
+            blocks.discard(block_hash)
+            holders = self._holders.get(block_hash)
+            if holders is not None:
+                holders.discard(worker_id)
+                if not holders:
+                    del self._holders[block_hash]
+
+    def remove_worker(self, worker_id: WorkerId) -> None:
+        self._remove(worker_id, list(self._blocks_of.pop(worker_id, ())))
+
+    def num_blocks(self, worker_id: WorkerId) -> int:
+        """Cached blocks the index believes `worker_id` holds."""
+        return len(self._blocks_of.get(worker_id, ()))
+
+    def overlap(self, block_hashes: Sequence[int], now: float = 0.0) -> dict[WorkerId, int]:
+        return leading_overlap(self._holders.get(h) for h in block_hashes)
+
+    def record_routed(self, worker_id: WorkerId, block_hashes: Sequence[int], now: float) -> None:
+        """Nothing to do: the worker's own "stored" events say what it cached, once it has."""
+
+
+class ApproximateIndex:
+    """A guess from the router's own decisions: blocks routed to a worker are assumed cached
+    there for `ttl_s` seconds after the last request that carried them."""
+
+    mode = "approximate"
+
+    def __init__(self, ttl_s: float = 120.0) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        self.ttl_s = ttl_s
+        self._expiry: dict[int, dict[WorkerId, float]] = {}
+        """Block hash -> worker -> the time its copy is assumed gone."""
+
+    def record_routed(self, worker_id: WorkerId, block_hashes: Sequence[int], now: float) -> None:
+        expires = now + self.ttl_s
+        for block_hash in block_hashes:
+            self._expiry.setdefault(block_hash, {})[worker_id] = expires
+
+    def overlap(self, block_hashes: Sequence[int], now: float = 0.0) -> dict[WorkerId, int]:
+        return leading_overlap(self._live_holders(h, now) for h in block_hashes)
+
+    def _live_holders(self, block_hash: int, now: float) -> set[WorkerId] | None:
+        """Holders whose copy has not expired; drops the expired ones on the way."""
+        expiry = self._expiry.get(block_hash)
+        if expiry is None:
+            return None
+        for worker_id in [w for w, t in expiry.items() if t <= now]:
+            del expiry[worker_id]
+        if not expiry:
+            del self._expiry[block_hash]
+            return None
+        return set(expiry)
+
+    def prune(self, now: float) -> None:
+        """Drop every expired entry (lookups drop them lazily; this bounds memory)."""
+        for block_hash in list(self._expiry):
+            self._live_holders(block_hash, now)
+
+    def remove_worker(self, worker_id: WorkerId) -> None:
+        for block_hash in list(self._expiry):
+            expiry = self._expiry[block_hash]
+            expiry.pop(worker_id, None)
+            if not expiry:
+                del self._expiry[block_hash]
+
+    def __len__(self) -> int:
+        """Block hashes remembered (expired ones included until pruned)."""
+        return len(self._expiry)

@@ -1,0 +1,209 @@
+"""Many workers behind one `Worker`: a router picks the engine for each request.
+
+`WorkerPool` implements the same `Worker` protocol as `AsyncEngineClient`, so the gateway serves
+a pool exactly as it serves one engine. Each request's prompt is hashed into chained block hashes
+(the same hashes the engines use), the router (`control.router`, pure) picks a worker from the
+pool's `WorkerState`s and the prefix index, and the request streams from that worker.
+
+The index learns what each engine caches from its KV events (`KVIndex`), or, without events,
+from the pool's own decisions (`ApproximateIndex`). The running/waiting counts the router sees
+are the pool's own bookkeeping of what it sent where (current to the request, unlike the
+engines' per-step load reports); free blocks come from each engine's last load report.
+
+A worker that dies leaves the routing set and the index; its in-flight requests fail with
+`EngineDeadError` (moving them to another worker is a later step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+
+from tokenfactory.control.kv_index import KVIndex, PrefixIndex, WorkerId
+from tokenfactory.control.router import NoWorkerError, RouteRequest, Router, WorkerState, make_router
+from tokenfactory.engine.config import EngineConfig
+from tokenfactory.engine.kv_cache import KVEvent, prompt_block_hashes
+from tokenfactory.engine.outputs import EngineCoreOutput
+from tokenfactory.engine.request import SamplingParams
+from tokenfactory.runtime.client import AsyncEngineClient, EngineDeadError, Worker
+from tokenfactory.runtime.wire import EngineLoad, Ready
+
+
+@dataclass(slots=True)
+class _Routed:
+    """A request in flight, as the pool tracks it."""
+
+    worker_id: WorkerId
+    prefill_tokens: int
+    """Prompt tokens the chosen worker was predicted to compute (prompt minus cached prefix)."""
+    started: bool = False
+    """True once its first output came back (its prompt is done: it decodes now)."""
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerHealth:
+    """One worker's line in /health."""
+
+    worker_id: WorkerId
+    alive: bool
+    dead_reason: str | None
+    load: EngineLoad
+    num_routed: int
+    num_cached_blocks: int | None
+    """Blocks the router's index believes this worker holds (None without an event index)."""
+
+
+class WorkerPool:
+    """A `Worker` over several workers (default: N local engine processes of one config)."""
+
+    def __init__(
+        self,
+        workers: list[Worker],
+        block_size: int,
+        router: Router | str = "kv",
+        index: PrefixIndex | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not workers:
+            raise ValueError("a pool needs at least one worker")
+        self.workers = workers
+        self.block_size = block_size
+        self.router = make_router(router) if isinstance(router, str) else router
+        self.index: PrefixIndex = index if index is not None else KVIndex()
+        self._clock = clock
+        self._routed: dict[str, _Routed] = {}
+        self._gone: set[WorkerId] = set()
+        self.routed_counts: Counter[WorkerId] = Counter()
+        """Requests sent to each worker since start."""
+        if isinstance(self.index, KVIndex):
+            for worker_id, worker in enumerate(workers):
+                worker.subscribe_kv_events(partial(self.index.apply, worker_id))
+
+    @classmethod
+    def local(cls, config: EngineConfig, num_workers: int, **kwargs) -> WorkerPool:
+        """`num_workers` engine processes on this machine, all with `config`."""
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        workers: list[Worker] = [AsyncEngineClient(config) for _ in range(num_workers)]
+        return cls(workers, config.cache.block_size, **kwargs)
+
+    # --- the Worker protocol ---------------------------------------------------------------
+
+    @property
+    def info(self) -> Ready:
+        """The first live worker's shape (every worker serves the same model and config)."""
+        for worker in self.workers:
+            if worker.is_alive:
+                return worker.info
+        return self.workers[0].info
+
+    @property
+    def load(self) -> EngineLoad:
+        """The live workers' loads, summed."""
+        total = EngineLoad()
+        for worker in self.workers:
+            if worker.is_alive:
+                load = worker.load
+                total.num_running += load.num_running
+                total.num_waiting += load.num_waiting
+                total.num_free_blocks += load.num_free_blocks
+                total.num_total_blocks += load.num_total_blocks
+                total.num_steps += load.num_steps
+                total.step_seconds += load.step_seconds
+        return total
+
+    @property
+    def is_alive(self) -> bool:
+        """Serving while any worker is."""
+        return any(worker.is_alive for worker in self.workers)
+
+    @property
+    def dead_reason(self) -> str | None:
+        if self.is_alive:
+            return None
+        reasons = {worker.dead_reason or "not started" for worker in self.workers}
+        return f"all {len(self.workers)} workers are down ({'; '.join(sorted(reasons))})"
+
+    async def start(self) -> None:
+        """Start every worker at once; if one fails, stop them all."""
+        results = await asyncio.gather(*(w.start() for w in self.workers), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await self.shutdown()
+            raise failures[0]
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(w.shutdown() for w in self.workers), return_exceptions=True)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> AsyncIterator[EngineCoreOutput]:
+        """Route one sequence to a worker and yield its outputs from there."""
+        if request_id in self._routed:
+            raise ValueError(f"request id {request_id!r} is already running")
+        routed = self._route(prompt_token_ids)
+        self._routed[request_id] = routed
+        stream = self.workers[routed.worker_id].generate(request_id, prompt_token_ids, params, priority)
+        try:
+            async for out in stream:
+                routed.started = True
+                yield out
+        finally:
+            del self._routed[request_id]
+            await stream.aclose()  # now, not at garbage collection: an early exit aborts at once
+
+    def _route(self, prompt_token_ids: list[int]) -> _Routed:
+        hashes = prompt_block_hashes(prompt_token_ids, self.block_size)
+        request = RouteRequest(hashes, len(prompt_token_ids), now=self._clock())
+        try:
+            worker_id = self.router.route(request, self.worker_states(), self.index)
+        except NoWorkerError as e:
+            raise EngineDeadError(self.dead_reason or str(e)) from None
+        self.routed_counts[worker_id] += 1
+        cached_blocks = self.index.overlap(hashes, request.now).get(worker_id, 0)
+        return _Routed(worker_id, len(prompt_token_ids) - cached_blocks * self.block_size)
+
+    def abort(self, request_id: str) -> None:
+        routed = self._routed.get(request_id)
+        if routed is not None:
+            self.workers[routed.worker_id].abort(request_id)
+
+    def subscribe_kv_events(self, callback: Callable[[list[KVEvent]], None]) -> None:
+        """Every worker's events go to `callback` (without saying which worker's: subscribe to
+        `workers[i]` for that)."""
+        for worker in self.workers:
+            worker.subscribe_kv_events(callback)
+
+    # --- what the router and /health see ---------------------------------------------------
+
+    def worker_states(self) -> list[WorkerState]:
+        """Each worker as the router sees it; a newly dead worker is dropped from the index."""
+        states = [
+            WorkerState(worker_id, block_size=self.block_size, alive=worker.is_alive,
+                        num_free_blocks=worker.load.num_free_blocks if worker.is_alive else 0)
+            for worker_id, worker in enumerate(self.workers)
+        ]
+        for routed in self._routed.values():
+            state = states[routed.worker_id]
+            if routed.started:
+                state.num_running += 1
+            else:
+                state.num_waiting += 1
+                state.queued_prefill_tokens += routed.prefill_tokens
+        for state in states:
+            if not state.alive and state.worker_id not in self._gone:
+                self._gone.add(state.worker_id)
+                self.index.remove_worker(state.worker_id)
+        return states
+
+    def worker_health(self) -> list[WorkerHealth]:
+        index = self.index if isinstance(self.index, KVIndex) else None
+        return [
+            WorkerHealth(worker_id, worker.is_alive, worker.dead_reason, worker.load, self.routed_counts[worker_id],
+                         index.num_blocks(worker_id) if index is not None else None)
+            for worker_id, worker in enumerate(self.workers)
+        ]

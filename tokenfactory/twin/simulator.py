@@ -1,0 +1,219 @@
+"""The digital twin's event loop: real schedulers and KV caches, a cost model instead of GPUs.
+
+Each simulated worker owns the engine's own `Scheduler` and `KVCacheManager`; only the model
+runner (replaced by the cost model, which prices the step and samples a fixed token) and the
+clock (simulated seconds) are not the production ones. Events live in a heap of step
+completions merged with the sorted arrival list:
+
+    arrival      -> choose(request, workers) picks a worker -> add_request; an idle worker steps
+    step start   -> scheduler.schedule(); the cost model gives the step's duration and power
+    step end     -> scheduler.update_from_output(); tokens are recorded; the worker steps again
+
+Output lengths follow the trace: every request samples with ignore_eos and max_tokens equal to
+its traced output length. No fast-forwarding: every decode step goes through the real scheduler.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tokenfactory.engine.config import SchedulerConfig
+from tokenfactory.engine.kv_cache import KVCacheManager
+from tokenfactory.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from tokenfactory.engine.request import Request, SamplingParams
+from tokenfactory.engine.scheduler import Scheduler
+from tokenfactory.twin.cost_model import BatchShape, CostModel
+from tokenfactory.twin.metrics import SLO, RequestRecord, Summary, summarize
+from tokenfactory.twin.workloads import TraceRequest, prompt_token_ids
+
+SAMPLED_TOKEN = 1
+"""The token every simulated step samples (sampling ignores EOS, so lengths follow the trace)."""
+
+
+@dataclass(slots=True)
+class SimWorker:
+    """One engine: a real scheduler over a real KV cache manager, plus its meters."""
+
+    index: int
+    scheduler: Scheduler
+    kv: KVCacheManager
+    busy: bool = False
+    in_flight: SchedulerOutput | None = None
+    num_steps: int = 0
+    busy_s: float = 0.0
+    energy_j: float = 0.0
+    """Energy of its steps (idle energy is added in the summary)."""
+
+    @property
+    def load(self) -> int:
+        return self.scheduler.num_running + self.scheduler.num_waiting
+
+
+Router = Callable[[Request, list[SimWorker]], int]
+"""choose(request, workers) -> index of the worker that gets the request."""
+
+
+class RoundRobin:
+    def __init__(self) -> None:
+        self._next = 0
+
+    def __call__(self, request: Request, workers: list[SimWorker]) -> int:
+        index = self._next % len(workers)
+        self._next += 1
+        return index
+
+
+def least_loaded(request: Request, workers: list[SimWorker]) -> int:
+    """The worker with the fewest running plus waiting requests (lowest index on ties)."""
+    return min(range(len(workers)), key=lambda i: workers[i].load)
+
+
+ROUTERS: dict[str, Callable[[], Router]] = {
+    "round_robin": RoundRobin,
+    "least_loaded": lambda: least_loaded,
+}
+
+
+@dataclass(frozen=True)
+class TwinConfig:
+    cost: CostModel
+    num_workers: int = 16
+    scheduler: SchedulerConfig = field(
+        default_factory=lambda: SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=256)
+    )
+    block_size: int = 16
+    num_blocks: int | None = None
+    """KV blocks per worker; None sizes the cache from the hardware and model (the physical size)."""
+    enable_prefix_caching: bool = True
+    slo: SLO = SLO()
+
+
+@dataclass
+class SimulationResult:
+    summary: Summary
+    records: list[RequestRecord]
+    workers: list[SimWorker]
+    """Their KV managers are left as the run ended (for leak checks)."""
+
+
+class Simulator:
+    """Replays a workload through `num_workers` real schedulers in simulated time."""
+
+    def __init__(self, config: TwinConfig, router: Router | None = None) -> None:
+        self.config = config
+        self.cost = config.cost
+        self.router = router or RoundRobin()
+        num_blocks = config.num_blocks or config.cost.kv_num_blocks(config.block_size)
+        max_len = config.cost.model.max_position_embeddings
+        self.workers = [
+            SimWorker(i, Scheduler(config.scheduler, kv, max_len), kv)
+            for i in range(config.num_workers)
+            for kv in [KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)]
+        ]
+        self._steps: list[tuple[float, int, int]] = []
+        """Heap of step completions: (time, sequence, worker index)."""
+        self._seq = 0
+        self._records: dict[str, RequestRecord] = {}
+        self.num_rejected = 0
+        self.now = 0.0
+
+    def run(self, workload: list[TraceRequest], on_progress: Callable[[float], None] | None = None) -> SimulationResult:
+        """Simulate until every request finished; `on_progress(now)` is called now and then."""
+        records = [RequestRecord(r.arrival_time, r.input_length) for r in workload]
+        self._records = {str(i): rec for i, rec in enumerate(records)}
+        position, num_events = 0, 0
+        while position < len(workload) or self._steps:
+            if position < len(workload) and (not self._steps or workload[position].arrival_time <= self._steps[0][0]):
+                self.now = workload[position].arrival_time
+                woken = set()
+                while position < len(workload) and workload[position].arrival_time == self.now:
+                    woken.add(self._arrive(str(position), workload[position]))
+                    position += 1
+                for index in sorted(w for w in woken if w is not None):
+                    self._start_step(self.workers[index])
+            else:
+                self.now, _, index = heapq.heappop(self._steps)
+                self._end_step(self.workers[index])
+                self._start_step(self.workers[index])
+            num_events += 1
+            if on_progress is not None and num_events % 2048 == 0:
+                on_progress(self.now)
+        if on_progress is not None:
+            on_progress(self.now)
+        return SimulationResult(self._summarize(records), records, self.workers)
+
+    def _arrive(self, request_id: str, trace: TraceRequest) -> int | None:
+        """Hand the request to the router's worker; returns that worker's index."""
+        request = Request(
+            request_id,
+            prompt_token_ids(trace),
+            SamplingParams(max_tokens=trace.output_length, ignore_eos=True),
+            arrival_time=trace.arrival_time,
+        )
+        worker = self.workers[self.router(request, self.workers)]
+        try:
+            worker.scheduler.add_request(request)
+        except ValueError:  # longer than the context window or the whole KV cache
+            self.num_rejected += 1
+            del self._records[request_id]
+            return None
+        return worker.index
+
+    def _start_step(self, worker: SimWorker) -> None:
+        if worker.busy or not worker.scheduler.has_unfinished():
+            return
+        scheduled = worker.scheduler.schedule()
+        if scheduled.is_empty:
+            return  # nothing fits now; the next arrival wakes it again
+        num_tokens = pairs = kv_read = num_sampled = 0
+        for chunk in scheduled.chunks:
+            n, start = chunk.num_tokens, chunk.request.num_computed_tokens
+            num_tokens += n
+            pairs += n * start + n * (n + 1) // 2
+            kv_read += start + n
+            num_sampled += start + n == chunk.request.num_tokens
+        cost = self.cost.step(BatchShape(num_tokens, pairs, kv_read, num_sampled))
+        worker.busy, worker.in_flight = True, scheduled
+        worker.num_steps += 1
+        worker.busy_s += cost.duration_s
+        worker.energy_j += cost.energy_j
+        self._seq += 1
+        heapq.heappush(self._steps, (self.now + cost.duration_s, self._seq, worker.index))
+
+    def _end_step(self, worker: SimWorker) -> None:
+        scheduled = worker.in_flight
+        assert scheduled is not None
+        sampled = {
+            c.request.request_id: SAMPLED_TOKEN
+            for c in scheduled.chunks
+            if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens
+        }
+        worker.busy, worker.in_flight = False, None
+        now = self.now
+        for output in worker.scheduler.update_from_output(scheduled, ModelRunnerOutput(sampled)):
+            record = self._records[output.request_id]
+            if record.first_token < 0:
+                record.first_token = now
+            record.num_output_tokens += len(output.new_token_ids)
+            record.last_token = now
+            if output.finish_reason is not None:
+                record.finish = now
+                record.num_cached_tokens = output.num_cached_tokens
+
+    def _summarize(self, records: list[RequestRecord]) -> Summary:
+        cost = self.cost
+        kept = [r for r in self._records.values()]
+        makespan = max((r.finish for r in kept), default=0.0)
+        idle_w = cost.hardware.idle_w * cost.tp
+        energy = sum(w.energy_j + max(0.0, makespan - w.busy_s) * idle_w for w in self.workers)
+        return summarize(
+            kept,
+            num_rejected=self.num_rejected,
+            num_gpus=self.config.num_workers * cost.tp,
+            energy_j=energy,
+            price_per_gpu_hour=cost.hardware.price_per_hour,
+            num_preemptions=sum(w.scheduler.num_preemptions for w in self.workers),
+            slo=self.config.slo,
+        )

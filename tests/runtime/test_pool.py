@@ -140,7 +140,7 @@ def test_a_dead_worker_leaves_the_routing_set(pool, loop):
     assert pool.load.num_total_blocks == 64  # only the live worker counts
 
 
-def test_serve_with_two_workers_routes_a_shared_prefix_to_one_and_reports_both(tiny_model_dir):
+def test_serve_with_two_workers_serves_through_the_pool_and_reports_each_worker(tiny_model_dir):
     """`tokenfactory serve --workers 2`: one gateway, two engine processes, /health shows each."""
     port = free_port()
     proc = subprocess.Popen(

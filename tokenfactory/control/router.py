@@ -94,7 +94,10 @@ class Router(ABC):
         self.metrics = RouterMetrics()
         self._sessions: dict[str, WorkerId] = {}
 
-    def route(self, request: RouteRequest, workers: Sequence[WorkerState], index: PrefixIndex | None = None) -> WorkerId:
+    def route(
+        self, request: RouteRequest, workers: Sequence[WorkerState], index: PrefixIndex | None = None
+    ) -> WorkerId:
+        """The worker for `request`; `index` (optional) says which prefixes each worker holds."""
         overlap = index.overlap(request.block_hashes, request.now) if index is not None else {}
         choices = [
             Choice(w, min(overlap.get(w.worker_id, 0) * w.block_size, max(request.num_prompt_tokens - 1, 0)))

@@ -262,7 +262,9 @@ class AsyncEngineClient:
         try:
             self._sender.send(encoder.encode(msg), flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            raise EngineDeadError("the engine process is not connected") from None
+            if self._dead_reason is None:
+                self._fail_all("the engine process is not connected")
+            raise EngineDeadError(self._dead_reason) from None
 
     async def shutdown(self) -> None:
         """Stop the engine process (politely, then by force) and fail what is still in flight."""

@@ -10,18 +10,24 @@ from the pool's own decisions (`ApproximateIndex`). The running/waiting counts t
 are the pool's own bookkeeping of what it sent where (current to the request, unlike the
 engines' per-step load reports); free blocks come from each engine's last load report.
 
-A worker that dies leaves the routing set and the index; its in-flight requests fail with
-`EngineDeadError` (moving them to another worker is a later step).
+A worker that dies leaves the routing set and the index, and its in-flight requests migrate:
+each goes to another worker with its prompt plus the tokens generated so far as the new prompt
+(recomputed there, or found in that worker's prefix cache) and the rest of its token allowance,
+so the caller's stream goes on without a gap or a repeat. Greedy requests continue exactly as
+they would have; sampled ones continue from a fresh random state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
+
+import msgspec
 
 from tokenfactory.control.kv_index import KVIndex, PrefixIndex, WorkerId
 from tokenfactory.control.router import NoWorkerError, RouteRequest, Router, WorkerState, make_router
@@ -67,6 +73,7 @@ class WorkerPool:
         router: Router | str = "kv",
         index: PrefixIndex | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_migrations: int = 2,
     ) -> None:
         if not workers:
             raise ValueError("a pool needs at least one worker")
@@ -75,6 +82,10 @@ class WorkerPool:
         self.router = make_router(router) if isinstance(router, str) else router
         self.index: PrefixIndex = index if index is not None else KVIndex()
         self._clock = clock
+        self.max_migrations = max_migrations
+        """How often one request may move after its worker died (a request that itself kills
+        workers must not take the whole pool down with it)."""
+        self.num_migrations = 0
         self._routed: dict[str, _Routed] = {}
         self._gone: set[WorkerId] = set()
         self.routed_counts: Counter[WorkerId] = Counter()
@@ -142,19 +153,32 @@ class WorkerPool:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
     ) -> AsyncIterator[EngineCoreOutput]:
-        """Route one sequence to a worker and yield its outputs from there."""
+        """Route one sequence to a worker and yield its outputs; if that worker dies, move the
+        sequence to another and go on."""
         if request_id in self._routed:
             raise ValueError(f"request id {request_id!r} is already running")
-        routed = self._route(prompt_token_ids)
-        self._routed[request_id] = routed
-        stream = self.workers[routed.worker_id].generate(request_id, prompt_token_ids, params, priority)
+        generated: list[int] = []
         try:
-            async for out in stream:
-                routed.started = True
-                yield out
+            for attempt in range(self.max_migrations + 1):
+                context = list(prompt_token_ids) + generated
+                routed = self._route(context)
+                self._routed[request_id] = routed
+                stream = self.workers[routed.worker_id].generate(
+                    request_id, context, _remaining(params, len(generated)), priority)
+                try:
+                    async for out in stream:
+                        routed.started = True
+                        generated.extend(out.new_token_ids)
+                        yield out if attempt == 0 else _as_continuation(out, len(prompt_token_ids))
+                    return
+                except EngineDeadError:
+                    if attempt == self.max_migrations or not self.workers[routed.worker_id].dead_reason:
+                        raise
+                    self.num_migrations += 1
+                finally:
+                    await stream.aclose()  # now, not at garbage collection: an early exit aborts at once
         finally:
-            del self._routed[request_id]
-            await stream.aclose()  # now, not at garbage collection: an early exit aborts at once
+            self._routed.pop(request_id, None)
 
     def _route(self, prompt_token_ids: list[int]) -> _Routed:
         hashes = prompt_block_hashes(prompt_token_ids, self.block_size)
@@ -207,3 +231,18 @@ class WorkerPool:
                          index.num_blocks(worker_id) if index is not None else None)
             for worker_id, worker in enumerate(self.workers)
         ]
+
+
+def _remaining(params: SamplingParams, num_generated: int) -> SamplingParams:
+    """The sampling parameters for the rest of a sequence that already has `num_generated` tokens."""
+    if not num_generated:
+        return params
+    return dataclasses.replace(params, max_tokens=params.max_tokens - num_generated,
+                               min_tokens=max(0, params.min_tokens - num_generated))
+
+
+def _as_continuation(out: EngineCoreOutput, num_prompt_tokens: int) -> EngineCoreOutput:
+    """An output of a migrated sequence, in terms of the original request: its prompt, and no
+    more cached prompt tokens than the prompt has."""
+    return msgspec.structs.replace(out, num_prompt_tokens=num_prompt_tokens,
+                                   num_cached_tokens=min(out.num_cached_tokens, num_prompt_tokens))

@@ -1,4 +1,4 @@
-"""`tokenfactory serve | bench engine | bench serve`: the command line."""
+"""`tokenfactory serve | bench engine|serve|decode | twin replay`: the command line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tokenfactory.control.router import ROUTERS
 from tokenfactory.engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
 from tokenfactory.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
 from tokenfactory.gateway.app import build_app
+from tokenfactory.twin import cli as twin_cli
 from tokenfactory.runtime.pool import WorkerPool
 
 
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_decode = bench.add_parser("decode", help="decode tokens/s as a fraction of the memory-bandwidth bound")
     decode_bench.add_arguments(bench_decode)
     bench_decode.set_defaults(func=decode_bench.main)
+    twin = commands.add_parser("twin", help="the digital twin").add_subparsers(dest="twin", required=True)
+    twin_replay = twin.add_parser("replay", help="replay a trace on simulated hardware with the real scheduler")
+    twin_cli.add_replay_arguments(twin_replay)
+    twin_replay.set_defaults(func=twin_cli.replay_main)
     return parser
 
 

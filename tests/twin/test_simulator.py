@@ -4,7 +4,13 @@ from tokenfactory.engine.config import SchedulerConfig
 from tokenfactory.twin.cost_model import CostModel, default_model
 from tokenfactory.twin.hardware import get_hardware
 from tokenfactory.twin.simulator import ROUTERS, Simulator, TwinConfig
-from tokenfactory.twin.workloads import MOONCAKE_TRACE, LengthDistribution, TraceRequest, load_mooncake, poisson_workload
+from tokenfactory.twin.workloads import (
+    MOONCAKE_TRACE,
+    LengthDistribution,
+    TraceRequest,
+    load_mooncake,
+    poisson_workload,
+)
 
 
 def make_config(num_workers: int = 2, hardware: str = "h200", **overrides) -> TwinConfig:

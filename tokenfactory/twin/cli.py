@@ -1,4 +1,4 @@
-"""`tokenfactory replay`: run a trace through the digital twin and print what the factory did."""
+"""`tokenfactory twin replay`: run a trace through the digital twin and print what the factory did."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def _table(s: Summary, args: argparse.Namespace) -> Table:
         ("output tokens/s (per GPU)", f"{s.output_tokens_per_s:.0f} ({s.output_tokens_per_s_per_gpu:.0f})"),
         ("prefix hit rate", f"{s.prefix_hit_rate:.1%}"),
         ("goodput (req/s) / SLO attainment", f"{s.goodput_rps:.2f} / {s.slo_attainment:.1%}"),
-        ("energy (kJ) / J per token", f"{s.energy_j / 1e3:.0f} / {s.joules_per_token:.2f}"),
+        ("energy (kJ, modeled) / J per token", f"{s.energy_j / 1e3:.0f} / {s.joules_per_token:.2f}"),
         ("$ per million tokens", f"{s.dollars_per_million_tokens:.3f}"),
         ("preemptions", str(s.num_preemptions)),
     ]

@@ -58,18 +58,21 @@ def block_tokens(hash_id: int, length: int = MOONCAKE_BLOCK_TOKENS) -> list[int]
 def prompt_token_ids(request: TraceRequest) -> list[int]:
     """The request's prompt: its hash_id blocks (the last one partial), or a unique prompt."""
     if not request.hash_ids:
-        tokens = _leading_ids(request.uid)
-        while len(tokens) < request.input_length:
-            tokens.extend(_FILLER)
-        return tokens[: request.input_length]
+        unique = _leading_ids(request.uid)
+        while len(unique) < request.input_length:
+            unique.extend(_FILLER)
+        return unique[: request.input_length]
     tokens: list[int] = []
-    last = len(request.hash_ids) - 1
-    for i, hash_id in enumerate(request.hash_ids):
-        tokens.extend(block_tokens(hash_id, request.input_length - MOONCAKE_BLOCK_TOKENS * last if i == last else MOONCAKE_BLOCK_TOKENS))
+    for hash_id in request.hash_ids[:-1]:
+        tokens.extend(block_tokens(hash_id))
+    last_length = request.input_length - MOONCAKE_BLOCK_TOKENS * (len(request.hash_ids) - 1)
+    tokens.extend(block_tokens(request.hash_ids[-1], last_length))
     return tokens
 
 
-def load_mooncake(path: str | Path = MOONCAKE_TRACE, speedup: float = 1.0, limit: int | None = None) -> list[TraceRequest]:
+def load_mooncake(
+    path: str | Path = MOONCAKE_TRACE, speedup: float = 1.0, limit: int | None = None
+) -> list[TraceRequest]:
     """Mooncake JSONL: timestamp (ms), input_length, output_length, hash_ids."""
     requests: list[TraceRequest] = []
     with open(path) as f:
@@ -108,7 +111,9 @@ def load_azure(path: str | Path = AZURE_TRACE, speedup: float = 1.0, limit: int 
     return _rebase(requests, speedup)
 
 
-def load_trace(path: str | Path, fmt: str = "auto", speedup: float = 1.0, limit: int | None = None) -> list[TraceRequest]:
+def load_trace(
+    path: str | Path, fmt: str = "auto", speedup: float = 1.0, limit: int | None = None
+) -> list[TraceRequest]:
     """Load a trace file; `fmt` auto picks by extension (.jsonl Mooncake, .csv Azure)."""
     path = Path(path)
     if fmt == "auto":

@@ -1,0 +1,33 @@
+import argparse
+import json
+
+from tokenfactory.twin.cli import add_replay_arguments, main
+
+
+def test_replay_prints_a_metrics_table_for_a_small_trace(tmp_path, capsys):
+    trace = tmp_path / "trace.jsonl"
+    rows = [
+        {"timestamp": 100 * i, "input_length": 900, "output_length": 12, "hash_ids": [0, 1 + i]}
+        for i in range(6)
+    ]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--trace", str(trace), "--workers", "2", "--router", "least_loaded", "--limit", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "TTFT (s)" in out and "$ per million tokens" in out
+    assert "5 / 0" in out  # finished / rejected
+    assert "simulated s per wall s" in out
+
+
+def test_replay_refuses_a_missing_trace(tmp_path, capsys):
+    assert main(["--trace", str(tmp_path / "absent.jsonl")]) == 2
+    assert "trace not found" in capsys.readouterr().out
+
+
+def test_replay_arguments_have_the_documented_defaults():
+    parser = argparse.ArgumentParser()
+    add_replay_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.hardware, args.workers, args.tp, args.precision, args.speedup, args.router) == (
+        "h200", 16, 1, "bf16", 1.0, "round_robin"
+    )
+    assert args.trace.name == "mooncake_conversation_trace.jsonl"

@@ -199,3 +199,16 @@ def test_stale_cached_token_count_is_refused():
     kv = KVCacheManager(num_blocks=8, block_size=BS)
     with pytest.raises(ValueError, match="not looked up"):
         kv.allocate_slots(make_request("a", list(range(9))), 1, 8)
+
+
+def test_repeated_lookups_see_new_stores_and_evictions():
+    kv = KVCacheManager(num_blocks=6, block_size=BS)
+    waiting = make_request("waiting", list(range(1, 18)))  # 4 full blocks + 1 token
+    assert kv.lookup_prefix(waiting) == 0
+    first = make_request("first", list(range(1, 10)))  # shares blocks 0 and 1
+    admit(kv, first)
+    finish(kv, first)
+    assert kv.lookup_prefix(waiting) == 2 * BS  # a store since the last lookup is seen
+    filler = make_request("filler", list(range(100, 121)))  # 6 blocks: evicts both cached ones
+    admit(kv, filler)
+    assert kv.lookup_prefix(waiting) == 0  # and so is an eviction

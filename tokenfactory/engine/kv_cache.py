@@ -84,6 +84,9 @@ class _RequestBlocks:
     """Chained hashes of the request's full blocks, extended as tokens arrive."""
     num_cached_blocks: int = 0
     """Leading blocks of `block_ids` already offered to the prefix cache."""
+    lookup_memo: tuple[int, int] = (-1, 0)
+    """(cache generation, cached blocks) of the last lookup: while no cached block has left the
+    cache since, those blocks are still there and the next lookup resumes after them."""
     inflight: range = range(0)
     """Indexes of the blocks this request is computing that other requests may be waiting for."""
 
@@ -105,6 +108,8 @@ class KVCacheManager:
         self._requests: dict[str, _RequestBlocks] = {}
         self._events: list[KVEvent] = []
         self._inflight: dict[int, int] = {}
+        self._generation = 0
+        """Bumped whenever a cached block leaves the cache (eviction, reset)."""
         """Hash -> number of running requests computing that (not yet cached) block."""
         self.prefix_cache_queries = 0
         """Tokens of admitted requests looked up in the prefix cache."""
@@ -147,7 +152,11 @@ class KVCacheManager:
         state = self._state(request.request_id)
         max_blocks = (request.num_tokens - 1) // self.block_size
         _extend_block_hashes(state.hashes, request.all_token_ids, self.block_size, max_blocks)
-        return len(self._cached_chain(state.hashes, max_blocks)) * self.block_size
+        generation, known = state.lookup_memo
+        start = min(known, max_blocks) if generation == self._generation else 0
+        num_blocks = start + self._count_cached(state.hashes, start, max_blocks)
+        state.lookup_memo = (self._generation, num_blocks)
+        return num_blocks * self.block_size
 
     def is_computing(self, request: Request, num_cached_tokens: int) -> bool:
         """Whether the block right after `request`'s cached prefix is being computed by another
@@ -258,6 +267,7 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (e.g. after new weights); blocks in use stay allocated."""
+        self._generation += 1
         for block in self._hash_to_block.values():
             self._block_hashes[block] = None
         self._hash_to_block.clear()
@@ -291,6 +301,16 @@ class KVCacheManager:
                 self._inflight[h] -= 1
         state.inflight = range(max(done.stop, state.inflight.start), state.inflight.stop)
 
+    def _count_cached(self, hashes: list[int], start: int, stop: int) -> int:
+        """How many of hashes[start:stop] are cached, counting until the first miss."""
+        cached = self._hash_to_block
+        count = 0
+        for i in range(start, min(stop, len(hashes))):
+            if hashes[i] not in cached:
+                break
+            count += 1
+        return count
+
     def _cached_chain(self, hashes: list[int], max_blocks: int) -> list[int]:
         """Block ids of the longest cached prefix among the first `max_blocks` hashes."""
         blocks: list[int] = []
@@ -312,6 +332,7 @@ class KVCacheManager:
             del self._hash_to_block[block_hash]
             self._block_hashes[block] = None
             evicted.append(block_hash)
+            self._generation += 1
         self._ref_counts[block] = 1
         return block
 

@@ -57,7 +57,8 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise SystemExit(f"--workers must be >= 1, got {args.workers}")
     # One worker keeps the plain client: no routing, no hashing of prompts.
-    pool = WorkerPool.local(config, args.workers, router=args.router) if args.workers > 1 else None
+    pool = (WorkerPool.local(config, args.workers, router=args.router, restart_interval_s=1.0)
+            if args.workers > 1 else None)
     app = build_app(config, api_keys=args.api_key, worker=pool)
     workers = f" with {args.workers} workers ({args.router} router)" if pool else ""
     print(f"tokenfactory: serving {config.name!r} from {config.model_path} on {config.device}{workers} "

@@ -1,4 +1,5 @@
-"""A worker killed mid-stream: its requests move to another worker and finish as if nothing happened."""
+"""A worker killed mid-stream: its requests move to another worker and finish as if nothing happened,
+and the worker is restarted and rejoins."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def test_killed_worker_requests_continue_elsewhere_with_the_same_tokens(tiny_mod
                                           cache=CacheConfig(block_size=16, num_blocks=256))
 
     async def run():
-        pool = WorkerPool.local(config, num_workers=2, router="round_robin")
+        pool = WorkerPool.local(config, num_workers=2, router="round_robin", restart_interval_s=0.2)
         await pool.start()
         try:
             reference = await asyncio.gather(*(stream_tokens(pool, f"ref-{i}", p) for i, p in enumerate(PROMPTS)))
@@ -50,6 +51,15 @@ def test_killed_worker_requests_continue_elsewhere_with_the_same_tokens(tiny_mod
                     break
                 await asyncio.sleep(0.05)
             assert survivor.load.num_free_blocks == survivor.load.num_total_blocks
+            # The supervisor restarts the dead worker, and it takes requests again.
+            for _ in range(600):
+                if pool.workers[1].is_alive:
+                    break
+                await asyncio.sleep(0.1)
+            assert pool.workers[1].is_alive and pool.num_restarts == 1
+            before = pool.routed_counts[1]
+            await asyncio.gather(*(stream_tokens(pool, f"after-{i}", p) for i, p in enumerate(PROMPTS[:2])))
+            assert pool.routed_counts[1] == before + 1
         finally:
             await pool.shutdown()
 

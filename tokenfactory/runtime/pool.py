@@ -14,13 +14,16 @@ A worker that dies leaves the routing set and the index, and its in-flight reque
 each goes to another worker with its prompt plus the tokens generated so far as the new prompt
 (recomputed there, or found in that worker's prefix cache) and the rest of its token allowance,
 so the caller's stream goes on without a gap or a repeat. Greedy requests continue exactly as
-they would have; sampled ones continue from a fresh random state.
+they would have; sampled ones continue from a fresh random state. A pool that can make workers
+(a local one) restarts dead ones, which rejoin the routing set with an empty cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +40,8 @@ from tokenfactory.engine.outputs import EngineCoreOutput
 from tokenfactory.engine.request import SamplingParams
 from tokenfactory.runtime.client import AsyncEngineClient, EngineDeadError, Worker
 from tokenfactory.runtime.wire import EngineLoad, Ready
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -74,6 +79,8 @@ class WorkerPool:
         index: PrefixIndex | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_migrations: int = 2,
+        spawn: Callable[[], Worker] | None = None,
+        restart_interval_s: float | None = None,
     ) -> None:
         if not workers:
             raise ValueError("a pool needs at least one worker")
@@ -86,6 +93,12 @@ class WorkerPool:
         """How often one request may move after its worker died (a request that itself kills
         workers must not take the whole pool down with it)."""
         self.num_migrations = 0
+        self._spawn = spawn
+        """Makes a fresh worker like the others (local pools), so a dead one can be replaced."""
+        self.restart_interval_s = restart_interval_s
+        """With a spawner: how often to look for dead workers and restart them (None: never)."""
+        self.num_restarts = 0
+        self._supervisor: asyncio.Task | None = None
         self._routed: dict[str, _Routed] = {}
         self._gone: set[WorkerId] = set()
         self.routed_counts: Counter[WorkerId] = Counter()
@@ -100,7 +113,7 @@ class WorkerPool:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         workers: list[Worker] = [AsyncEngineClient(config) for _ in range(num_workers)]
-        return cls(workers, config.cache.block_size, **kwargs)
+        return cls(workers, config.cache.block_size, spawn=partial(AsyncEngineClient, config), **kwargs)
 
     # --- the Worker protocol ---------------------------------------------------------------
 
@@ -146,9 +159,43 @@ class WorkerPool:
         if failures:
             await self.shutdown()
             raise failures[0]
+        if self._spawn is not None and self.restart_interval_s is not None:
+            self._supervisor = asyncio.create_task(self._supervise(), name="worker-supervisor")
 
     async def shutdown(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
         await asyncio.gather(*(w.shutdown() for w in self.workers), return_exceptions=True)
+
+    async def restart(self, worker_id: WorkerId) -> None:
+        """Replace a dead worker by a fresh one; it rejoins the routing set with an empty cache."""
+        if self._spawn is None:
+            raise RuntimeError("this pool cannot make workers (it was given them)")
+        old = self.workers[worker_id]
+        if old.is_alive:
+            raise ValueError(f"worker {worker_id} is alive")
+        await old.shutdown()
+        new = self._spawn()
+        await new.start()
+        self.index.remove_worker(worker_id)  # whatever the dead one held is gone with it
+        if isinstance(self.index, KVIndex):
+            new.subscribe_kv_events(partial(self.index.apply, worker_id))
+        self.workers[worker_id] = new
+        self._gone.discard(worker_id)
+        self.num_restarts += 1
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(self.restart_interval_s)
+            for worker_id, worker in enumerate(self.workers):
+                if not worker.is_alive:
+                    try:
+                        await self.restart(worker_id)
+                    except Exception:  # a worker that cannot start now is tried again later
+                        logger.exception("restarting worker %d failed", worker_id)
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0

@@ -3,7 +3,8 @@ import pytest
 from tokenfactory.engine.config import SchedulerConfig
 from tokenfactory.twin.cost_model import CostModel, default_model
 from tokenfactory.twin.hardware import get_hardware
-from tokenfactory.twin.simulator import ROUTERS, Simulator, TwinConfig
+from tokenfactory.control.router import ROUTERS, make_router
+from tokenfactory.twin.simulator import Simulator, TwinConfig
 from tokenfactory.twin.workloads import (
     MOONCAKE_TRACE,
     LengthDistribution,
@@ -31,7 +32,7 @@ def assert_no_leaked_blocks(result) -> None:
 @pytest.mark.parametrize("router", sorted(ROUTERS))
 def test_every_request_finishes_with_its_traced_output_length(router):
     workload = small_workload()
-    result = Simulator(make_config(), ROUTERS[router]()).run(workload)
+    result = Simulator(make_config(), make_router(router)).run(workload)
     assert result.summary.num_finished == len(workload)
     for trace, record in zip(workload, result.records):
         assert record.num_output_tokens == trace.output_length
@@ -60,8 +61,8 @@ def test_shared_prefixes_hit_the_real_prefix_cache():
 
 
 def test_same_inputs_give_the_same_metrics():
-    first = Simulator(make_config(), ROUTERS["least_loaded"]()).run(small_workload(seed=5)).summary
-    second = Simulator(make_config(), ROUTERS["least_loaded"]()).run(small_workload(seed=5)).summary
+    first = Simulator(make_config(), make_router("least_loaded")).run(small_workload(seed=5)).summary
+    second = Simulator(make_config(), make_router("least_loaded")).run(small_workload(seed=5)).summary
     assert first == second
 
 
@@ -83,8 +84,37 @@ def test_requests_longer_than_the_cache_are_rejected_not_hung():
 @pytest.mark.skipif(not MOONCAKE_TRACE.is_file(), reason="Mooncake trace not in ../shared/data")
 def test_mooncake_prefix_replays_with_prefix_hits():
     workload = load_mooncake(limit=80)
-    result = Simulator(make_config(num_workers=2), ROUTERS["least_loaded"]()).run(workload)
+    result = Simulator(make_config(num_workers=2), make_router("least_loaded")).run(workload)
     assert result.summary.num_finished == 80
     assert [r.num_output_tokens for r in result.records] == [t.output_length for t in workload]
     assert result.summary.prefix_hit_rate > 0
     assert_no_leaked_blocks(result)
+
+
+def conversations(num_conversations: int = 8, turns: int = 4) -> list[TraceRequest]:
+    """Multi-turn chats: each turn's prompt is the previous turn's plus one new 512-token block."""
+    requests = []
+    for turn in range(turns):
+        for chat in range(num_conversations):
+            blocks = tuple(1000 * chat + b for b in range(turn + 2))
+            uid = len(requests)
+            requests.append(TraceRequest(2.0 * turn + 0.05 * chat, 512 * len(blocks) - 100, 16, blocks, uid))
+    return requests
+
+
+def test_the_kv_router_finds_more_cached_prefix_than_round_robin():
+    workload = conversations(num_conversations=7)  # 7 chats on 4 workers: round robin moves each chat
+    kv = Simulator(make_config(num_workers=4), make_router("kv")).run(workload)
+    round_robin = Simulator(make_config(num_workers=4), make_router("round_robin")).run(workload)
+    assert kv.summary.num_finished == round_robin.summary.num_finished == len(workload)
+    assert kv.summary.prefix_hit_rate > 2 * round_robin.summary.prefix_hit_rate
+    assert kv.summary.ttft.p50 < round_robin.summary.ttft.p50
+    assert_no_leaked_blocks(kv)
+
+
+def test_the_kv_routers_index_matches_what_the_workers_cache():
+    simulator = Simulator(make_config(num_workers=3), make_router("kv"))
+    result = simulator.run(conversations(4, 2))
+    assert sum(w.kv.num_cached_blocks for w in result.workers) > 0
+    for worker in result.workers:
+        assert simulator.index.num_blocks(worker.index) == worker.kv.num_cached_blocks

@@ -14,7 +14,8 @@ from tokenfactory.engine.config import SchedulerConfig
 from tokenfactory.twin.cost_model import CostModel, default_model
 from tokenfactory.twin.hardware import HARDWARE, get_hardware
 from tokenfactory.twin.metrics import SLO, Summary
-from tokenfactory.twin.simulator import ROUTERS, Simulator, TwinConfig
+from tokenfactory.control.router import ROUTERS, make_router
+from tokenfactory.twin.simulator import Simulator, TwinConfig
 from tokenfactory.twin.workloads import MOONCAKE_TRACE, load_trace
 
 
@@ -27,7 +28,8 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
     parser.add_argument("--speedup", type=float, default=1.0, help="divide trace inter-arrival times by this")
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
-    parser.add_argument("--router", choices=sorted(ROUTERS), default="round_robin")
+    parser.add_argument("--router", choices=list(ROUTERS), default="round_robin",
+                        help="routing policy (control.router; kv reads the workers' KV events)")
     parser.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=256)
@@ -51,7 +53,7 @@ def replay_main(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         slo=SLO(args.slo_ttft, args.slo_itl),
     )
-    simulator = Simulator(config, ROUTERS[args.router]())
+    simulator = Simulator(config, make_router(args.router))
     last_arrival = workload[-1].arrival_time
     started = time.perf_counter()
     with Progress(

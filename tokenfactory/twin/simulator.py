@@ -5,9 +5,15 @@ runner (replaced by the cost model, which prices the step and samples a fixed to
 clock (simulated seconds) are not the production ones. Events live in a heap of step
 completions merged with the sorted arrival list:
 
-    arrival      -> choose(request, workers) picks a worker -> add_request; an idle worker steps
+    arrival      -> the router (a `control.router` policy) picks a worker -> add_request;
+                    an idle worker steps
     step start   -> scheduler.schedule(); the cost model gives the step's duration and power
     step end     -> scheduler.update_from_output(); tokens are recorded; the worker steps again
+
+Routing runs the live pool's own policies (`control.router`) on a `WorkerState` per worker built
+from its scheduler. A `KVAwareRouter` also consults a `KVIndex` fed, after every step, with that
+worker's KV events (worker id = index), and each prompt is hashed once on arrival
+(`kv_cache.prompt_block_hashes`). The other policies read no index, so their runs skip both.
 
 Output lengths follow the trace: every request samples with ignore_eos and max_tokens equal to
 its traced output length. No fast-forwarding: every decode step goes through the real scheduler.
@@ -19,8 +25,10 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tokenfactory.control.kv_index import KVIndex
+from tokenfactory.control.router import KVAwareRouter, RoundRobinRouter, RouteRequest, Router, WorkerState
 from tokenfactory.engine.config import SchedulerConfig
-from tokenfactory.engine.kv_cache import KVCacheManager
+from tokenfactory.engine.kv_cache import KVCacheManager, prompt_block_hashes
 from tokenfactory.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenfactory.engine.request import Request, SamplingParams
 from tokenfactory.engine.scheduler import Scheduler
@@ -46,34 +54,32 @@ class SimWorker:
     energy_j: float = 0.0
     """Energy of its steps (idle energy is added in the summary)."""
 
-    @property
-    def load(self) -> int:
-        return self.scheduler.num_running + self.scheduler.num_waiting
+    num_tokens_computed: int = 0
+    """Prefill plus decode tokens its steps computed (its share of the fleet's work)."""
+    queued_prefill_tokens: int = 0
+    """Prompt tokens its requests still have to compute before their first token."""
+    prefilling: dict[str, int] = field(default_factory=dict)
+    """Request id -> its share of `queued_prefill_tokens`, for requests still in prefill."""
 
+    def state(self) -> WorkerState:
+        """This worker as a router sees it."""
+        return WorkerState(
+            self.index,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            queued_prefill_tokens=self.queued_prefill_tokens,
+            num_free_blocks=self.kv.num_free_blocks,
+            block_size=self.kv.block_size,
+        )
 
-Router = Callable[[Request, list[SimWorker]], int]
-"""choose(request, workers) -> index of the worker that gets the request."""
-
-
-class RoundRobin:
-    def __init__(self) -> None:
-        self._next = 0
-
-    def __call__(self, request: Request, workers: list[SimWorker]) -> int:
-        index = self._next % len(workers)
-        self._next += 1
-        return index
-
-
-def least_loaded(request: Request, workers: list[SimWorker]) -> int:
-    """The worker with the fewest running plus waiting requests (lowest index on ties)."""
-    return min(range(len(workers)), key=lambda i: workers[i].load)
-
-
-ROUTERS: dict[str, Callable[[], Router]] = {
-    "round_robin": RoundRobin,
-    "least_loaded": lambda: least_loaded,
-}
+    def track_prefill(self, request: Request) -> None:
+        """Update the queued prefill of a request that was just scheduled or added."""
+        remaining = max(0, request.num_prompt_tokens - request.num_computed_tokens)
+        self.queued_prefill_tokens += remaining - self.prefilling.get(request.request_id, 0)
+        if remaining and not request.is_finished:
+            self.prefilling[request.request_id] = remaining
+        else:
+            self.prefilling.pop(request.request_id, None)
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,9 @@ class Simulator:
     def __init__(self, config: TwinConfig, router: Router | None = None) -> None:
         self.config = config
         self.cost = config.cost
-        self.router = router or RoundRobin()
+        self.router = router or RoundRobinRouter()
+        self.index = KVIndex() if isinstance(self.router, KVAwareRouter) else None
+        """What the workers' KV events say they cache; only the KV-aware policy reads it."""
         num_blocks = config.num_blocks or config.cost.kv_num_blocks(config.block_size)
         max_len = config.cost.model.max_position_embeddings
         self.workers = [
@@ -152,14 +160,21 @@ class Simulator:
             SamplingParams(max_tokens=trace.output_length, ignore_eos=True),
             arrival_time=trace.arrival_time,
         )
-        worker = self.workers[self.router(request, self.workers)]
+        worker = self.workers[self._route(request)]
         try:
             worker.scheduler.add_request(request)
         except ValueError:  # longer than the context window or the whole KV cache
             self.num_rejected += 1
             del self._records[request_id]
             return None
+        worker.track_prefill(request)
         return worker.index
+
+    def _route(self, request: Request) -> int:
+        block_size = self.config.block_size
+        hashes = prompt_block_hashes(request.prompt_token_ids, block_size) if self.index is not None else ()
+        route = RouteRequest(hashes, request.num_prompt_tokens, now=self.now)
+        return self.router.route(route, [w.state() for w in self.workers], self.index)
 
     def _start_step(self, worker: SimWorker) -> None:
         if worker.busy or not worker.scheduler.has_unfinished():
@@ -177,6 +192,7 @@ class Simulator:
         cost = self.cost.step(BatchShape(num_tokens, pairs, kv_read, num_sampled))
         worker.busy, worker.in_flight = True, scheduled
         worker.num_steps += 1
+        worker.num_tokens_computed += num_tokens
         worker.busy_s += cost.duration_s
         worker.energy_j += cost.energy_j
         self._seq += 1
@@ -201,6 +217,12 @@ class Simulator:
             if output.finish_reason is not None:
                 record.finish = now
                 record.num_cached_tokens = output.num_cached_tokens
+        for chunk in scheduled.chunks:
+            if chunk.request.request_id in worker.prefilling:
+                worker.track_prefill(chunk.request)
+        events = worker.kv.take_events()  # drained even unread: the list would grow all run
+        if self.index is not None:
+            self.index.apply(worker.index, events)
 
     def _summarize(self, records: list[RequestRecord]) -> Summary:
         cost = self.cost

@@ -1,4 +1,4 @@
-"""`tokenfactory serve | bench engine|serve|decode | twin replay`: the command line."""
+"""`tokenfactory serve | keys create|list|revoke | usage | bench engine|serve|decode|routing | twin replay`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import sys
 
 import uvicorn
 
-from tokenfactory.bench import decode_bench, engine_bench, serve_bench
+from tokenfactory.bench import decode_bench, engine_bench, routing_bench, serve_bench
+from tokenfactory.control.disagg import DisaggConfig
 from tokenfactory.control.router import ROUTERS
 from tokenfactory.engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
 from tokenfactory.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
 from tokenfactory.gateway.app import build_app
+from tokenfactory.meter import cli as meter_cli
 from tokenfactory.twin import cli as twin_cli
 from tokenfactory.runtime.pool import WorkerPool
 
@@ -23,6 +25,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require this bearer key on /v1 routes (repeat for several keys)")
+    meter_cli.add_db_argument(p)
+    p.add_argument("--no-db", action="store_true", help="keep no ledger and accept only --api-key keys")
+    p.add_argument("--admin-key", help="enables /admin/keys for bearers of this key")
+    meter_cli.add_factory_config_argument(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--max-model-len", type=int, default=0, help="context window (default: the model's)")
@@ -34,6 +40,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="engine processes on this machine, one gateway in front")
     p.add_argument("--router", choices=list(ROUTERS), default="kv",
                    help="how the gateway picks a worker when --workers > 1 (default: kv, prefix-cache aware)")
+    p.add_argument("--prefill-workers", type=int, default=0,
+                   help="disaggregated serving: prefill-only engine processes (with --decode-workers; "
+                        "replaces --workers)")
+    p.add_argument("--decode-workers", type=int, default=0, help="disaggregated serving: decode engine processes")
+    p.add_argument("--disagg-min-prompt-tokens", type=int, default=DisaggConfig.min_prompt_tokens,
+                   help="shorter prompts are served whole on a decode worker")
 
 
 def serve_config(args: argparse.Namespace) -> EngineConfig:
@@ -57,12 +69,21 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise SystemExit(f"--workers must be >= 1, got {args.workers}")
     # One worker keeps the plain client: no routing, no hashing of prompts.
-    pool = (WorkerPool.local(config, args.workers, router=args.router, restart_interval_s=1.0)
-            if args.workers > 1 else None)
-    app = build_app(config, api_keys=args.api_key, worker=pool)
+    if args.prefill_workers or args.decode_workers:
+        pool = WorkerPool.local_disaggregated(
+            config, args.prefill_workers, args.decode_workers, router=args.router, restart_interval_s=1.0,
+            disagg=DisaggConfig(min_prompt_tokens=args.disagg_min_prompt_tokens))
+        args.workers = args.prefill_workers + args.decode_workers
+    else:
+        pool = (WorkerPool.local(config, args.workers, router=args.router, restart_interval_s=1.0)
+                if args.workers > 1 else None)
+    tiers = meter_cli.load_factory_config(args.factory_config)
+    db = None if args.no_db else meter_cli.db_path(args)
+    app = build_app(config, api_keys=args.api_key, worker=pool, tiers=tiers, db_path=db, admin_key=args.admin_key)
     workers = f" with {args.workers} workers ({args.router} router)" if pool else ""
     print(f"tokenfactory: serving {config.name!r} from {config.model_path} on {config.device}{workers} "
-          f"at http://{args.host}:{args.port}/v1", flush=True)
+          f"at http://{args.host}:{args.port}/v1; tiers {', '.join(tiers.tiers)}; "
+          f"ledger {db or 'off'}", flush=True)
     # uvicorn turns Ctrl-C/SIGTERM into a graceful exit, whose lifespan shutdown stops the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
     return 0
@@ -74,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API")
     add_serve_arguments(serve_parser)
     serve_parser.set_defaults(func=serve)
+    keys = commands.add_parser("keys", help="API keys of tenants").add_subparsers(dest="keys", required=True)
+    meter_cli.add_keys_commands(keys)
+    usage = commands.add_parser("usage", help="tokens, requests and cost from the ledger")
+    meter_cli.add_usage_arguments(usage)
+    usage.set_defaults(func=meter_cli.usage_main)
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bench_engine = bench.add_parser("engine", help="our engine against transformers generate, same run")
     engine_bench.add_arguments(bench_engine)
@@ -84,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_decode = bench.add_parser("decode", help="decode tokens/s as a fraction of the memory-bandwidth bound")
     decode_bench.add_arguments(bench_decode)
     bench_decode.set_defaults(func=decode_bench.main)
+    bench_routing = bench.add_parser("routing", help="routers on a trace in the twin, against a shared-cache bound")
+    routing_bench.add_arguments(bench_routing)
+    bench_routing.set_defaults(func=routing_bench.main)
     twin = commands.add_parser("twin", help="the digital twin").add_subparsers(dest="twin", required=True)
     twin_replay = twin.add_parser("replay", help="replay a trace on simulated hardware with the real scheduler")
     twin_cli.add_replay_arguments(twin_replay)

@@ -117,3 +117,14 @@ def test_approximate_index_forgets_a_removed_worker():
     assert index.overlap(chain(SHARED), now=1.0) == {1: 4}
     with pytest.raises(ValueError):
         ApproximateIndex(ttl_s=0)
+
+
+def test_routed_blocks_count_until_confirmed_or_expired():
+    index = KVIndex(pending_ttl_s=10.0)
+    hashes = [11, 12, 13]
+    index.record_routed(1, hashes, now=0.0)
+    assert index.overlap(hashes, now=1.0) == {1: 3}  # a burst right behind it follows it to worker 1
+    assert index.overlap(hashes, now=10.5) == {}  # never confirmed (aborted before prefill): forgotten
+    index.record_routed(1, hashes, now=20.0)
+    index.apply(1, [KVEvent("stored", hashes[:2], token_ids=[0] * 8, block_size=4)])
+    assert index.overlap(hashes, now=50.0) == {1: 2}  # the event speaks for what was really stored

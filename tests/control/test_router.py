@@ -79,11 +79,10 @@ def test_dead_workers_are_never_chosen():
 
 
 def test_softmax_sampling_is_seeded_and_favours_the_cheaper_worker():
-    index = index_with_prefix_on(1)
-
     def picks(seed: int) -> list[int]:
         router = KVAwareRouter(temperature=4.0, rng=random.Random(seed))
-        return [router.route(request_with_prefix(i), idle_workers(2), index) for i in range(200)]
+        # A fresh index per decision: each one faces the same 8-block gap.
+        return [router.route(request_with_prefix(i), idle_workers(2), index_with_prefix_on(1)) for i in range(200)]
 
     assert picks(7) == picks(7)
     counts = Counter(picks(7))

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -39,11 +40,12 @@ def free_port() -> int:
 class LiveServer:
     """Serve `config` on a free loopback port until `stop()`."""
 
-    def __init__(self, config: EngineConfig, api_keys: Sequence[str] = ()) -> None:
+    def __init__(self, config: EngineConfig, api_keys: Sequence[str] = (), **app_options: Any) -> None:
+        """`app_options` go to `build_app` (tiers, db_path, admin_key, clock)."""
         self.model = config.name
         self.api_key = api_keys[0] if api_keys else "unused"
         self.worker = AsyncEngineClient(config)
-        self.app = build_app(config, api_keys=api_keys, worker=self.worker)
+        self.app = build_app(config, api_keys=api_keys, worker=self.worker, **app_options)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(

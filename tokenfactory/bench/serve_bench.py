@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -140,7 +141,10 @@ def _start_server(model_dir: str, name: str, port: int, args: argparse.Namespace
            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if name:
         cmd += ["--served-model-name", name]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    # The ledger stays on (it is part of the gateway's work), in a home of its own: benchmark traffic
+    # is nobody's bill.
+    env = os.environ | {"TOKENFACTORY_HOME": tempfile.mkdtemp(prefix="tokenfactory-bench-")}
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
 def _wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 120) -> None:

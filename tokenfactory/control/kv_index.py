@@ -59,13 +59,23 @@ def leading_overlap(holders_of: Iterable[set[WorkerId] | None]) -> dict[WorkerId
 
 
 class KVIndex:
-    """The exact index: block hash -> workers whose prefix cache holds it, from KV events."""
+    """The exact index: block hash -> workers whose prefix cache holds it, from KV events.
+
+    Between routing a request and that worker's "stored" event for its prompt lies the prompt's
+    prefill; a burst of requests sharing a new prefix would scatter in that window. So blocks
+    routed to a worker count as held there ("pending") until its event confirms them, or for
+    `pending_ttl_s` at most (a request aborted before its prefill never confirms).
+    """
 
     mode = "events"
 
-    def __init__(self) -> None:
+    def __init__(self, pending_ttl_s: float = 30.0) -> None:
+        self.pending_ttl_s = pending_ttl_s
         self._holders: dict[int, set[WorkerId]] = {}
         self._blocks_of: dict[WorkerId, set[int]] = {}
+        self._pending: dict[int, dict[WorkerId, float]] = {}
+        """Block hash -> worker -> when the routed-but-unconfirmed copy stops counting."""
+        self._routed_since_prune = 0
 
     def apply(self, worker_id: WorkerId, events: Iterable[KVEvent]) -> None:
         """Take one batch of a worker's events, in the order the worker emitted them."""
@@ -84,11 +94,13 @@ class KVIndex:
         for block_hash in block_hashes:
             self._holders.setdefault(block_hash, set()).add(worker_id)
             blocks.add(block_hash)
+            self._drop_pending(block_hash, worker_id)  # confirmed: the event now speaks for it
 
     def _remove(self, worker_id: WorkerId, block_hashes: Iterable[int]) -> None:
         blocks = self._blocks_of.get(worker_id, set())
         for block_hash in block_hashes:
             blocks.discard(block_hash)
+            self._drop_pending(block_hash, worker_id)
             holders = self._holders.get(block_hash)
             if holders is not None:
                 holders.discard(worker_id)
@@ -97,16 +109,42 @@ class KVIndex:
 
     def remove_worker(self, worker_id: WorkerId) -> None:
         self._remove(worker_id, list(self._blocks_of.pop(worker_id, ())))
+        for block_hash in [h for h, workers in self._pending.items() if worker_id in workers]:
+            self._drop_pending(block_hash, worker_id)
+
+    def _drop_pending(self, block_hash: int, worker_id: WorkerId) -> None:
+        pending = self._pending.get(block_hash)
+        if pending is not None and pending.pop(worker_id, None) is not None and not pending:
+            del self._pending[block_hash]
 
     def num_blocks(self, worker_id: WorkerId) -> int:
         """Cached blocks the index believes `worker_id` holds."""
         return len(self._blocks_of.get(worker_id, ()))
 
     def overlap(self, block_hashes: Sequence[int], now: float = 0.0) -> dict[WorkerId, int]:
-        return leading_overlap(self._holders.get(h) for h in block_hashes)
+        return leading_overlap(self._holders_at(h, now) for h in block_hashes)
+
+    def _holders_at(self, block_hash: int, now: float) -> set[WorkerId] | None:
+        held = self._holders.get(block_hash)
+        pending = self._pending.get(block_hash)
+        if not pending:
+            return held
+        live = {w for w, until in pending.items() if until > now}
+        return live | held if held else live
 
     def record_routed(self, worker_id: WorkerId, block_hashes: Sequence[int], now: float) -> None:
-        """Nothing to do: the worker's own "stored" events say what it cached, once it has."""
+        """The blocks count as `worker_id`'s until its events confirm them (or the TTL passes)."""
+        until = now + self.pending_ttl_s
+        for block_hash in block_hashes:
+            held = self._holders.get(block_hash)
+            if held is None or worker_id not in held:
+                self._pending.setdefault(block_hash, {})[worker_id] = until
+        self._routed_since_prune += 1
+        if self._routed_since_prune >= 1024:  # bound the memory of never-confirmed entries
+            self._routed_since_prune = 0
+            for block_hash, pending in list(self._pending.items()):
+                for w in [w for w, t in pending.items() if t <= now]:
+                    self._drop_pending(block_hash, w)
 
 
 class ApproximateIndex:

@@ -9,15 +9,19 @@ another (see `tokenfactory.runtime`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.kv_cache import KVCacheManager, KVEvent
 from tokenfactory.engine.model_runner import ModelRunner
-from tokenfactory.engine.outputs import EngineCoreOutput, TokenLogprobs
+from tokenfactory.engine.outputs import EngineCoreOutput, KVTransfer, SchedulerOutput, TokenLogprobs
 from tokenfactory.engine.request import Request, SamplingParams
 from tokenfactory.engine.scheduler import Scheduler
 from tokenfactory.engine.text import TextStream
@@ -47,9 +51,17 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, max_model_len=config.context_len)
         self.last_step: StepStats | None = None
+        self._prefill_only: set[str] = set()
+        """Requests that stop after their first token and leave their KV for another worker."""
+        self._exports: dict[str, KVTransfer] = {}
+        """Their KV, copied out in the step that sampled that token, until `export_kv` takes it."""
 
     def add_request(self, request: Request) -> None:
         """Queue a request; ValueError (saying why) for one that could never run correctly."""
+        self._check_request(request)
+        self.scheduler.add_request(request)
+
+    def _check_request(self, request: Request) -> None:
         vocab = self.config.model.vocab_size
         if min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
@@ -61,9 +73,105 @@ class EngineCore:
             )
         if not request.eos_token_ids:
             request.eos_token_ids = self.config.model.eos_token_ids
+
+    # --- disaggregated serving: the prefill side ----------------------------------------------
+
+    def prefill_only(self, request: Request) -> None:
+        """Queue a request to compute its prompt and sample its first token only; its KV is then
+        kept for `export_kv` (unless that token ended it: EOS or a stop token)."""
+        self._check_request(request)
+        request.sampling = dataclasses.replace(request.sampling, max_tokens=1)
         self.scheduler.add_request(request)
+        self._prefill_only.add(request.request_id)
+
+    def export_kv(self, request_id: str) -> KVTransfer:
+        """Hand over a finished `prefill_only` request's KV (once); ValueError if there is none."""
+        transfer = self._exports.pop(request_id, None)
+        if transfer is None:
+            raise ValueError(
+                f"no KV to export for request {request_id!r}: unknown, not a finished prefill_only "
+                "request, stopped at its first token, or already exported"
+            )
+        return transfer
+
+    def has_export(self, request_id: str) -> bool:
+        return request_id in self._exports
+
+    def _copy_out_prefills(self, sched: SchedulerOutput) -> None:
+        """Copy the KV of prefill-only requests whose prompt completes in this step (run before
+        the scheduler finishes them and frees their blocks; full blocks stay in the prefix cache)."""
+        for chunk in sched.chunks:
+            request = chunk.request
+            if request.request_id not in self._prefill_only or not chunk.samples:
+                continue
+            num_blocks = math.ceil(chunk.end / self.kv.block_size)
+            block_ids = chunk.block_ids[:num_blocks]
+            self._exports[request.request_id] = KVTransfer(
+                request_id=request.request_id,
+                block_size=self.kv.block_size,
+                token_ids=list(request.all_token_ids),  # the sampled token is appended below
+                num_prompt_tokens=request.num_prompt_tokens,
+                num_computed_tokens=chunk.end,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+                dtype=self.config.dtype,
+                shape=self.runner.kv_block_shape(num_blocks),
+                data=self.runner.read_blocks(block_ids),
+            )
+
+    def _settle_prefills(self, outputs: list[EngineCoreOutput]) -> None:
+        for out in outputs:
+            if out.finished and out.request_id in self._prefill_only:
+                self._prefill_only.discard(out.request_id)
+                transfer = self._exports.pop(out.request_id, None)
+                if transfer is not None and out.finish_reason == "length":  # stopped: nothing follows
+                    token_ids = transfer.token_ids + out.new_token_ids
+                    self._exports[out.request_id] = msgspec.structs.replace(transfer, token_ids=token_ids)
+
+    # --- disaggregated serving: the decode side -----------------------------------------------
+
+    def import_kv(self, request: Request, transfer: KVTransfer) -> bool:
+        """Admit `request` (prompt and sampling as the caller gave them) with the KV another
+        worker computed, running, so the next step decodes it. Blocks already in this prefix
+        cache are reused and only the rest written. Returns False when it could not be admitted
+        with the KV now: it then waits and recomputes its prompt like a preempted request."""
+        self._check_transfer(request, transfer)
+        for token in transfer.token_ids[transfer.num_prompt_tokens:]:
+            request.append_output_token(token)
+        request.num_cached_tokens = transfer.num_cached_tokens
+        self._check_request(request)
+        bs = self.kv.block_size
+        num_cached = self.scheduler.add_computed(request, transfer.num_computed_tokens,
+                                                 min_cached_tokens=transfer.first_block * bs)
+        if num_cached is None:
+            return False
+        block_ids = self.kv.block_ids(request.request_id)[: transfer.shape[0] + transfer.first_block]
+        skip = num_cached // bs - transfer.first_block  # blocks this cache already holds
+        block_bytes = len(transfer.data) // transfer.shape[0]
+        self.runner.write_blocks(block_ids[num_cached // bs :], transfer.data[skip * block_bytes :])
+        self.kv.cache_blocks(request)
+        return True
+
+    def _check_transfer(self, request: Request, transfer: KVTransfer) -> None:
+        expected = self.runner.kv_block_shape(transfer.shape[0] if transfer.shape else 0)
+        if (transfer.block_size != self.kv.block_size or transfer.dtype != self.config.dtype
+                or transfer.shape != expected):
+            raise ValueError(
+                f"KV transfer of block size {transfer.block_size}, {transfer.dtype}, shape "
+                f"{transfer.shape} does not fit this worker's cache (block size {self.kv.block_size}, "
+                f"{self.config.dtype}, shape {expected})"
+            )
+        if transfer.token_ids[: transfer.num_prompt_tokens] != request.prompt_token_ids:
+            raise ValueError(f"KV transfer {transfer.request_id!r} is for another prompt")
+        num_blocks = transfer.first_block + transfer.shape[0]
+        if math.ceil(transfer.num_computed_tokens / self.kv.block_size) != num_blocks:
+            raise ValueError(f"KV transfer {transfer.request_id!r} holds {num_blocks} blocks for "
+                             f"{transfer.num_computed_tokens} computed tokens")
 
     def abort(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
+        request_ids = list(request_ids)
+        for request_id in request_ids:
+            self._prefill_only.discard(request_id)
+            self._exports.pop(request_id, None)
         return self.scheduler.abort(request_ids)
 
     def has_work(self) -> bool:
@@ -77,7 +185,11 @@ class EngineCore:
             self.last_step = None
             return self.scheduler.update_from_output(sched, None)
         result = self.runner.execute(sched)
+        if self._prefill_only:
+            self._copy_out_prefills(sched)
         outputs = self.scheduler.update_from_output(sched, result)
+        if self._prefill_only:
+            self._settle_prefills(outputs)
         prefill = sum(c.num_tokens for c in sched.chunks if c.request.num_output_tokens == 0)
         self.last_step = StepStats(
             num_tokens=sched.total_num_tokens,

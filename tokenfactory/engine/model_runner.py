@@ -88,20 +88,47 @@ class ModelRunner:
                 f"cache.memory_bytes ({config.cache.memory_bytes}) is smaller than one KV block "
                 f"({block_bytes} bytes)"
             )
-        self.kv_caches = self._allocate_kv_cache()
+        self.kv_cache = self._allocate_kv_cache()
+        # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        self.kv_caches: KVCache = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(len(self.kv_cache))]
         self.sampler = Sampler(self.device, config.seed)
 
-    def _allocate_kv_cache(self) -> KVCache:
+    def _allocate_kv_cache(self) -> torch.Tensor:
         m = self.config.model
         # Zeros, not empty: padded block-table entries are read (then masked), and garbage NaNs
         # would leak through the masked softmax.
-        cache = torch.zeros(
+        return torch.zeros(
             (m.num_hidden_layers, 2, self.num_blocks, self.block_size, m.num_key_value_heads,
              m.head_dim),
             dtype=self.config.torch_dtype,
             device=self.device,
         )
-        return [(cache[i, 0], cache[i, 1]) for i in range(m.num_hidden_layers)]
+
+    def kv_block_shape(self, num_blocks: int) -> list[int]:
+        """The shape of `num_blocks` blocks' K and V as `read_blocks` lays them out: block-major,
+        so any run of whole blocks is one contiguous byte range (a transport can skip a prefix)."""
+        num_layers, _, _, block_size, num_kv_heads, head_dim = self.kv_cache.shape
+        return [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+
+    @torch.inference_mode()
+    def read_blocks(self, block_ids: list[int]) -> bytes:
+        """Copy these blocks' K and V, all layers, to host bytes laid out as `kv_block_shape`."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        blocks = self.kv_cache.index_select(2, index)  # [layers, 2, n, block_size, kv_heads, head_dim]
+        blocks = blocks.permute(2, 0, 1, 3, 4, 5)  # [n, layers, 2, block_size, kv_heads, head_dim]
+        return blocks.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+    @torch.inference_mode()
+    def write_blocks(self, block_ids: list[int], data: bytes) -> None:
+        """Fill these blocks with K and V from `read_blocks` bytes of another worker."""
+        shape = self.kv_block_shape(len(block_ids))
+        expected = math.prod(shape) * self.kv_cache.dtype.itemsize
+        if len(data) != expected:
+            raise ValueError(f"KV data has {len(data)} bytes; {len(block_ids)} blocks need {expected}")
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        blocks = raw.view(self.kv_cache.dtype).view(shape).to(self.device)  # [n, layers, 2, ...]
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv_cache.index_copy_(2, index, blocks.permute(1, 2, 0, 3, 4, 5))
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:

@@ -101,3 +101,31 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class KVTransfer(msgspec.Struct, array_like=True, frozen=True):
+    """A prefilled request's KV blocks, leaving one worker for another (disaggregated serving).
+
+    `data` holds K and V of blocks `first_block..first_block + shape[0] - 1` of the request, laid out
+    as `shape` = [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim] in `dtype`,
+    C order (block-major: whole blocks are contiguous byte ranges). Blocks before `first_block` were left out because the receiver already caches them.
+    Plain data only, so any transport (ZMQ bytes, shared memory, RDMA, an object store) can carry it.
+    """
+
+    request_id: str
+    block_size: int
+    token_ids: list[int]
+    """Prompt plus the tokens sampled on the sending side (the first one, after a prefill)."""
+    num_prompt_tokens: int
+    num_computed_tokens: int
+    """Tokens whose KV the blocks hold (the prompt, after a prefill)."""
+    num_cached_tokens: int
+    """Prompt tokens the sender found in its prefix cache (reported to the caller as cached)."""
+    dtype: str
+    shape: list[int]
+    data: bytes
+    first_block: int = 0
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.data)

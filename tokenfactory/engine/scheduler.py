@@ -86,6 +86,38 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         """Queue a request; raises ValueError for one that could never run."""
+        self._check_admissible(request)
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        self._push_waiting(request)
+
+    def add_computed(self, request: Request, num_computed_tokens: int, min_cached_tokens: int = 0) -> int | None:
+        """Admit a request whose first `num_computed_tokens` tokens were computed on another
+        worker (a KV transfer) straight into the running set, so its next step decodes.
+
+        Its blocks start with whatever prefix this cache holds. Returns how many tokens that
+        prefix covers (the caller writes the KV of the rest into `kv.block_ids`), or None when it
+        cannot run now (blocks short, `max_num_seqs` reached, or fewer than `min_cached_tokens`
+        cached): then it is queued like a new request and recomputes, as after a preemption.
+        """
+        self._check_admissible(request)
+        num_cached = min(self.kv.lookup_prefix(request), num_computed_tokens)
+        num_cached -= num_cached % self.kv.block_size
+        if (num_cached < min_cached_tokens or len(self._running) >= self.config.max_num_seqs
+                or not self.kv.allocate_slots(request, num_computed_tokens - num_cached, num_cached)):
+            request.status = RequestStatus.WAITING
+            self._requests[request.request_id] = request
+            self._push_waiting(request)
+            return None
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_computed_tokens
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_cached
+        self._requests[request.request_id] = request
+        bisect.insort(self._running, request, key=_serving_order)
+        return num_cached
+
+    def _check_admissible(self, request: Request) -> None:
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         max_tokens = request.num_prompt_tokens + request.sampling.max_tokens
@@ -107,9 +139,6 @@ class Scheduler:
                 f"prompt ({request.num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
                 f"({self.config.max_num_batched_tokens}) and chunked prefill is disabled"
             )
-        request.status = RequestStatus.WAITING
-        self._requests[request.request_id] = request
-        self._push_waiting(request)
 
     def abort(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
         """Finish these requests with "abort", wherever they are; unknown ids are ignored."""

@@ -1,63 +1,104 @@
-"""The HTTP app: OpenAI routes, health, auth and errors around one worker serving one model.
+"""The HTTP app: OpenAI routes, health, auth, tiers, the ledger and errors around one worker.
 
-`build_app` wires it; the worker starts with the app (lifespan) and stops with it, so uvicorn's
-own Ctrl-C/SIGTERM handling shuts the engine process down cleanly.
+`build_app` wires it; the worker and the ledger writer start with the app (lifespan) and stop with
+it, so uvicorn's own Ctrl-C/SIGTERM handling shuts the engine process down cleanly and commits
+every queued ledger entry. With a database (`db_path`), keys come from it and usage goes to it;
+`/admin/keys` manages keys when an admin key is set.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import Field
 
 from tokenfactory import __version__
+from tokenfactory.control.tiers import FactoryConfig, builtin_config
 from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.tokenizer import Tokenizer
-from tokenfactory.gateway.auth import APIKeyAuth
-from tokenfactory.gateway.errors import install_error_handlers
-from tokenfactory.gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now_s
+from tokenfactory.gateway.auth import AdminAuth, APIKeyAuth, Caller
+from tokenfactory.gateway.errors import APIError, bad_request, install_error_handlers
+from tokenfactory.gateway.metering import Metering
+from tokenfactory.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    RequestModel,
+    now_s,
+)
 from tokenfactory.gateway.serving import OpenAIServing
+from tokenfactory.meter.keys import KeyRecord, KeyStore
+from tokenfactory.meter.ledger import Ledger
 from tokenfactory.runtime.client import AsyncEngineClient, Worker
 from tokenfactory.runtime.pool import WorkerPool
 from tokenfactory.runtime.wire import EngineLoad
+
+
+class CreateKeyRequest(RequestModel):
+    tenant: str = Field(min_length=1)
+    tiers: list[str] | None = Field(default=None, description="tiers the key may ask for (default: all)")
+    default_tier: str | None = Field(default=None, description="the tier of `auto` (default: the factory's)")
+    name: str = ""
 
 
 def build_app(
     config: EngineConfig,
     api_keys: Sequence[str] = (),
     worker: Worker | None = None,
+    tiers: FactoryConfig | None = None,
+    db_path: str | Path | None = None,
+    admin_key: str | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `config`'s model through `worker` (default: a local
-    engine process). API keys, when given, are required on every /v1 route."""
+    engine process), selling `tiers` (default: the built-in flex / default / priority). Plain
+    `api_keys` and the keys in the database at `db_path` are accepted; with any of them, a key is
+    required on every /v1 route. With `db_path`, every request's usage goes to its ledger."""
     worker = worker if worker is not None else AsyncEngineClient(config)
+    tiers = tiers if tiers is not None else builtin_config()
+    store = KeyStore(db_path) if db_path is not None else None
+    metering = Metering(tiers, clock=clock or time.time)
     created = now_s()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tokenizer = Tokenizer.from_pretrained(config.model_path)
+        metering.ledger = Ledger(db_path) if db_path is not None else None
         await worker.start()
         app.state.serving = OpenAIServing(worker, tokenizer, config.name, worker.info.context_len)
         try:
             yield
         finally:
             await worker.shutdown()
+            if metering.ledger is not None:
+                metering.ledger.close()  # commits whatever is still queued
 
     app = FastAPI(title="tokenfactory", version=__version__, lifespan=lifespan)
     app.state.worker = worker
+    app.state.metering = metering
     install_error_handlers(app)
-    auth = [Depends(APIKeyAuth(api_keys))]
+    auth = APIKeyAuth(tiers, api_keys, store)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await request.app.state.serving.chat(body, request.is_disconnected)
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request,
+                               caller: Caller = Depends(auth)) -> Response:
+        account = metering.open(caller, body.service_tier, body.model)
+        return await request.app.state.serving.chat(body, account, request.is_disconnected)
 
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await request.app.state.serving.completions(body, request.is_disconnected)
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(auth)) -> Response:
+        account = metering.open(caller, body.service_tier, body.model)
+        return await request.app.state.serving.completions(body, account, request.is_disconnected)
 
-    @app.get("/v1/models", dependencies=auth)
+    add_admin_routes(app, AdminAuth(admin_key), store, tiers)
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=config.name, created=created, max_model_len=config.context_len)])
 
@@ -83,6 +124,45 @@ def build_app(
         return JSONResponse(body, status_code=200 if worker.is_alive else 503)
 
     return app
+
+
+def add_admin_routes(app: FastAPI, admin: AdminAuth, store: KeyStore | None, tiers: FactoryConfig) -> None:
+    """`/admin/keys`: create (the plaintext key is in this one response only), list, revoke."""
+    guard = [Depends(admin)]
+
+    def keys() -> KeyStore:
+        if store is None:
+            raise APIError(404, "No key database: start the server with --db.", code="admin_disabled")
+        return store
+
+    @app.post("/admin/keys", dependencies=guard)
+    def create_key(body: CreateKeyRequest) -> JSONResponse:
+        allowed = body.tiers if body.tiers is not None else sorted(tiers.tiers)
+        default = body.default_tier or (tiers.default_tier if tiers.default_tier in allowed else allowed[0])
+        unknown = sorted(set(allowed) - set(tiers.tiers))
+        if unknown or not allowed:
+            raise bad_request(f"Unknown tiers {unknown}; the factory sells {sorted(tiers.tiers)}.", param="tiers")
+        try:
+            record, plaintext = keys().create(body.tenant, allowed, default, body.name)
+        except ValueError as e:
+            raise bad_request(str(e), param="default_tier") from None
+        return JSONResponse({**key_json(record), "key": plaintext})
+
+    @app.get("/admin/keys", dependencies=guard)
+    def list_keys(tenant: str | None = None) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [key_json(r) for r in keys().list(tenant)]})
+
+    @app.delete("/admin/keys/{key_id}", dependencies=guard)
+    def revoke_key(key_id: str) -> JSONResponse:
+        if not keys().revoke(key_id):
+            raise APIError(404, f"No live key `{key_id}`.", param="key_id", code="key_not_found")
+        return JSONResponse({"id": key_id, "object": "api_key", "revoked": True})
+
+
+def key_json(record: KeyRecord) -> dict:
+    return {"id": record.key_id, "object": "api_key", "tenant": record.tenant, "name": record.name,
+            "default_tier": record.default_tier, "allowed_tiers": list(record.allowed_tiers),
+            "created_at": record.created_at, "revoked_at": record.revoked_at}
 
 
 def load_json(load: EngineLoad) -> dict[str, int | float]:

@@ -22,6 +22,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -29,12 +30,13 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code)
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -49,6 +51,16 @@ def model_not_found(model: str) -> APIError:
 
 def invalid_api_key() -> APIError:
     return APIError(401, "Incorrect or missing API key.", code="invalid_api_key")
+
+
+def rate_limited(message: str, code: str, retry_after: str) -> APIError:
+    """429 with Retry-After (whole seconds), as OpenAI answers a key over its limits."""
+    return APIError(429, message, type="rate_limit_error" if code != "token_quota" else "insufficient_quota",
+                    code=code, headers={"Retry-After": retry_after})
+
+
+def forbidden(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(403, message, type="permission_error", param=param, code=code)
 
 
 def engine_unavailable(reason: str) -> APIError:

@@ -46,6 +46,7 @@ class SamplingFields(RequestModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    service_tier: str | None = Field(default=None, description="auto, default, flex, priority or a factory tier")
     ignore_eos: bool = Field(default=False, description="extension: generate past EOS")
     min_tokens: int = Field(default=0, ge=0, description="extension: no EOS before this many tokens")
 
@@ -178,6 +179,7 @@ class ChatCompletionResponse(ResponseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    service_tier: str | None = None  # the tier that actually served the request
 
 
 class DeltaMessage(ResponseModel):
@@ -205,6 +207,7 @@ class ChatCompletionChunk(ResponseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    service_tier: str | None = None  # the tier that actually served the request
 
 
 class CompletionChoice(ResponseModel):
@@ -223,6 +226,7 @@ class CompletionResponse(ResponseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    service_tier: str | None = None  # the tier that actually served the request
 
 
 class ModelCard(ResponseModel):

@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from tokenfactory.control.tiers import TokenUsage
 from tokenfactory.engine.outputs import TokenLogprobs
 from tokenfactory.engine.request import SamplingParams
 from tokenfactory.engine.text import TextStream
 from tokenfactory.engine.tokenizer import Tokenizer, TokenizerError
 from tokenfactory.gateway.errors import APIError, ClientDisconnected, bad_request, engine_unavailable, model_not_found
+from tokenfactory.gateway.metering import RequestAccount
 from tokenfactory.gateway.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -108,7 +110,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------ chat
 
     async def chat(
-        self, req: ChatCompletionRequest, is_disconnected: Disconnected | None = None
+        self, req: ChatCompletionRequest, account: RequestAccount, is_disconnected: Disconnected | None = None
     ) -> JSONResponse | StreamingResponse:
         self._check_model(req.model)
         messages = [m.for_template() for m in req.messages]
@@ -120,8 +122,8 @@ class OpenAIServing:
         seqs = self._sequences(req, [prompt], req.max_output_tokens, "messages")
         rid, created = random_id("chatcmpl"), now_s()
         if req.stream:
-            return _sse(self._stream_chat(req, rid, created, seqs))
-        totals = await self._collect(seqs, is_disconnected)
+            return _sse(self._stream_chat(req, account, rid, created, seqs))
+        totals = await self._collect(seqs, account, rid, is_disconnected)
         choices = [
             ChatChoice(
                 index=i,
@@ -132,28 +134,29 @@ class OpenAIServing:
             for i, t in enumerate(totals)
         ]
         body = ChatCompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                      usage=_usage(seqs, totals))
+                                      usage=_usage(seqs, totals), service_tier=account.tier)
         return JSONResponse(body.model_dump())
 
     async def _stream_chat(
-        self, req: ChatCompletionRequest, rid: str, created: int, seqs: list[SequenceSpec]
+        self, req: ChatCompletionRequest, account: RequestAccount, rid: str, created: int, seqs: list[SequenceSpec]
     ) -> AsyncIterator[str]:
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            c = ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
+            c = ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, usage=usage,
+                                    service_tier=account.tier)
             return _event(c.model_dump(exclude=None if req.include_usage else {"usage"}))
 
         totals = [ChoiceTotals(s.prompt_index) for s in seqs]
-        for s in seqs:
-            yield chunk([ChatChunkChoice(index=s.index, delta=DeltaMessage(role="assistant", content=""))])
-        async for d in self._run_all(seqs):
-            totals[d.index].add(d)
-            logprobs = self._chat_logprobs(d.logprobs) if req.logprobs else None
-            if d.text or d.finish_reason or logprobs:
-                delta = DeltaMessage(content=d.text or None)
-                yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
-                                             finish_reason=d.finish_reason)])
-        if req.include_usage:
-            yield chunk([], _usage(seqs, totals))
+        with _ledger_guard(account, rid, seqs, totals):
+            for s in seqs:
+                yield chunk([ChatChunkChoice(index=s.index, delta=DeltaMessage(role="assistant", content=""))])
+            async for d in self._run_metered(seqs, totals, account, rid):
+                logprobs = self._chat_logprobs(d.logprobs) if req.logprobs else None
+                if d.text or d.finish_reason or logprobs:
+                    delta = DeltaMessage(content=d.text or None)
+                    yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
+                                                 finish_reason=d.finish_reason)])
+            if req.include_usage:
+                yield chunk([], _usage(seqs, totals))
 
     def _chat_logprobs(self, logprobs: list[TokenLogprobs]) -> ChatLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:
@@ -170,7 +173,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------ completions
 
     async def completions(
-        self, req: CompletionRequest, is_disconnected: Disconnected | None = None
+        self, req: CompletionRequest, account: RequestAccount, is_disconnected: Disconnected | None = None
     ) -> JSONResponse | StreamingResponse:
         self._check_model(req.model)
         prompts = self._completion_prompts(req.prompt)
@@ -178,8 +181,8 @@ class OpenAIServing:
         echoes = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
         rid, created = random_id("cmpl"), now_s()
         if req.stream:
-            return _sse(self._stream_completions(req, rid, created, seqs, echoes))
-        totals = await self._collect(seqs, is_disconnected)
+            return _sse(self._stream_completions(req, account, rid, created, seqs, echoes))
+        totals = await self._collect(seqs, account, rid, is_disconnected)
         choices = []
         for i, t in enumerate(totals):
             echo = echoes[t.prompt_index]
@@ -187,32 +190,34 @@ class OpenAIServing:
             choices.append(CompletionChoice(index=i, text=echo + "".join(t.text), logprobs=logprobs,
                                             finish_reason=t.finish_reason))
         body = CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                  usage=_usage(seqs, totals))
+                                  usage=_usage(seqs, totals), service_tier=account.tier)
         return JSONResponse(body.model_dump())
 
     async def _stream_completions(
-        self, req: CompletionRequest, rid: str, created: int, seqs: list[SequenceSpec], echoes: list[str]
+        self, req: CompletionRequest, account: RequestAccount, rid: str, created: int, seqs: list[SequenceSpec],
+        echoes: list[str],
     ) -> AsyncIterator[str]:
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-            c = CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
+            c = CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices, usage=usage,
+                                   service_tier=account.tier)
             return _event(c.model_dump(exclude=None if req.include_usage else {"usage"}))
 
         totals = [ChoiceTotals(s.prompt_index) for s in seqs]
         offsets = [len(echoes[s.prompt_index]) for s in seqs]  # text_offset of each choice's next token
-        for s in seqs:
-            if echoes[s.prompt_index]:
-                yield chunk([CompletionChoice(index=s.index, text=echoes[s.prompt_index])])
-        async for d in self._run_all(seqs):
-            totals[d.index].add(d)
-            logprobs = None
-            if req.logprobs is not None:
-                logprobs = self._completion_logprobs(d.logprobs, offsets[d.index])
-                offsets[d.index] += sum(len(t) for t in logprobs.tokens)
-            if d.text or d.finish_reason or logprobs:
-                yield chunk([CompletionChoice(index=d.index, text=d.text, logprobs=logprobs,
-                                              finish_reason=d.finish_reason)])
-        if req.include_usage:
-            yield chunk([], _usage(seqs, totals))
+        with _ledger_guard(account, rid, seqs, totals):
+            for s in seqs:
+                if echoes[s.prompt_index]:
+                    yield chunk([CompletionChoice(index=s.index, text=echoes[s.prompt_index])])
+            async for d in self._run_metered(seqs, totals, account, rid):
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = self._completion_logprobs(d.logprobs, offsets[d.index])
+                    offsets[d.index] += sum(len(t) for t in logprobs.tokens)
+                if d.text or d.finish_reason or logprobs:
+                    yield chunk([CompletionChoice(index=d.index, text=d.text, logprobs=logprobs,
+                                                  finish_reason=d.finish_reason)])
+            if req.include_usage:
+                yield chunk([], _usage(seqs, totals))
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -294,10 +299,10 @@ class OpenAIServing:
         except ValueError as e:
             raise bad_request(str(e)) from None
 
-    async def _run_one(self, rid: str, seq: SequenceSpec) -> AsyncIterator[Delta]:
+    async def _run_one(self, rid: str, seq: SequenceSpec, priority: int) -> AsyncIterator[Delta]:
         """Drive one engine sequence and turn its token ids into text deltas, applying stop strings."""
         stream = TextStream(self.tokenizer, seq.prompt_token_ids, seq.params.stop)
-        outputs = self.worker.generate(f"{rid}-{seq.index}", seq.prompt_token_ids, seq.params)
+        outputs = self.worker.generate(f"{rid}-{seq.index}", seq.prompt_token_ids, seq.params, priority)
         try:
             async for out in outputs:
                 text, stop = stream.push(out.new_token_ids)
@@ -311,38 +316,74 @@ class OpenAIServing:
         finally:
             await outputs.aclose()
 
-    async def _run_all(self, seqs: list[SequenceSpec]) -> AsyncIterator[Delta]:
-        rid = random_id("seq")
-        async for delta in _merge([self._run_one(rid, s) for s in seqs]):
-            yield delta
+    async def _run_metered(
+        self, seqs: list[SequenceSpec], totals: list[ChoiceTotals], account: RequestAccount, rid: str
+    ) -> AsyncIterator[Delta]:
+        """Run the sequences at the tier's priority, adding each delta to `totals`. The usage is
+        committed to the ledger just before the delta that finishes the last choice is handed on,
+        so the client's final chunk never leaves before its ledger entry is durable."""
+        num_finished = 0
+        async for d in _merge([self._run_one(rid, s, account.priority) for s in seqs]):
+            totals[d.index].add(d)
+            if d.token_ids:
+                account.saw_tokens()
+            num_finished += d.finish_reason is not None
+            if num_finished == len(seqs):
+                await account.complete(rid, _token_usage(seqs, totals))
+            yield d
+        await account.complete(rid, _token_usage(seqs, totals))  # no-op once recorded
 
     async def _collect(
-        self, seqs: list[SequenceSpec], is_disconnected: Disconnected | None = None
+        self, seqs: list[SequenceSpec], account: RequestAccount, rid: str, is_disconnected: Disconnected | None = None
     ) -> list[ChoiceTotals]:
         """Run the sequences to the end for a full (non-streamed) response. A client that goes
         away meanwhile cancels the collection, which aborts its engine sequences."""
-        task = asyncio.ensure_future(self._gather(seqs))
-        while is_disconnected is not None:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                break
-            if await is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                raise ClientDisconnected()
-        return await task
-
-    async def _gather(self, seqs: list[SequenceSpec]) -> list[ChoiceTotals]:
         totals = [ChoiceTotals(s.prompt_index) for s in seqs]
+        with _ledger_guard(account, rid, seqs, totals):
+            task = asyncio.ensure_future(self._gather(seqs, totals, account, rid))
+            while is_disconnected is not None:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    break
+                if await is_disconnected():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    raise ClientDisconnected()
+            return await task
+
+    async def _gather(
+        self, seqs: list[SequenceSpec], totals: list[ChoiceTotals], account: RequestAccount, rid: str
+    ) -> list[ChoiceTotals]:
         try:
-            async for d in self._run_all(seqs):
-                totals[d.index].add(d)
+            async for _ in self._run_metered(seqs, totals, account, rid):
+                pass
         except EngineDeadError as e:
             raise engine_unavailable(str(e)) from None
         except RequestRejectedError as e:
             raise bad_request(str(e)) from None
         return totals
+
+
+def _token_usage(seqs: list[SequenceSpec], totals: list[ChoiceTotals]) -> TokenUsage:
+    usage = _usage(seqs, totals)
+    return TokenUsage(usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens)
+
+
+@contextlib.contextmanager
+def _ledger_guard(
+    account: RequestAccount, rid: str, seqs: list[SequenceSpec], totals: list[ChoiceTotals]
+) -> Iterator[None]:
+    """A request that ends without being recorded as completed is recorded as aborted (its client
+    left: a disconnect, a cancelled task, a closed stream) or failed (anything else)."""
+    try:
+        yield
+    except (ClientDisconnected, asyncio.CancelledError, GeneratorExit):
+        account.abandon(rid, _token_usage(seqs, totals), "aborted")
+        raise
+    except BaseException:
+        account.abandon(rid, _token_usage(seqs, totals), "failed")
+        raise
 
 
 def _usage(seqs: list[SequenceSpec], totals: list[ChoiceTotals]) -> Usage:

@@ -34,6 +34,7 @@ from tokenfactory.runtime.wire import (
     AddRequest,
     EngineFailed,
     EngineLoad,
+    ImportKV,
     OutputBatch,
     Ready,
     Shutdown,
@@ -84,6 +85,23 @@ class Worker(Protocol):
         """Call `callback` with each batch of the engine's prefix-cache events, in order."""
 
 
+class KVWorker(Worker, Protocol):
+    """A worker that can take either half of a disaggregated request."""
+
+    async def prefill(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> tuple[EngineCoreOutput, bytes | None]:
+        """Compute the prompt and sample the first token -> that output and the transport handle of
+        the request's KV (None when the first token ended the request)."""
+
+    def generate_from_kv(
+        self, request_id: str, prompt_token_ids: list[int], handle: bytes, params: SamplingParams,
+        priority: int = 0,
+    ) -> AsyncIterator[EngineCoreOutput]:
+        """Continue a request prefilled elsewhere (its KV under `handle`); yield the tokens after
+        the first."""
+
+
 class AsyncEngineClient:
     """A `Worker` whose engine runs in a child process ("spawn"), reached over ipc:// sockets."""
 
@@ -98,6 +116,8 @@ class AsyncEngineClient:
         self._reader: asyncio.Task | None = None
         self._tmpdir = ""
         self._kv_listeners: list[Callable[[list[KVEvent]], None]] = []
+        self._kv_handles: dict[str, bytes] = {}
+        """KV handles of finished prefill-only requests, until `prefill` takes them."""
 
     @property
     def info(self) -> Ready:
@@ -203,6 +223,9 @@ class AsyncEngineClient:
         if batch.kv_events:
             for listener in self._kv_listeners:
                 listener(batch.kv_events)
+        for request_id, handle in batch.kv_ready.items():
+            if request_id in self._queues:
+                self._kv_handles[request_id] = handle
         for out in batch.outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:  # None: the caller already left (it sent an abort)
@@ -223,21 +246,46 @@ class AsyncEngineClient:
         if self._info is None:
             raise EngineDeadError("the engine has not started")
 
-    async def generate(
+    def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
     ) -> AsyncIterator[EngineCoreOutput]:
         """Submit one sequence and yield its outputs step by step until it finishes.
 
         Leaving early (break, exception, cancellation) aborts the request so its KV blocks free up.
         """
+        return self._stream(AddRequest(request_id, list(prompt_token_ids), params, priority))
+
+    async def prefill(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> tuple[EngineCoreOutput, bytes | None]:
+        """The prefill half of a split request: its first output, and its KV's transport handle."""
+        last: EngineCoreOutput | None = None
+        try:
+            async for out in self._stream(
+                    AddRequest(request_id, list(prompt_token_ids), params, priority, prefill_only=True)):
+                last = out
+        finally:
+            handle = self._kv_handles.pop(request_id, None)
+        assert last is not None  # a stream ends with a finished output or raises
+        return last, handle
+
+    def generate_from_kv(
+        self, request_id: str, prompt_token_ids: list[int], handle: bytes, params: SamplingParams,
+        priority: int = 0,
+    ) -> AsyncIterator[EngineCoreOutput]:
+        """The decode half of a split request: import its KV, yield the tokens after the first."""
+        return self._stream(ImportKV(request_id, list(prompt_token_ids), params, handle, priority))
+
+    async def _stream(self, msg: AddRequest | ImportKV) -> AsyncIterator[EngineCoreOutput]:
         self._check_alive()
+        request_id = msg.request_id
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already running")
         queue: asyncio.Queue[EngineCoreOutput | Exception] = asyncio.Queue()
         self._queues[request_id] = queue
         finished = False
         try:
-            self._send(AddRequest(request_id, list(prompt_token_ids), params, priority))
+            self._send(msg)
             while not finished:
                 item = await queue.get()
                 if isinstance(item, Exception):
@@ -256,7 +304,7 @@ class AsyncEngineClient:
             with contextlib.suppress(EngineDeadError):  # a gone engine holds nothing to free
                 self._send(Abort([request_id]))
 
-    def _send(self, msg: AddRequest | Abort | Shutdown) -> None:
+    def _send(self, msg: AddRequest | ImportKV | Abort | Shutdown) -> None:
         """Never blocks. The queue is unbounded (SNDHWM 0), so a send can only fail to go out at
         once when no engine is connected: a PUSH socket would otherwise wait for one forever."""
         try:

@@ -20,10 +20,12 @@ from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.engine import EngineCore
 from tokenfactory.engine.outputs import EngineCoreOutput
 from tokenfactory.engine.request import Request
+from tokenfactory.runtime.kv_transfer import InlineTransport, KVTransport
 from tokenfactory.runtime.wire import (
     Abort,
     AddRequest,
     EngineFailed,
+    ImportKV,
     EngineLoad,
     OutputBatch,
     Ready,
@@ -65,8 +67,11 @@ def run_engine_process(config: EngineConfig, inbox_addr: str, outbox_addr: str) 
 class EngineLoop:
     """Receive, step, send; one `OutputBatch` per step that produced anything."""
 
-    def __init__(self, core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
+    def __init__(
+        self, core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, transport: KVTransport | None = None
+    ) -> None:
         self.core = core
+        self.transport = transport or InlineTransport()
         self.inbox = inbox
         self.outbox = outbox
         self.num_steps = 0
@@ -87,8 +92,10 @@ class EngineLoop:
                 self.step_seconds += time.perf_counter() - t0
                 self.num_steps += 1
             kv_events = self.core.take_kv_events()
+            kv_ready = self._export_prefills(outputs)
             if outputs or rejected or received or kv_events:
-                batch = OutputBatch(outputs=outputs, load=self.load(), rejected=rejected, kv_events=kv_events)
+                batch = OutputBatch(outputs=outputs, load=self.load(), rejected=rejected, kv_events=kv_events,
+                                    kv_ready=kv_ready)
                 self.outbox.send(encoder.encode(batch))
 
     def _receive(self, outputs: list[EngineCoreOutput], rejected: dict[str, str], block: bool) -> int | None:
@@ -111,15 +118,35 @@ class EngineLoop:
             count += 1
             if isinstance(msg, AddRequest):
                 self._add(msg, rejected)
+            elif isinstance(msg, ImportKV):
+                self._import(msg, rejected)
             elif isinstance(msg, Abort):
                 outputs.extend(self.core.abort(msg.request_ids))
 
     def _add(self, msg: AddRequest, rejected: dict[str, str]) -> None:
         request = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, priority=msg.priority)
         try:
-            self.core.add_request(request)
+            if msg.prefill_only:
+                self.core.prefill_only(request)
+            else:
+                self.core.add_request(request)
         except ValueError as e:
             rejected[msg.request_id] = str(e)
+
+    def _import(self, msg: ImportKV, rejected: dict[str, str]) -> None:
+        request = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, priority=msg.priority)
+        try:
+            self.core.import_kv(request, self.transport.receive(msg.handle))
+        except ValueError as e:
+            rejected[msg.request_id] = str(e)
+
+    def _export_prefills(self, outputs: list[EngineCoreOutput]) -> dict[str, bytes]:
+        """Hand the KV of prefill-only requests that finished in this step to the transport."""
+        return {
+            out.request_id: self.transport.send(self.core.export_kv(out.request_id))
+            for out in outputs
+            if out.finished and self.core.has_export(out.request_id)
+        }
 
     def _parent_alive(self) -> bool:
         now = time.monotonic()

@@ -16,6 +16,14 @@ each goes to another worker with its prompt plus the tokens generated so far as 
 so the caller's stream goes on without a gap or a repeat. Greedy requests continue exactly as
 they would have; sampled ones continue from a fresh random state. A pool that can make workers
 (a local one) restarts dead ones, which rejoin the routing set with an empty cache.
+
+Disaggregated mode (`num_prefill > 0`): the first `num_prefill` workers only prefill, the others
+decode. For each request the router picks a decode worker, and `control.disagg.should_split`
+decides from the prompt length and that worker's cached prefix whether the request is split: then
+a prefill worker (routed by prefix too) computes the prompt and the first token, the request's KV
+moves through the workers' `KVTransport` to the decode worker, and decoding goes on there. The
+caller sees one ordinary stream (the first token from the prefill side). A request not split is
+served whole by its decode worker. Split requests do not migrate: a dead worker fails them.
 """
 
 from __future__ import annotations
@@ -32,13 +40,14 @@ from functools import partial
 
 import msgspec
 
+from tokenfactory.control.disagg import DisaggConfig, should_split
 from tokenfactory.control.kv_index import KVIndex, PrefixIndex, WorkerId
 from tokenfactory.control.router import NoWorkerError, RouteRequest, Router, WorkerState, make_router
 from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.kv_cache import KVEvent, prompt_block_hashes
 from tokenfactory.engine.outputs import EngineCoreOutput
 from tokenfactory.engine.request import SamplingParams
-from tokenfactory.runtime.client import AsyncEngineClient, EngineDeadError, Worker
+from tokenfactory.runtime.client import AsyncEngineClient, EngineDeadError, KVWorker, Worker
 from tokenfactory.runtime.wire import EngineLoad, Ready
 
 logger = logging.getLogger(__name__)
@@ -51,6 +60,8 @@ class _Routed:
     worker_id: WorkerId
     prefill_tokens: int
     """Prompt tokens the chosen worker was predicted to compute (prompt minus cached prefix)."""
+    cached_tokens: int = 0
+    """Prompt tokens the index predicted cached on the chosen worker."""
     started: bool = False
     """True once its first output came back (its prompt is done: it decodes now)."""
 
@@ -81,10 +92,20 @@ class WorkerPool:
         max_migrations: int = 2,
         spawn: Callable[[], Worker] | None = None,
         restart_interval_s: float | None = None,
+        num_prefill: int = 0,
+        disagg: DisaggConfig | None = None,
     ) -> None:
         if not workers:
             raise ValueError("a pool needs at least one worker")
+        if not 0 <= num_prefill < len(workers):
+            raise ValueError(f"num_prefill must leave at least one decode worker, got {num_prefill} "
+                             f"of {len(workers)} workers")
         self.workers = workers
+        self.num_prefill = num_prefill
+        """Workers 0..num_prefill-1 only prefill split requests; 0 means no disaggregation."""
+        self.disagg = disagg or DisaggConfig()
+        self.num_split = 0
+        """Requests served through the prefill/decode split since start."""
         self.block_size = block_size
         self.router = make_router(router) if isinstance(router, str) else router
         self.index: PrefixIndex = index if index is not None else KVIndex()
@@ -114,6 +135,18 @@ class WorkerPool:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         workers: list[Worker] = [AsyncEngineClient(config) for _ in range(num_workers)]
         return cls(workers, config.cache.block_size, spawn=partial(AsyncEngineClient, config), **kwargs)
+
+    @classmethod
+    def local_disaggregated(cls, config: EngineConfig, num_prefill: int, num_decode: int, **kwargs) -> WorkerPool:
+        """`num_prefill` prefill and `num_decode` decode engine processes on this machine."""
+        if num_prefill < 1 or num_decode < 1:
+            raise ValueError(f"need at least one prefill and one decode worker, got {num_prefill}, {num_decode}")
+        return cls.local(config, num_prefill + num_decode, num_prefill=num_prefill, **kwargs)
+
+    @property
+    def decode_ids(self) -> range:
+        """The workers that serve whole requests and the decode half of split ones."""
+        return range(self.num_prefill, len(self.workers))
 
     # --- the Worker protocol ---------------------------------------------------------------
 
@@ -200,43 +233,89 @@ class WorkerPool:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
     ) -> AsyncIterator[EngineCoreOutput]:
-        """Route one sequence to a worker and yield its outputs; if that worker dies, move the
-        sequence to another and go on."""
+        """Route one sequence to a worker (or split it over a prefill and a decode worker) and
+        yield its outputs; if a whole request's worker dies, move it to another and go on."""
         if request_id in self._routed:
             raise ValueError(f"request id {request_id!r} is already running")
-        generated: list[int] = []
         try:
-            for attempt in range(self.max_migrations + 1):
-                context = list(prompt_token_ids) + generated
-                routed = self._route(context)
-                self._routed[request_id] = routed
-                stream = self.workers[routed.worker_id].generate(
-                    request_id, context, _remaining(params, len(generated)), priority)
-                try:
-                    async for out in stream:
-                        routed.started = True
-                        generated.extend(out.new_token_ids)
-                        yield out if attempt == 0 else _as_continuation(out, len(prompt_token_ids))
+            routed = None
+            if self.num_prefill:
+                routed = self._route(list(prompt_token_ids), self.decode_ids)
+                if should_split(len(prompt_token_ids), routed.cached_tokens, self.disagg):
+                    self.num_split += 1
+                    async for out in self._generate_split(request_id, prompt_token_ids, params, priority,
+                                                           routed.worker_id):
+                        yield out
                     return
-                except EngineDeadError:
-                    if attempt == self.max_migrations or not self.workers[routed.worker_id].dead_reason:
-                        raise
-                    self.num_migrations += 1
-                finally:
-                    await stream.aclose()  # now, not at garbage collection: an early exit aborts at once
+            async for out in self._generate_whole(request_id, prompt_token_ids, params, priority, routed):
+                yield out
         finally:
             self._routed.pop(request_id, None)
 
-    def _route(self, prompt_token_ids: list[int]) -> _Routed:
+    async def _generate_whole(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int,
+        routed: _Routed | None,
+    ) -> AsyncIterator[EngineCoreOutput]:
+        generated: list[int] = []
+        for attempt in range(self.max_migrations + 1):
+            context = list(prompt_token_ids) + generated
+            if routed is None or attempt:
+                routed = self._route(context, self.decode_ids)
+            self._routed[request_id] = routed
+            stream = self.workers[routed.worker_id].generate(
+                request_id, context, _remaining(params, len(generated)), priority)
+            try:
+                async for out in stream:
+                    routed.started = True
+                    generated.extend(out.new_token_ids)
+                    yield out if attempt == 0 else _as_continuation(out, len(prompt_token_ids))
+                return
+            except EngineDeadError:
+                if attempt == self.max_migrations or not self.workers[routed.worker_id].dead_reason:
+                    raise
+                self.num_migrations += 1
+            finally:
+                await stream.aclose()  # now, not at garbage collection: an early exit aborts at once
+
+    async def _generate_split(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int,
+        decode_id: WorkerId,
+    ) -> AsyncIterator[EngineCoreOutput]:
+        """Prefill on a prefill worker, then decode on `decode_id` from the moved KV."""
+        routed = self._route(list(prompt_token_ids), range(self.num_prefill))
+        self._routed[request_id] = routed
+        prefill_worker: KVWorker = self.workers[routed.worker_id]
+        first, handle = await prefill_worker.prefill(request_id, prompt_token_ids, params, priority)
+        if handle is None or not self._continues(first, params, len(prompt_token_ids)):
+            yield first
+            return
+        yield msgspec.structs.replace(first, finish_reason=None)
+        self._routed[request_id] = _Routed(decode_id, 0, started=True)
+        decode_worker: KVWorker = self.workers[decode_id]
+        stream = decode_worker.generate_from_kv(request_id, prompt_token_ids, handle, params, priority)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+
+    def _continues(self, first: EngineCoreOutput, params: SamplingParams, num_prompt_tokens: int) -> bool:
+        """Whether a prefill's "length" finish was only the prefill's own one-token cap."""
+        return (first.finish_reason == "length" and params.max_tokens > 1
+                and num_prompt_tokens + 1 < self.info.context_len)
+
+    def _route(self, prompt_token_ids: list[int], candidates: range) -> _Routed:
         hashes = prompt_block_hashes(prompt_token_ids, self.block_size)
         request = RouteRequest(hashes, len(prompt_token_ids), now=self._clock())
+        states = self.worker_states()
+        overlap = self.index.overlap(hashes, request.now)  # before routing records the choice
         try:
-            worker_id = self.router.route(request, self.worker_states(), self.index)
+            worker_id = self.router.route(request, [states[i] for i in candidates], self.index)
         except NoWorkerError as e:
             raise EngineDeadError(self.dead_reason or str(e)) from None
         self.routed_counts[worker_id] += 1
-        cached_blocks = self.index.overlap(hashes, request.now).get(worker_id, 0)
-        return _Routed(worker_id, len(prompt_token_ids) - cached_blocks * self.block_size)
+        cached = min(overlap.get(worker_id, 0) * self.block_size, len(prompt_token_ids))
+        return _Routed(worker_id, len(prompt_token_ids) - cached, cached)
 
     def abort(self, request_id: str) -> None:
         routed = self._routed.get(request_id)

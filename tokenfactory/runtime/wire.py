@@ -2,7 +2,7 @@
 
 Two one-way channels, so neither side ever waits on the other:
 
-- client -> engine: `AddRequest`, `Abort`, `Shutdown`;
+- client -> engine: `AddRequest`, `ImportKV`, `Abort`, `Shutdown`;
 - engine -> client: `Ready` once at start, then one `OutputBatch` per step (every request's new
   tokens from that step in a single message, plus the engine's load), and `EngineFailed` if the
   engine cannot go on.
@@ -24,6 +24,19 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    priority: int = 0
+    prefill_only: bool = False
+    """Stop after the first token and export the KV (the prefill half of a split request)."""
+
+
+class ImportKV(msgspec.Struct, tag=True, array_like=True):
+    """Continue a request prefilled elsewhere: `handle` is what the prefill engine's
+    `KVTransport.send` returned; this engine's transport turns it back into the KV."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    handle: bytes
     priority: int = 0
 
 
@@ -66,6 +79,8 @@ class OutputBatch(msgspec.Struct, tag=True, array_like=True):
     """Requests the engine refused outright, with the reason (e.g. past the context window)."""
     kv_events: list[KVEvent] = []
     """Prefix-cache changes in this step: what a KV-aware router subscribes to."""
+    kv_ready: dict[str, bytes] = {}
+    """Prefill-only requests finished this step: request id -> transport handle of their KV."""
 
 
 class EngineFailed(msgspec.Struct, tag=True, array_like=True):
@@ -74,7 +89,7 @@ class EngineFailed(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
-ToEngine = AddRequest | Abort | Shutdown
+ToEngine = AddRequest | ImportKV | Abort | Shutdown
 FromEngine = Ready | OutputBatch | EngineFailed
 
 encoder = msgspec.msgpack.Encoder()

@@ -1,0 +1,39 @@
+"""Key store: keys are shown once, stored hashed, found by their plaintext, revoked at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenfactory.meter.keys import KeyStore
+
+
+def test_create_authenticate_list_revoke(tmp_path):
+    store = KeyStore(tmp_path / "factory.db")
+    record, plaintext = store.create("acme", ["flex", "default"], "default", name="ci")
+    assert plaintext.startswith(f"tf-{record.key_id}-")
+    assert store.authenticate(plaintext) == record
+    assert store.authenticate(plaintext + "x") is None
+    assert store.authenticate(f"tf-{record.key_id}-wrong") is None
+    assert store.authenticate("sk-something-else") is None
+    other, _ = store.create("globex", ["flex"], "flex")
+    assert [r.key_id for r in store.list()] == [record.key_id, other.key_id]
+    assert [r.key_id for r in store.list(tenant="globex")] == [other.key_id]
+    assert store.revoke(record.key_id) and not store.revoke(record.key_id)
+    assert store.authenticate(plaintext) is None
+    # A second handle (another process: the CLI) sees the revocation at once.
+    assert KeyStore(tmp_path / "factory.db").get(record.key_id).revoked_at is not None
+
+
+def test_stored_keys_are_not_plaintext(tmp_path):
+    path = tmp_path / "factory.db"
+    store = KeyStore(path)
+    _, plaintext = store.create("acme", ["default"], "default")
+    store.close()
+    secret = plaintext.rsplit("-", 1)[1]
+    for file in tmp_path.iterdir():  # the database, its WAL and shared-memory files
+        assert secret.encode() not in file.read_bytes()
+
+
+def test_default_tier_must_be_allowed(tmp_path):
+    with pytest.raises(ValueError, match="not among the allowed tiers"):
+        KeyStore(tmp_path / "factory.db").create("acme", ["flex"], "priority")

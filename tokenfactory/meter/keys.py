@@ -1,0 +1,128 @@
+"""API keys owned by tenants, stored hashed: `tf-<key id>-<secret>` is shown once, at creation.
+
+The database keeps the key id, a random per-key salt and HMAC-SHA256(salt, secret), never the
+secret. A lookup finds the row by key id and compares hashes in constant time. Every lookup reads
+the database, so a revocation (from the CLI, in another process) takes effect on the next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenfactory.control.tiers import KeyPolicy
+from tokenfactory.meter.db import connect
+
+KEY_PREFIX = "tf"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    key_id: str
+    tenant: str
+    name: str
+    default_tier: str
+    allowed_tiers: tuple[str, ...]
+    created_at: float
+    revoked_at: float | None
+
+    @property
+    def policy(self) -> KeyPolicy:
+        return KeyPolicy(self.default_tier, frozenset(self.allowed_tiers))
+
+
+def _hash(salt: str, secret: str) -> str:
+    return hmac.new(bytes.fromhex(salt), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def split_key(plaintext: str) -> tuple[str, str] | None:
+    """(key id, secret) of a well-formed key, else None."""
+    prefix, _, rest = plaintext.partition("-")
+    key_id, _, secret = rest.partition("-")
+    if prefix != KEY_PREFIX or not key_id or not secret:
+        return None
+    return key_id, secret
+
+
+class KeyStore:
+    """Create, look up, list and revoke keys in the factory database. Thread-safe."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._conn = connect(self.path)
+        self._lock = threading.Lock()
+
+    def create(
+        self, tenant: str, allowed_tiers: Iterable[str], default_tier: str, name: str = ""
+    ) -> tuple[KeyRecord, str]:
+        """A new key and its plaintext, which is returned here and never again."""
+        allowed = tuple(dict.fromkeys(allowed_tiers))
+        if not tenant:
+            raise ValueError("a key needs a tenant")
+        if default_tier not in allowed:
+            raise ValueError(f"default tier {default_tier!r} is not among the allowed tiers {list(allowed)}")
+        key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(24), secrets.token_hex(16)
+        record = KeyRecord(key_id, tenant, name, default_tier, allowed, time.time(), None)
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO api_keys (key_id, tenant, name, salt, secret_hash, default_tier, allowed_tiers, "
+                "created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                (key_id, tenant, name, salt, _hash(salt, secret), default_tier, ",".join(allowed), record.created_at),
+            )
+        return record, f"{KEY_PREFIX}-{key_id}-{secret}"
+
+    def authenticate(self, plaintext: str) -> KeyRecord | None:
+        """The live (not revoked) key this plaintext is, else None."""
+        parts = split_key(plaintext)
+        if parts is None:
+            return None
+        key_id, secret = parts
+        with self._lock:
+            row = self._conn.execute("SELECT salt, secret_hash FROM api_keys WHERE key_id = ? AND revoked_at IS NULL",
+                                     (key_id,)).fetchone()
+        if row is None or not hmac.compare_digest(_hash(row[0], secret), row[1]):
+            return None
+        return self.get(key_id)
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        with self._lock:
+            row = self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+        return _record(row) if row else None
+
+    def list(self, tenant: str | None = None, include_revoked: bool = True) -> list[KeyRecord]:
+        query = f"SELECT {_COLUMNS} FROM api_keys WHERE (? IS NULL OR tenant = ?)"
+        if not include_revoked:
+            query += " AND revoked_at IS NULL"
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY created_at", (tenant, tenant)).fetchall()
+        return [_record(r) for r in rows]
+
+    def revoke(self, key_id: str) -> bool:
+        """Revoke a live key; False if there is no such live key."""
+        with self._lock:
+            cur = self._conn.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                                     (time.time(), key_id))
+        return cur.rowcount == 1
+
+    def has_keys(self) -> bool:
+        """Whether any key was ever created: then the gateway requires one."""
+        with self._lock:
+            return self._conn.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+_COLUMNS = "key_id, tenant, name, default_tier, allowed_tiers, created_at, revoked_at"
+
+
+def _record(row: sqlite3.Row | tuple) -> KeyRecord:
+    key_id, tenant, name, default_tier, allowed, created_at, revoked_at = row
+    return KeyRecord(key_id, tenant, name, default_tier, tuple(allowed.split(",")), created_at, revoked_at)

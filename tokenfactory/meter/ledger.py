@@ -1,0 +1,151 @@
+"""The usage ledger: one row per request, written durably and exactly once.
+
+Every request that ran (completed, aborted, failed or shed) becomes a `LedgerEntry`: who (tenant,
+key), what (tier, model, prompt / cached / completion tokens), how well (TTFT, duration), the cost
+from its tier's prices, and its energy in joules. Energy is NULL for now: the power meter that
+attributes each engine step's joules to its requests is the next step.
+
+A writer thread owns the writes so the gateway's event loop never blocks on disk: `submit` queues
+an entry and returns a future that resolves once its batch is committed. The gateway awaits that
+future before it sends a response's final chunk, so a client that saw its last chunk is already
+in the ledger (see `meter/db.py` for why `synchronous=FULL`). The request id is the primary key and
+inserts do nothing on conflict, so a retry never counts a request twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+from tokenfactory.meter.db import connect
+
+OUTCOMES = ("completed", "aborted", "failed", "shed")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    request_id: str
+    created_at: float  # unix seconds when the request arrived
+    tenant: str
+    key_id: str
+    tier: str
+    model: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    ttft_s: float | None  # None: no token was produced
+    duration_s: float
+    outcome: str
+    energy_j: float | None = None  # the power meter comes next; NULL until then
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, got {self.outcome!r}")
+
+
+_COLUMNS = tuple(f.name for f in fields(LedgerEntry))
+_INSERT = (f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)}) "
+           "ON CONFLICT (request_id) DO NOTHING")
+GROUPINGS = {"tenant": "tenant", "tier": "tier", "model": "model", "key": "key_id", "outcome": "outcome"}
+
+MAX_BATCH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    group: str
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+class Ledger:
+    """The ledger in a SQLite file, with a writer thread that commits queued entries in batches."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._conn = connect(self.path)
+        self._queue: queue.Queue[tuple[LedgerEntry, Future[None]] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
+        self._writer.start()
+
+    def submit(self, entry: LedgerEntry) -> Future[None]:
+        """Queue an entry; the future resolves once it is committed (or raises why not)."""
+        done: Future[None] = Future()
+        self._queue.put((entry, done))
+        return done
+
+    async def record(self, entry: LedgerEntry) -> None:
+        """Queue an entry and wait, without blocking the event loop, until it is committed."""
+        await asyncio.wrap_future(self.submit(entry))
+
+    def close(self) -> None:
+        """Commit everything queued, then stop the writer."""
+        self._queue.put(None)
+        self._writer.join()
+        self._conn.close()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch: list[tuple[LedgerEntry, Future[None]]] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._commit(batch)
+            if item is None:
+                return
+
+    def _commit(self, batch: list[tuple[LedgerEntry, Future[None]]]) -> None:
+        try:
+            self._conn.execute("BEGIN")
+            self._conn.executemany(_INSERT, [astuple(entry) for entry, _ in batch])
+            self._conn.execute("COMMIT")
+        except Exception as e:  # handed to every waiter: the gateway then fails the request loudly
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            for _, done in batch:
+                done.set_exception(e)
+            return
+        for _, done in batch:
+            done.set_result(None)
+
+
+# ---------------------------------------------------------------- reading (separate connections)
+
+
+def read_entries(path: str | Path, since: float = 0.0) -> list[LedgerEntry]:
+    conn = connect(path)
+    try:
+        rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM usage WHERE created_at >= ? ORDER BY created_at",
+                            (since,)).fetchall()
+    finally:
+        conn.close()
+    return [LedgerEntry(*row) for row in rows]
+
+
+def summarize(path: str | Path, by: str = "tenant", since: float = 0.0) -> list[UsageTotals]:
+    """Requests, tokens and cost per tenant / tier / model / key / outcome since a unix time."""
+    column = GROUPINGS[by]
+    conn = connect(path)
+    try:
+        rows = conn.execute(
+            f"SELECT {column}, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
+            f"SUM(cost_usd) FROM usage WHERE created_at >= ? GROUP BY {column} ORDER BY {column}", (since,),
+        ).fetchall()
+    finally:
+        conn.close()
+    return [UsageTotals(*row) for row in rows]

@@ -1,4 +1,4 @@
-"""`tokenfactory serve | keys create|list|revoke | usage | bench engine|serve|decode|routing | twin replay`."""
+"""`tokenfactory serve | keys create|list|revoke | usage | bench engine|serve|decode|routing|overhead | twin replay`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import uvicorn
 
-from tokenfactory.bench import decode_bench, engine_bench, routing_bench, serve_bench
+from tokenfactory.bench import decode_bench, engine_bench, overhead_bench, routing_bench, serve_bench
 from tokenfactory.control.disagg import DisaggConfig
 from tokenfactory.control.router import ROUTERS
 from tokenfactory.engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_routing = bench.add_parser("routing", help="routers on a trace in the twin, against a shared-cache bound")
     routing_bench.add_arguments(bench_routing)
     bench_routing.set_defaults(func=routing_bench.main)
+    bench_overhead = bench.add_parser("overhead", help="what the gateway, the router and KV transfer add per request")
+    overhead_bench.add_arguments(bench_overhead)
+    bench_overhead.set_defaults(func=overhead_bench.main)
     twin = commands.add_parser("twin", help="the digital twin").add_subparsers(dest="twin", required=True)
     twin_replay = twin.add_parser("replay", help="replay a trace on simulated hardware with the real scheduler")
     twin_cli.add_replay_arguments(twin_replay)

@@ -135,12 +135,14 @@ async def _stream_one(client: httpx.AsyncClient, model: str, prompt: list[int], 
     return timing
 
 
-def _start_server(model_dir: str, name: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
+def _start_server(model_dir: str, name: str, port: int, args: argparse.Namespace,
+                  extra: list[str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tokenfactory.cli", "serve", "--model", model_dir, "--port", str(port),
            "--max-num-seqs", str(max(args.concurrency, 1)),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if name:
         cmd += ["--served-model-name", name]
+    cmd += extra or []
     # The ledger stays on (it is part of the gateway's work), in a home of its own: benchmark traffic
     # is nobody's bill.
     env = os.environ | {"TOKENFACTORY_HOME": tempfile.mkdtemp(prefix="tokenfactory-bench-")}

@@ -36,6 +36,8 @@ class StepStats:
     num_requests: int
     num_prefill_tokens: int
     duration_s: float
+    tokens_by_request: dict[str, int] = field(default_factory=dict)
+    """Tokens each request computed in the step (the meter shares the step's energy by them)."""
 
 
 class EngineCore:
@@ -196,6 +198,7 @@ class EngineCore:
             num_requests=len(sched.chunks),
             num_prefill_tokens=prefill,
             duration_s=time.perf_counter() - t0,
+            tokens_by_request=sched.num_scheduled_tokens,
         )
         return outputs
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import Field
 
 from tokenfactory import __version__
@@ -35,6 +36,7 @@ from tokenfactory.gateway.protocol import (
 from tokenfactory.gateway.serving import OpenAIServing
 from tokenfactory.meter.keys import KeyRecord, KeyStore
 from tokenfactory.meter.ledger import Ledger
+from tokenfactory.meter.metrics import FactoryMetrics, WorkerSample
 from tokenfactory.runtime.client import AsyncEngineClient, Worker
 from tokenfactory.runtime.pool import WorkerPool
 from tokenfactory.runtime.wire import EngineLoad
@@ -63,7 +65,8 @@ def build_app(
     worker = worker if worker is not None else AsyncEngineClient(config)
     tiers = tiers if tiers is not None else builtin_config()
     store = KeyStore(db_path) if db_path is not None else None
-    metering = Metering(tiers, clock=clock or time.time)
+    metering = Metering(tiers, clock=clock or time.time, metrics=FactoryMetrics(),
+                        energy=worker.energy if isinstance(worker, AsyncEngineClient) else None)
     created = now_s()
 
     @asynccontextmanager
@@ -123,7 +126,19 @@ def build_app(
                               "mean_predicted_overlap_tokens": round(metrics.mean_predicted_overlap_tokens, 3)}
         return JSONResponse(body, status_code=200 if worker.is_alive else 503)
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text: requests, tokens, latency, revenue and energy by tier; per worker queue
+        depths, KV usage and power."""
+        return Response(metering.metrics.render(worker_samples(worker)), media_type=CONTENT_TYPE_LATEST)
+
     return app
+
+
+def worker_samples(worker: Worker) -> list[WorkerSample]:
+    if isinstance(worker, WorkerPool):
+        return [WorkerSample(str(h.worker_id), h.load) for h in worker.worker_health()]
+    return [WorkerSample("0", worker.load)]
 
 
 def add_admin_routes(app: FastAPI, admin: AdminAuth, store: KeyStore | None, tiers: FactoryConfig) -> None:

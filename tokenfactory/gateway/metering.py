@@ -25,16 +25,24 @@ from tokenfactory.control.tiers import (
 )
 from tokenfactory.gateway.auth import Caller
 from tokenfactory.gateway.errors import APIError, bad_request, forbidden, rate_limited
+from tokenfactory.meter.energy import EnergyBook
 from tokenfactory.meter.ledger import Ledger, LedgerEntry
+from tokenfactory.meter.metrics import FactoryMetrics
 
 
 class Metering:
-    """The factory's tiers, each key's rate-limit windows, and the ledger (None: not recorded)."""
+    """The factory's tiers, each key's rate-limit windows, and the ledger (None: not recorded).
+
+    `energy` holds the joules the engine attributed to ended requests (None: energy unknown, the
+    ledger's column stays NULL); `metrics` counts every request its ledger entry records."""
 
     def __init__(self, tiers: FactoryConfig, ledger: Ledger | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, energy: EnergyBook | None = None,
+                 metrics: FactoryMetrics | None = None) -> None:
         self.tiers = tiers
         self.ledger = ledger
+        self.energy = energy
+        self.metrics = metrics
         self.limiter = RateLimiter(tiers)
         self.clock = clock
 
@@ -94,11 +102,16 @@ class RequestAccount:
         self.closed = True
         now = time.monotonic()
         self.metering.limiter.record(self.caller.key_id, self.tier, usage.total_tokens, self.metering.clock())
-        return LedgerEntry(
+        energy = self.metering.energy
+        entry = LedgerEntry(
             request_id=request_id, created_at=self.arrived_s, tenant=self.caller.tenant,
             key_id=self.caller.key_id, tier=self.tier, model=self.model,
             prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
             completion_tokens=usage.completion_tokens, cost_usd=price_usage(self.spec, self.model, usage),
             ttft_s=None if self.first_token is None else self.first_token - self.started,
             duration_s=now - self.started, outcome=outcome,
+            energy_j=energy.take(request_id) if energy is not None else None,
         )
+        if self.metering.metrics is not None:
+            self.metering.metrics.observe(entry)
+        return entry

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from tokenfactory.control.tiers import ConfigError, FactoryConfig, builtin_config, parse_factory_config
 from tokenfactory.meter.db import default_db_path
+from tokenfactory.meter.energy import energy_by_tier
 from tokenfactory.meter.keys import KeyStore
 from tokenfactory.meter.ledger import GROUPINGS, summarize
 
@@ -130,7 +131,8 @@ def usage_main(args: argparse.Namespace) -> int:
     path = db_path(args)
     if not path.exists():
         raise SystemExit(f"tokenfactory: no factory database at {path}")
-    rows = summarize(path, by=args.by, since=parse_since(args.since, time.time()))
+    since_s = parse_since(args.since, time.time())
+    rows = summarize(path, by=args.by, since=since_s)
     since = f" since {args.since}" if args.since else ""
     table = Table(title=f"Usage by {args.by}{since}")
     table.add_column(args.by)
@@ -144,7 +146,28 @@ def usage_main(args: argparse.Namespace) -> int:
                   f"{sum(r.cached_tokens for r in rows):,}", f"{sum(r.completion_tokens for r in rows):,}",
                   f"{sum(r.cost_usd for r in rows):.6f}", style="bold")
     Console(width=120).print(table)
+    print_energy(path, since_s, since)
     return 0
+
+
+def print_energy(path: Path, since_s: float, since: str) -> None:
+    """Joules per token and tokens per joule by tier, over requests the power meter measured."""
+    tiers = energy_by_tier(path, since=since_s)
+    if not tiers:
+        return
+    table = Table(title=f"Energy by tier{since} (step energy shared by tokens; computed = uncached prompt + "
+                        "completion tokens)")
+    table.add_column("tier")
+    for column in ("metered requests", "computed tokens", "energy (J)", "J / token", "tokens / J"):
+        table.add_column(column, justify="right")
+    for t in tiers:
+        table.add_row(t.tier, f"{t.requests_metered:,}", f"{t.tokens:,}", f"{t.energy_j:,.3f}",
+                      _ratio(t.joules_per_token), _ratio(t.tokens_per_joule))
+    Console(width=120).print(table)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _when(ts: float) -> str:

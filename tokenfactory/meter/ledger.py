@@ -2,8 +2,9 @@
 
 Every request that ran (completed, aborted, failed or shed) becomes a `LedgerEntry`: who (tenant,
 key), what (tier, model, prompt / cached / completion tokens), how well (TTFT, duration), the cost
-from its tier's prices, and its energy in joules. Energy is NULL for now: the power meter that
-attributes each engine step's joules to its requests is the next step.
+from its tier's prices, and its energy in joules: each engine step's energy (measured with NVML on
+a GPU, modeled elsewhere) split over the step's requests by their share of its tokens. Energy is
+NULL where no engine reported it (a request aborted before its engine answered, pooled workers).
 
 A writer thread owns the writes so the gateway's event loop never blocks on disk: `submit` queues
 an entry and returns a future that resolves once its batch is committed. The gateway awaits that
@@ -41,7 +42,7 @@ class LedgerEntry:
     ttft_s: float | None  # None: no token was produced
     duration_s: float
     outcome: str
-    energy_j: float | None = None  # the power meter comes next; NULL until then
+    energy_j: float | None = None  # None: no engine reported energy for it
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:

@@ -28,6 +28,7 @@ from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.kv_cache import KVEvent
 from tokenfactory.engine.outputs import EngineCoreOutput
 from tokenfactory.engine.request import SamplingParams
+from tokenfactory.meter.energy import EnergyBook
 from tokenfactory.runtime.engine_process import run_engine_process
 from tokenfactory.runtime.wire import (
     Abort,
@@ -118,6 +119,8 @@ class AsyncEngineClient:
         self._kv_listeners: list[Callable[[list[KVEvent]], None]] = []
         self._kv_handles: dict[str, bytes] = {}
         """KV handles of finished prefill-only requests, until `prefill` takes them."""
+        self.energy = EnergyBook()
+        """Joules of ended requests, as the engine attributed them, until the ledger takes them."""
 
     @property
     def info(self) -> Ready:
@@ -223,6 +226,7 @@ class AsyncEngineClient:
         if batch.kv_events:
             for listener in self._kv_listeners:
                 listener(batch.kv_events)
+        self.energy.add(batch.energy_j)  # before the outputs: a final output's ledger entry reads it
         for request_id, handle in batch.kv_ready.items():
             if request_id in self._queues:
                 self._kv_handles[request_id] = handle

@@ -20,6 +20,8 @@ from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.engine import EngineCore
 from tokenfactory.engine.outputs import EngineCoreOutput
 from tokenfactory.engine.request import Request
+from tokenfactory.meter.energy import StepEnergyMeter
+from tokenfactory.meter.power import sensor_for
 from tokenfactory.runtime.kv_transfer import InlineTransport, KVTransport
 from tokenfactory.runtime.wire import (
     Abort,
@@ -56,7 +58,7 @@ def run_engine_process(config: EngineConfig, inbox_addr: str, outbox_addr: str) 
             max_num_seqs=config.scheduler.max_num_seqs,
             pid=os.getpid(),
         )))
-        EngineLoop(core, inbox, outbox).run()
+        EngineLoop(core, inbox, outbox, energy=StepEnergyMeter(sensor_for(config.device))).run()
     except Exception:
         outbox.send(encoder.encode(EngineFailed(traceback.format_exc())))
         raise
@@ -68,9 +70,11 @@ class EngineLoop:
     """Receive, step, send; one `OutputBatch` per step that produced anything."""
 
     def __init__(
-        self, core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, transport: KVTransport | None = None
+        self, core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, transport: KVTransport | None = None,
+        energy: StepEnergyMeter | None = None,
     ) -> None:
         self.core = core
+        self.energy = energy or StepEnergyMeter(sensor_for(core.config.device))
         self.transport = transport or InlineTransport()
         self.inbox = inbox
         self.outbox = outbox
@@ -87,16 +91,26 @@ class EngineLoop:
             if received is None:
                 return
             if self.core.has_work():
-                t0 = time.perf_counter()
-                outputs.extend(self.core.step())
-                self.step_seconds += time.perf_counter() - t0
-                self.num_steps += 1
+                outputs.extend(self._step())
             kv_events = self.core.take_kv_events()
             kv_ready = self._export_prefills(outputs)
+            energy_j = self.energy.take_finished(out.request_id for out in outputs if out.finished)
             if outputs or rejected or received or kv_events:
                 batch = OutputBatch(outputs=outputs, load=self.load(), rejected=rejected, kv_events=kv_events,
-                                    kv_ready=kv_ready)
+                                    kv_ready=kv_ready, energy_j=energy_j)
                 self.outbox.send(encoder.encode(batch))
+
+    def _step(self) -> list[EngineCoreOutput]:
+        """One engine step, timed, its energy shared among its requests by tokens."""
+        self.energy.begin_step()
+        t0 = time.perf_counter()
+        outputs = self.core.step()
+        duration = time.perf_counter() - t0
+        stats = self.core.last_step
+        self.energy.end_step(duration, stats.tokens_by_request if stats is not None else {})
+        self.step_seconds += duration
+        self.num_steps += 1
+        return outputs
 
     def _receive(self, outputs: list[EngineCoreOutput], rejected: dict[str, str], block: bool) -> int | None:
         """Apply every waiting message; the number applied, or None on `Shutdown`/orphaning."""
@@ -164,4 +178,7 @@ class EngineLoop:
             num_total_blocks=kv.num_blocks,
             num_steps=self.num_steps,
             step_seconds=self.step_seconds,
+            power_w=self.energy.last_watts,
+            power_source=self.energy.source,
+            energy_j=self.energy.total_j,
         )

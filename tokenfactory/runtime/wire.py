@@ -58,6 +58,12 @@ class EngineLoad(msgspec.Struct, array_like=True):
     num_steps: int = 0
     step_seconds: float = 0.0
     """Time spent inside steps since start (num_steps / step_seconds is the step rate)."""
+    power_w: float = 0.0
+    """The accelerator's power during the last step."""
+    power_source: str = "modeled"
+    """"measured" (NVML) or "modeled" (the twin's power model of the worker's hardware)."""
+    energy_j: float = 0.0
+    """Joules spent inside steps since start."""
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):
@@ -81,6 +87,9 @@ class OutputBatch(msgspec.Struct, tag=True, array_like=True):
     """Prefix-cache changes in this step: what a KV-aware router subscribes to."""
     kv_ready: dict[str, bytes] = {}
     """Prefill-only requests finished this step: request id -> transport handle of their KV."""
+    energy_j: dict[str, float] = {}
+    """Requests that ended this step (finished, aborted, or prefilled for another worker) -> the
+    joules of their steps on this engine, shared by tokens (`meter/energy.py`)."""
 
 
 class EngineFailed(msgspec.Struct, tag=True, array_like=True):

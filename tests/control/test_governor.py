@@ -1,0 +1,101 @@
+"""The power governor: budgets under grid events, tier shedding order, token budgets per worker."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenfactory.control.governor import (
+    GovernorConfig,
+    GovernorState,
+    GridEvent,
+    TierLoad,
+    WorkerPower,
+    add_event,
+    budget_at,
+    decide,
+)
+
+HOUR = 3600.0
+T14 = 14 * HOUR
+WORKERS = [WorkerPower(i, idle_w=100.0, max_w=700.0, max_tokens_per_step=8192) for i in range(4)]
+CONFIG = GovernorConfig(static_cap_w=2800.0)
+CUT_25_FROM_14_FOR_3H = GridEvent(start_s=T14, duration_s=3 * HOUR, cut_fraction=0.25, ramp_s=600.0)
+
+
+def modeled_power(worker: WorkerPower, tokens_per_step: int) -> float:
+    """The simple load model: a worker running its full token budget draws its share of power."""
+    return worker.idle_w + (worker.max_w - worker.idle_w) * tokens_per_step / worker.max_tokens_per_step
+
+
+def loads(flex: float, default: float, priority: float) -> list[TierLoad]:
+    return [TierLoad("flex", -10, flex), TierLoad("default", 0, default), TierLoad("priority", 10, priority)]
+
+
+def test_a_grid_event_ramps_in_before_it_starts_and_out_after_it_ends():
+    state = GovernorState(events=(CUT_25_FROM_14_FOR_3H,))
+    assert budget_at(CONFIG, state, T14 - 700) == 2800.0
+    assert budget_at(CONFIG, state, T14 - 300) == pytest.approx(2800 * (1 - 0.125))
+    for now in (T14, T14 + HOUR, T14 + 3 * HOUR - 1):
+        assert budget_at(CONFIG, state, now) == pytest.approx(2100.0)
+    assert budget_at(CONFIG, state, T14 + 3 * HOUR + 300) == pytest.approx(2800 * (1 - 0.125))
+    assert budget_at(CONFIG, state, T14 + 3 * HOUR + 600) == 2800.0
+
+
+def test_power_stays_under_the_budget_once_the_ramp_is_done_even_at_full_load():
+    state = add_event(GovernorState(), CUT_25_FROM_14_FOR_3H, now=T14 - HOUR)
+    full = loads(flex=20000, default=20000, priority=20000)
+    for now in (T14 - 600, T14 - 300, T14, T14 + 2 * HOUR, T14 + 3 * HOUR + 100):
+        decision = decide(CONFIG, state, WORKERS, full, now)
+        drawn = sum(modeled_power(w, limit.token_budget) for w, limit in zip(WORKERS, decision.workers))
+        assert drawn <= decision.budget_w + 1e-6
+    during = decide(CONFIG, state, WORKERS, full, T14 + HOUR)
+    assert during.budget_w == pytest.approx(2100.0)
+    assert all(limit.token_budget < 8192 for limit in during.workers)
+    before = decide(CONFIG, state, WORKERS, full, T14 - 2 * HOUR)
+    assert all(limit.token_budget == 8192 for limit in before.workers)
+
+
+def test_an_event_announced_late_ramps_from_its_announcement():
+    state = add_event(GovernorState(), CUT_25_FROM_14_FOR_3H, now=T14 - 60)
+    assert budget_at(CONFIG, state, T14 - 61) == 2800.0  # nothing before anyone knew
+    assert budget_at(CONFIG, state, T14 - 30) == pytest.approx(2800 * (1 - 0.125))
+    assert budget_at(CONFIG, state, T14) == pytest.approx(2100.0)
+
+
+def test_tiers_are_shed_lowest_first_as_the_budget_falls():
+    demand = loads(flex=6000, default=8000, priority=6000)  # 20k tokens/step asked for
+    shed_order = []
+    for cut in (0.0, 0.3, 0.5, 0.7):
+        event = GridEvent(start_s=0.0, duration_s=HOUR, cut_fraction=cut, ramp_s=0.0)
+        decision = decide(CONFIG, GovernorState(events=(event,)), WORKERS, demand, now=10.0)
+        for tier in decision.shed_tiers:
+            if tier not in shed_order:
+                shed_order.append(tier)
+        if "default" in decision.admitted_tiers:
+            assert "priority" in decision.admitted_tiers  # never a lower tier without the higher ones
+    assert shed_order == ["flex", "default"]
+
+
+def test_priority_is_untouched_while_lower_tiers_have_load():
+    blackout = GovernorState(events=(GridEvent(0.0, HOUR, cut_fraction=0.9, ramp_s=0.0),))
+    demand = loads(flex=5000, default=5000, priority=50000)  # priority alone exceeds the capacity
+    decision = decide(CONFIG, blackout, WORKERS, demand, now=10.0)
+    assert decision.admitted_tiers == {"priority"}
+    assert decision.shed_tiers == ("flex", "default")
+    drained = decide(CONFIG, blackout, WORKERS, loads(flex=0, default=0, priority=50000), now=10.0)
+    assert "priority" not in drained.admitted_tiers  # only once nothing lower is left
+
+
+def test_gpu_power_caps_are_off_unless_asked_for():
+    assert all(limit.gpu_cap_w is None for limit in decide(CONFIG, GovernorState(), WORKERS, [], 0.0).workers)
+    capped = decide(GovernorConfig(static_cap_w=1600.0, gpu_power_caps=True), GovernorState(), WORKERS, [], 0.0)
+    assert [limit.gpu_cap_w for limit in capped.workers] == [400.0] * 4
+
+
+def test_a_worker_with_less_headroom_leaves_its_unused_share_to_the_others():
+    small = WorkerPower(9, idle_w=50.0, max_w=150.0, max_tokens_per_step=1024)
+    big = WorkerPower(1, idle_w=100.0, max_w=700.0, max_tokens_per_step=8192)
+    decision = decide(GovernorConfig(static_cap_w=1000.0), GovernorState(), [small, big], [], 0.0)
+    shares = {limit.worker_id: limit.power_w for limit in decision.workers}
+    assert shares == {9: 150.0, 1: 700.0}  # the small one tops out; the rest goes to the big one
+    assert sum(shares.values()) <= 1000.0

@@ -15,10 +15,12 @@ import torch
 
 from tokenfactory.engine.attention import AttentionMetadata, PrefillChunk
 from tokenfactory.engine.config import ConfigError, EngineConfig, ModelConfig
+from tokenfactory.engine.grammar import GrammarMasks, build_ll_tokenizer
 from tokenfactory.engine.model import ARCHITECTURES, CausalLM, KVCache
 from tokenfactory.engine.outputs import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from tokenfactory.engine.request import Request
 from tokenfactory.engine.sampler import Sampler
+from tokenfactory.engine.tokenizer import Tokenizer
 from tokenfactory.engine.weights import load_checkpoint, load_dummy
 
 
@@ -91,7 +93,11 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache()
         # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
         self.kv_caches: KVCache = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(len(self.kv_cache))]
-        self.sampler = Sampler(self.device, config.seed)
+        grammars = GrammarMasks(
+            lambda: build_ll_tokenizer(Tokenizer.from_pretrained(config.model_path), config.model.vocab_size),
+            config.model.vocab_size,
+        )
+        self.sampler = Sampler(self.device, config.seed, grammars)
 
     def _allocate_kv_cache(self) -> torch.Tensor:
         m = self.config.model

@@ -37,6 +37,8 @@ class SamplingParams:
     """None: no logprobs. k >= 0: the chosen token's logprob plus the top-k alternatives."""
     min_tokens: int = 0
     """EOS and stop token ids are ignored until this many tokens were generated."""
+    grammar: str | None = None
+    """An llguidance grammar (engine/grammar.py) the output must match; None: unconstrained."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

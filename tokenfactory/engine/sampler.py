@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from tokenfactory.engine.grammar import GrammarMasks
 from tokenfactory.engine.outputs import Logprob, TokenLogprobs
 from tokenfactory.engine.request import Request
 
@@ -18,15 +19,19 @@ from tokenfactory.engine.request import Request
 class Sampler:
     """Picks one token per row of logits; keeps each seeded request's generator across steps."""
 
-    def __init__(self, device: torch.device | str, seed: int = 0) -> None:
+    def __init__(self, device: torch.device | str, seed: int = 0, grammars: GrammarMasks | None = None) -> None:
         self.device = torch.device(device)
         self._unseeded = torch.Generator(self.device).manual_seed(seed)
         self._seeded: dict[str, torch.Generator] = {}
+        self.grammars = grammars
 
     def forget(self, request_ids: Iterable[str]) -> None:
-        """Drop the generators of finished requests."""
+        """Drop the generators and grammar states of finished requests."""
+        request_ids = list(request_ids)
         for rid in request_ids:
             self._seeded.pop(rid, None)
+        if self.grammars is not None:
+            self.grammars.forget(request_ids)
 
     @torch.inference_mode()
     def sample(
@@ -36,12 +41,17 @@ class Sampler:
         want_logprobs = [r.sampling.logprobs is not None for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
         logits = _mask_early_stops(logits, requests)
+        constrained = self.grammars is not None and any(r.sampling.grammar is not None for r in requests)
+        if constrained:
+            self.grammars.apply(logits, requests)
         greedy = [r.sampling.greedy for r in requests]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample_random(logits, requests, greedy)
         token_list = tokens.tolist()
+        if constrained:
+            self.grammars.advance(requests, token_list)
         if raw_logprobs is None:
             return token_list, [None] * len(requests)
         return token_list, _collect_logprobs(raw_logprobs, tokens, requests, want_logprobs)

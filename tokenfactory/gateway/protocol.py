@@ -90,12 +90,26 @@ class ChatMessage(RequestModel):
         return msg
 
 
+class JSONSchemaFormat(RequestModel):
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
     @property
     def max_output_tokens(self) -> int | None:
@@ -160,9 +174,28 @@ class CompletionLogprobs(ResponseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class FunctionCall(ResponseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body = handler(self)
+        if body["tool_calls"] is None:
+            del body["tool_calls"]
+        return body
 
 
 class ChatChoice(ResponseModel):
@@ -182,11 +215,21 @@ class ChatCompletionResponse(ResponseModel):
     service_tier: str | None = None  # the tier that actually served the request
 
 
+class ToolCallDelta(ResponseModel):
+    """A whole call in one delta: its index among the choice's calls, id, name and arguments."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class DeltaMessage(ResponseModel):
     """A stream chunk's delta carries only what changed (`{}` on the finishing chunk)."""
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

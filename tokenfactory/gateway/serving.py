@@ -17,7 +17,16 @@ from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from tokenfactory.agents.tool_calls import HERMES_OPEN, ToolCall, ToolCallStream, ToolFormat, parse_tool_calls, tool_call_lark
+from tokenfactory.agents.tools import (
+    ToolPlan,
+    ToolRequestError,
+    check_tool_messages,
+    plan_tools,
+    render_without_template_support,
+)
 from tokenfactory.control.tiers import TokenUsage
+from tokenfactory.engine.grammar import GrammarError, json_schema_grammar, lark_grammar
 from tokenfactory.engine.outputs import TokenLogprobs
 from tokenfactory.engine.request import SamplingParams
 from tokenfactory.engine.text import TextStream
@@ -38,8 +47,11 @@ from tokenfactory.gateway.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    FunctionCall,
     PromptTokensDetails,
     SamplingFields,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprob,
     Usage,
     now_s,
@@ -106,6 +118,10 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.context_len = context_len
+        templates = "".join(tokenizer.chat_templates.values())
+        self.tool_format = ToolFormat.for_template(templates)
+        self.template_knows_tools = "tools" in templates
+        self.tool_tags_are_tokens = tokenizer.token_to_id(HERMES_OPEN) is not None
 
     # ------------------------------------------------------------------ chat
 
@@ -115,30 +131,43 @@ class OpenAIServing:
         self._check_model(req.model)
         messages = [m.for_template() for m in req.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=req.tools)
+            plan = plan_tools(req.tools, req.tool_choice)
+            check_tool_messages(messages)
+        except ToolRequestError as e:
+            raise bad_request(str(e), param=e.param) from None
+        grammar = self._output_grammar(req, plan)
+        tools = req.tools
+        if not self.template_knows_tools and (tools or any(m["role"] == "tool" for m in messages)):
+            messages, tools = render_without_template_support(messages, tools), None
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         except TokenizerError as e:
             raise bad_request(str(e), param="messages") from None
         prompt = self.tokenizer.encode(text, add_special_tokens=False)
-        seqs = self._sequences(req, [prompt], req.max_output_tokens, "messages")
+        seqs = self._sequences(req, [prompt], req.max_output_tokens, "messages", grammar)
         rid, created = random_id("chatcmpl"), now_s()
         if req.stream:
-            return _sse(self._stream_chat(req, account, rid, created, seqs))
+            return _sse(self._stream_chat(req, account, rid, created, seqs, plan))
         totals = await self._collect(seqs, account, rid, is_disconnected)
-        choices = [
-            ChatChoice(
+        choices = []
+        for i, t in enumerate(totals):
+            content, calls = "".join(t.text), []
+            if plan.parse_calls:
+                content, calls = parse_tool_calls(content)
+                content = content.strip() or None if calls else content
+            choices.append(ChatChoice(
                 index=i,
-                message=AssistantMessage(content="".join(t.text)),
+                message=AssistantMessage(content=content, tool_calls=[_call_out(c) for c in calls] or None),
                 logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None,
-                finish_reason=t.finish_reason,
-            )
-            for i, t in enumerate(totals)
-        ]
+                finish_reason=_finish_reason(t.finish_reason, calls),
+            ))
         body = ChatCompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
                                       usage=_usage(seqs, totals), service_tier=account.tier)
         return JSONResponse(body.model_dump())
 
     async def _stream_chat(
-        self, req: ChatCompletionRequest, account: RequestAccount, rid: str, created: int, seqs: list[SequenceSpec]
+        self, req: ChatCompletionRequest, account: RequestAccount, rid: str, created: int, seqs: list[SequenceSpec],
+        plan: ToolPlan,
     ) -> AsyncIterator[str]:
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             c = ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, usage=usage,
@@ -149,14 +178,45 @@ class OpenAIServing:
         with _ledger_guard(account, rid, seqs, totals):
             for s in seqs:
                 yield chunk([ChatChunkChoice(index=s.index, delta=DeltaMessage(role="assistant", content=""))])
+            call_streams = [ToolCallStream() for _ in seqs] if plan.parse_calls else None
             async for d in self._run_metered(seqs, totals, account, rid):
                 logprobs = self._chat_logprobs(d.logprobs) if req.logprobs else None
-                if d.text or d.finish_reason or logprobs:
-                    delta = DeltaMessage(content=d.text or None)
-                    yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
-                                                 finish_reason=d.finish_reason)])
+                text, calls = d.text, []
+                if call_streams is not None:
+                    text = call_streams[d.index].push(d.text)
+                    if d.finish_reason is not None:
+                        rest, calls = call_streams[d.index].finish()
+                        text += rest
+                finish = None if calls else d.finish_reason  # after the calls' delta, if any
+                if text or finish or logprobs:
+                    yield chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=text or None),
+                                                 logprobs=logprobs, finish_reason=finish)])
+                if calls:
+                    deltas = [ToolCallDelta(index=k, id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                              for k, c in enumerate(calls)]
+                    yield chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(tool_calls=deltas),
+                                                 finish_reason=_finish_reason(d.finish_reason, calls))])
             if req.include_usage:
                 yield chunk([], _usage(seqs, totals))
+
+    def _output_grammar(self, req: ChatCompletionRequest, plan: ToolPlan) -> str | None:
+        """The grammar decoding must follow: forced tool calls, else the response format, else none."""
+        param = "tools"
+        try:
+            if plan.forced:
+                return lark_grammar(tool_call_lark(plan.forced, self.tool_format, req.parallel_tool_calls,
+                                                   self.tool_tags_are_tokens))
+            param = "response_format"
+            fmt = req.response_format
+            if fmt is None or fmt.type == "text":
+                return None
+            if fmt.type == "json_object":
+                return json_schema_grammar(None)
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise GrammarError("response_format json_schema needs json_schema.schema")
+            return json_schema_grammar(fmt.json_schema.schema_)
+        except GrammarError as e:
+            raise bad_request(f"invalid JSON schema in {param}: {e}", param=param) from None
 
     def _chat_logprobs(self, logprobs: list[TokenLogprobs]) -> ChatLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:
@@ -257,7 +317,8 @@ class OpenAIServing:
             raise engine_unavailable(self.worker.dead_reason or "not running")
 
     def _sequences(
-        self, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, prompt_param: str
+        self, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, prompt_param: str,
+        grammar: str | None = None,
     ) -> list[SequenceSpec]:
         """`n` sequences per prompt, each with its own seed, checked against the context window."""
         seqs = []
@@ -265,7 +326,7 @@ class OpenAIServing:
             budget = self._max_tokens(len(prompt), max_tokens, prompt_param)
             for i in range(req.n):
                 seed = None if req.seed is None else req.seed + i
-                seqs.append(SequenceSpec(len(seqs), p, prompt, self._sampling(req, budget, seed)))
+                seqs.append(SequenceSpec(len(seqs), p, prompt, self._sampling(req, budget, seed, grammar)))
         return seqs
 
     def _max_tokens(self, num_prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
@@ -289,12 +350,13 @@ class OpenAIServing:
             )
         return requested
 
-    def _sampling(self, req: SamplingFields, max_tokens: int, seed: int | None) -> SamplingParams:
+    def _sampling(self, req: SamplingFields, max_tokens: int, seed: int | None, grammar: str | None = None
+                  ) -> SamplingParams:
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 seed=seed, stop=req.stop_strings, ignore_eos=req.ignore_eos, logprobs=req.num_logprobs,
-                min_tokens=req.min_tokens,
+                min_tokens=req.min_tokens, grammar=grammar,
             )
         except ValueError as e:
             raise bad_request(str(e)) from None
@@ -363,6 +425,15 @@ class OpenAIServing:
         except RequestRejectedError as e:
             raise bad_request(str(e)) from None
         return totals
+
+
+def _call_out(call: ToolCall) -> ToolCallOut:
+    return ToolCallOut(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def _finish_reason(engine_reason: str | None, calls: list[ToolCall]) -> str | None:
+    """A reply that ends in tool calls finishes with `tool_calls` (a cut-off one stays `length`)."""
+    return "tool_calls" if calls and engine_reason == "stop" else engine_reason
 
 
 def _token_usage(seqs: list[SequenceSpec], totals: list[ChoiceTotals]) -> TokenUsage:

@@ -366,3 +366,82 @@ def test_random_workload_with_priorities_aborts_and_a_tight_cache():
         if n >= 0:
             assert tokens(outputs[rid]) == list(range(FIRST_OUTPUT_TOKEN, FIRST_OUTPUT_TOKEN + n))
     assert_no_leaks(scheduler)
+
+
+# --- decode_steps: many pure-decode steps at once (the twin's fast-forward) -------------------
+
+
+def decoding_pair(num_blocks: int, max_tokens: list[int], **sampling) -> tuple[Scheduler, Scheduler]:
+    """Two identical schedulers whose requests (sharing a cached prefix) have all prefilled."""
+    pair = []
+    for _ in range(2):
+        scheduler = make_scheduler(num_blocks=num_blocks, max_num_batched_tokens=256)
+        shared = [7] * (3 * BS)
+        for i, limit in enumerate(max_tokens):
+            scheduler.add_request(Request(f"r{i}", shared + [i + 1] * (i + 2), SamplingParams(max_tokens=limit, **sampling)))
+        while scheduler.num_waiting or any(r.num_output_tokens == 0 for r in scheduler._running):
+            step = scheduler.schedule()
+            scheduler.update_from_output(step, ModelRunnerOutput({c.request.request_id: 5 for c in step.chunks}))
+        pair.append(scheduler)
+    return pair[0], pair[1]
+
+
+def single_steps(scheduler: Scheduler, num_steps: int, token: int) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = defaultdict(list)
+    for _ in range(num_steps):
+        step = scheduler.schedule()
+        assert not step.preempted_ids
+        for out in scheduler.update_from_output(step, ModelRunnerOutput({c.request.request_id: token for c in step.chunks})):
+            tokens[out.request_id] += out.new_token_ids
+    return dict(tokens)
+
+
+def snapshot(scheduler: Scheduler) -> tuple:
+    kv = scheduler.kv
+    requests = [(r.request_id, r.num_computed_tokens, r.all_token_ids, r.status) for r in scheduler._running]
+    tables = {rid: (list(s.block_ids), list(s.hashes), s.num_cached_blocks) for rid, s in kv._requests.items()}
+    return (requests, tables, kv._ref_counts, kv._hash_to_block, list(kv._evictable), kv._fresh,
+            scheduler._finished_ids, kv.take_events())
+
+
+def test_decode_steps_equals_as_many_single_steps():
+    batched, stepped = decoding_pair(num_blocks=64, max_tokens=[40, 60, 50])
+    done, outputs = batched.decode_steps(30, token_id=9)
+    assert done == 30
+    assert {o.request_id: o.new_token_ids for o in outputs} == single_steps(stepped, 30, token=9)
+    assert snapshot(batched) == snapshot(stepped)
+
+
+def test_decode_steps_stops_after_a_request_finishes():
+    batched, stepped = decoding_pair(num_blocks=64, max_tokens=[40, 12, 50])
+    done, outputs = batched.decode_steps(30, token_id=9)
+    assert done == 11  # r1 had 1 of its 12 tokens
+    assert [o.finish_reason for o in outputs] == [None, "length", None]
+    single_steps(stepped, done, token=9)
+    assert snapshot(batched) == snapshot(stepped)
+    assert batched.num_running == 2
+
+
+def test_decode_steps_stops_at_a_stop_token_after_min_tokens():
+    batched, stepped = decoding_pair(num_blocks=64, max_tokens=[40, 40], stop_token_ids=(9,), min_tokens=6)
+    done, outputs = batched.decode_steps(30, token_id=9)
+    # r0 already has 2 tokens, r1 one: r0's 7th token is the first that may stop it
+    assert done == 5 and [o.finish_reason for o in outputs] == ["stop", None]
+    single_steps(stepped, done, token=9)
+    assert snapshot(batched) == snapshot(stepped)
+
+
+def test_decode_steps_stops_before_a_step_that_would_preempt():
+    batched, stepped = decoding_pair(num_blocks=30, max_tokens=[60, 60, 60])
+    done, _ = batched.decode_steps(59, token_id=9)
+    assert 0 < done < 59
+    single_steps(stepped, done, token=9)
+    assert snapshot(batched) == snapshot(stepped)
+    assert batched.schedule().preempted_ids  # the very next real step preempts
+
+
+def test_decode_steps_refuses_a_state_that_is_not_pure_decode():
+    batched, _ = decoding_pair(num_blocks=64, max_tokens=[40])
+    batched.add_request(make_request("late", 6))
+    with pytest.raises(ValueError, match="pure-decode"):
+        batched.decode_steps(4, token_id=9)

@@ -118,3 +118,52 @@ def test_the_kv_routers_index_matches_what_the_workers_cache():
     assert sum(w.kv.num_cached_blocks for w in result.workers) > 0
     for worker in result.workers:
         assert simulator.index.num_blocks(worker.index) == worker.kv.num_cached_blocks
+
+
+def run_both_ways(workload: list[TraceRequest], router: str = "kv", **config) -> tuple:
+    runs = []
+    for fast_forward in (True, False):
+        simulator = Simulator(make_config(fast_forward=fast_forward, **config), make_router(router))
+        runs.append((simulator, simulator.run(workload)))
+    return runs[0], runs[1]
+
+
+def assert_same_run(fast: tuple, slow: tuple) -> None:
+    (fast_sim, fast_result), (slow_sim, slow_result) = fast, slow
+    for a, b in zip(fast_result.records, slow_result.records, strict=True):
+        assert (a.num_output_tokens, a.num_cached_tokens) == (b.num_output_tokens, b.num_cached_tokens)
+        for x, y in ((a.first_token, b.first_token), (a.last_token, b.last_token), (a.finish, b.finish)):
+            assert x == pytest.approx(y, rel=1e-9)
+    assert fast_result.summary.prefix_hit_rate == slow_result.summary.prefix_hit_rate
+    assert fast_result.summary.num_preemptions == slow_result.summary.num_preemptions
+    for a, b in zip(fast_result.workers, slow_result.workers):
+        assert (a.num_steps, a.num_tokens_computed) == (b.num_steps, b.num_tokens_computed)
+        assert a.energy_j == pytest.approx(b.energy_j, rel=1e-9)
+        assert a.kv._hash_to_block == b.kv._hash_to_block  # every stored and removed block alike
+        if fast_sim.index is not None:
+            assert fast_sim.index.num_blocks(a.index) == slow_sim.index.num_blocks(b.index)
+    assert_no_leaked_blocks(fast_result)
+
+
+def test_fast_forward_gives_the_same_run_as_stepping_every_decode():
+    workload = load_mooncake(limit=60) if MOONCAKE_TRACE.is_file() else conversations(8, 4)
+    fast, slow = run_both_ways(workload, num_workers=2)
+    assert_same_run(fast, slow)
+    assert sum(w.num_steps for w in fast[1].workers) > 1000  # long decode stretches were skipped
+    assert fast[0]._seq < sum(w.num_steps for w in fast[1].workers) // 4
+
+
+def test_fast_forward_matches_under_preemption_and_poisson_load():
+    scheduler = SchedulerConfig(max_num_batched_tokens=4096, max_num_seqs=64)
+    workload = poisson_workload(50.0, 40, LengthDistribution(1200), LengthDistribution(1000, 0.5), seed=3)
+    fast, slow = run_both_ways(workload, router="least_loaded", num_workers=1, scheduler=scheduler, num_blocks=300)
+    assert fast[1].summary.num_preemptions > 0
+    assert_same_run(fast, slow)
+
+
+def test_fast_forward_keeps_the_first_token_time_of_a_prompt_cached_but_for_one_token():
+    # the second prompt is the first plus one token: its first step computes a single token
+    workload = [TraceRequest(0.0, 1024, 50, (0, 1), uid=0), TraceRequest(5.0, 1025, 50, (0, 1, 2), uid=1)]
+    fast, slow = run_both_ways(workload, router="round_robin", num_workers=1)
+    assert fast[1].records[1].num_cached_tokens == 1024
+    assert_same_run(fast, slow)

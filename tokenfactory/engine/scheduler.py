@@ -310,6 +310,68 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    # --- skipping ahead (the digital twin) ---------------------------------------------------
+
+    def decode_steps(self, max_steps: int, token_id: int) -> tuple[int, list[EngineCoreOutput]]:
+        """Run up to `max_steps` decode-only steps in one call, every running request sampling
+        `token_id` in each: the same block allocations, cached blocks, KV events, tokens and stop
+        checks, in the same order, as that many `schedule()` + `update_from_output()` rounds.
+
+        The twin calls this to skip through stretches where nothing but decoding happens (its cost
+        model prices each skipped step). It stops after the first step in which some request
+        finishes and before a step whose new blocks would not all fit (a real step would preempt
+        there), so it may do fewer steps than asked, even none. Returns the steps done and one
+        output per running request holding all its new tokens (a finished one's carries its
+        finish reason).
+
+        Raises ValueError unless the state is pure decode: nothing waiting, every running request
+        exactly one token short of computed (so it samples each step), all within the token budget.
+        """
+        running = self._running
+        if self._num_waiting or len(running) > self.config.max_num_batched_tokens or any(
+            r.num_tokens - r.num_computed_tokens != 1 for r in running
+        ):
+            raise ValueError("decode_steps needs a pure-decode state: nothing waiting, one token per running request")
+        num_steps = min([max_steps, *(self._steps_until_stop(r, token_id) for r in running)])
+        block_size = self.kv.block_size
+        tables = [self.kv.block_ids(r.request_id) for r in running]  # live views
+        done = 0
+        while done < num_steps:
+            needing = [r for r, table in zip(running, tables) if r.num_computed_tokens + 1 > len(table) * block_size]
+            if len(needing) > self.kv.num_free_blocks:
+                break  # the real step would preempt here: leave it to schedule()
+            for request in needing:  # as _schedule_running: in serving order, one token each
+                allocated = self.kv.allocate_slots(request, 1)
+                assert allocated
+            for request in running:  # as update_from_output
+                request.num_computed_tokens += 1
+                if request.num_computed_tokens % block_size == 0:  # a block just filled
+                    self.kv.cache_blocks(request)
+                request.append_output_token(token_id)
+            done += 1
+        if done == 0:
+            return 0, []
+        self._finished_ids = []  # what the skipped schedule() calls drained
+        outputs: list[EngineCoreOutput] = []
+        for request in running:  # earlier steps' stop checks all passed: _steps_until_stop
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                self._finish(request, status)
+            outputs.append(self._output(request, [token_id] * done))
+        self._running = [r for r in running if not r.is_finished]
+        return done, outputs
+
+    def _steps_until_stop(self, request: Request, token_id: int) -> int:
+        """Decode steps sampling `token_id` until `_check_stop` first ends `request` (>= 1)."""
+        sampling = request.sampling
+        steps = sampling.max_tokens - request.num_output_tokens
+        if self.max_model_len is not None:
+            steps = min(steps, self.max_model_len - request.num_tokens)
+        stops = (token_id in request.eos_token_ids and not sampling.ignore_eos) or token_id in sampling.stop_token_ids
+        if stops:
+            steps = min(steps, sampling.min_tokens - request.num_output_tokens + 1)
+        return max(1, steps)
+
     # --- state ----------------------------------------------------------------------------
 
     def has_unfinished(self) -> bool:

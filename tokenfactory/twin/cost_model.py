@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from tokenfactory.engine.config import ModelConfig
 from tokenfactory.twin.hardware import Hardware
@@ -96,9 +97,9 @@ class CostModel:
         if self.tp < 1 or self.model.num_key_value_heads % self.tp and self.tp % self.model.num_key_value_heads:
             raise ValueError(f"tp={self.tp} does not divide the model's {self.model.num_key_value_heads} KV heads")
 
-    # --- shape of the model -----------------------------------------------------------------
+    # --- shape of the model (cached: fixed by the fields, read by every step) ---------------
 
-    @property
+    @cached_property
     def layer_params(self) -> int:
         """Parameters in the decoder layers (attention and MLP projections)."""
         m = self.model
@@ -107,20 +108,20 @@ class CostModel:
         mlp = 3 * m.hidden_size * m.intermediate_size
         return m.num_hidden_layers * (q_and_o + k_and_v + mlp)
 
-    @property
+    @cached_property
     def lm_head_params(self) -> int:
         return self.model.hidden_size * self.model.vocab_size
 
-    @property
+    @cached_property
     def total_params(self) -> int:
         embeddings = 0 if self.model.tie_word_embeddings else self.lm_head_params
         return self.layer_params + self.lm_head_params + embeddings
 
-    @property
+    @cached_property
     def weight_bytes(self) -> float:
         return self.total_params * PRECISION_BYTES[self.precision]
 
-    @property
+    @cached_property
     def kv_bytes_per_token(self) -> int:
         """K and V of one token over all layers (the whole group, before the TP split)."""
         m = self.model

@@ -16,12 +16,22 @@ worker's KV events (worker id = index), and each prompt is hashed once on arriva
 (`kv_cache.prompt_block_hashes`). The other policies read no index, so their runs skip both.
 
 Output lengths follow the trace: every request samples with ignore_eos and max_tokens equal to
-its traced output length. No fast-forwarding: every decode step goes through the real scheduler.
+its traced output length.
+
+Fast-forward: most steps of a lightly loaded fleet are pure decode (nothing waiting, one token
+per running request), and such steps repeat with nothing new to decide until a request finishes,
+blocks run short or a request arrives (the router reads every worker's state then). So after a
+pure-decode step the worker runs the following ones at once through `Scheduler.decode_steps`
+(the scheduler's own bookkeeping, tokens, blocks and KV events), pricing each with the cost
+model as its context grows, and ending strictly before the next arrival; its step completion is
+the last skipped step's. Records, meters and events come out as if every step had been taken
+(`TwinConfig.fast_forward=False` takes them all, to check that).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,10 +39,10 @@ from tokenfactory.control.kv_index import KVIndex
 from tokenfactory.control.router import KVAwareRouter, RoundRobinRouter, RouteRequest, Router, WorkerState
 from tokenfactory.engine.config import SchedulerConfig
 from tokenfactory.engine.kv_cache import KVCacheManager, prompt_block_hashes
-from tokenfactory.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from tokenfactory.engine.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from tokenfactory.engine.request import Request, SamplingParams
 from tokenfactory.engine.scheduler import Scheduler
-from tokenfactory.twin.cost_model import BatchShape, CostModel
+from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost
 from tokenfactory.twin.metrics import SLO, RequestRecord, Summary, summarize
 from tokenfactory.twin.workloads import TraceRequest, prompt_token_ids
 
@@ -49,6 +59,9 @@ class SimWorker:
     kv: KVCacheManager
     busy: bool = False
     in_flight: SchedulerOutput | None = None
+    """The step under way, updated when it ends; None while skipping ahead (already updated)."""
+    skipped_outputs: list[EngineCoreOutput] = field(default_factory=list)
+    """What the skipped-ahead steps produced, recorded when the last of them ends."""
     num_steps: int = 0
     busy_s: float = 0.0
     energy_j: float = 0.0
@@ -94,6 +107,8 @@ class TwinConfig:
     """KV blocks per worker; None sizes the cache from the hardware and model (the physical size)."""
     enable_prefix_caching: bool = True
     slo: SLO = SLO()
+    fast_forward: bool = True
+    """Skip through pure-decode stretches (same results); False steps every decode one by one."""
 
 
 @dataclass
@@ -126,6 +141,8 @@ class Simulator:
         self._records: dict[str, RequestRecord] = {}
         self.num_rejected = 0
         self.now = 0.0
+        self._next_arrival = math.inf
+        """Skipped-ahead steps end before it: the router reads every worker's state then."""
 
     def run(self, workload: list[TraceRequest], on_progress: Callable[[float], None] | None = None) -> SimulationResult:
         """Simulate until every request finished; `on_progress(now)` is called now and then."""
@@ -133,12 +150,14 @@ class Simulator:
         self._records = {str(i): rec for i, rec in enumerate(records)}
         position, num_events = 0, 0
         while position < len(workload) or self._steps:
+            self._next_arrival = workload[position].arrival_time if position < len(workload) else math.inf
             if position < len(workload) and (not self._steps or workload[position].arrival_time <= self._steps[0][0]):
                 self.now = workload[position].arrival_time
                 woken = set()
                 while position < len(workload) and workload[position].arrival_time == self.now:
                     woken.add(self._arrive(str(position), workload[position]))
                     position += 1
+                self._next_arrival = workload[position].arrival_time if position < len(workload) else math.inf
                 for index in sorted(w for w in woken if w is not None):
                     self._start_step(self.workers[index])
             else:
@@ -189,26 +208,88 @@ class Simulator:
             pairs += n * start + n * (n + 1) // 2
             kv_read += start + n
             num_sampled += start + n == chunk.request.num_tokens
-        cost = self.cost.step(BatchShape(num_tokens, pairs, kv_read, num_sampled))
+        shape = BatchShape(num_tokens, pairs, kv_read, num_sampled)
         worker.busy, worker.in_flight = True, scheduled
-        worker.num_steps += 1
-        worker.num_tokens_computed += num_tokens
-        worker.busy_s += cost.duration_s
-        worker.energy_j += cost.energy_j
+        end = self._charge(worker, self.now, [self.cost.step(shape)], num_tokens)
+        if self.config.fast_forward and self._is_pure_decode(worker, scheduled, shape):
+            end = self._skip_ahead(worker, shape, end)
         self._seq += 1
-        heapq.heappush(self._steps, (self.now + cost.duration_s, self._seq, worker.index))
+        heapq.heappush(self._steps, (end, self._seq, worker.index))
 
-    def _end_step(self, worker: SimWorker) -> None:
+    @staticmethod
+    def _charge(worker: SimWorker, start: float, costs: list[StepCost], tokens_per_step: int) -> float:
+        """Count consecutive steps on the worker's meters; returns when the last one ends."""
+        end = start
+        for cost in costs:  # one by one, so sums round as they would step by step
+            end += cost.duration_s
+            worker.busy_s += cost.duration_s
+            worker.energy_j += cost.energy_j
+        worker.num_steps += len(costs)
+        worker.num_tokens_computed += len(costs) * tokens_per_step
+        return end
+
+    def _is_pure_decode(self, worker: SimWorker, scheduled: SchedulerOutput, shape: BatchShape) -> bool:
+        """One sampled token per running request, nobody waiting or preempted: the next steps
+        repeat this one with one more token of context each, until something changes. A
+        one-token chunk yielding a request's first token (a prompt cached but for its last
+        token) does not count: its first-token time is this step's end."""
+        return (
+            not scheduled.preempted_ids
+            and worker.scheduler.num_waiting == 0
+            and shape.num_tokens == shape.num_sampled == len(scheduled.chunks) == worker.scheduler.num_running
+            and all(c.request.num_output_tokens for c in scheduled.chunks)
+        )
+
+    def _skip_ahead(self, worker: SimWorker, shape: BatchShape, end: float) -> float:
+        """After the pure-decode step just scheduled (ending at `end`), run the decode steps
+        that also end before the next arrival at once; returns when the last of them ends."""
         scheduled = worker.in_flight
         assert scheduled is not None
+        # Steps after this one before its first request finishes (the scheduler has the last word).
+        horizon = min(c.request.sampling.max_tokens - c.request.num_output_tokens for c in scheduled.chunks) - 1
+        costs: list[StepCost] = []
+        t, n = end, shape.num_tokens
+        while len(costs) < horizon:
+            shape = BatchShape(n, shape.attention_pairs + n, shape.kv_read_tokens + n, n)
+            cost = self.cost.step(shape)
+            if t + cost.duration_s >= self._next_arrival:
+                break  # an arrival sees the state between steps: take those one by one
+            t += cost.duration_s
+            costs.append(cost)
+        if not costs:
+            return end
+        outputs = self._complete(worker)
+        if any(o.finished for o in outputs):  # the context window ended one early
+            worker.skipped_outputs = outputs
+            return end
+        done, skipped = worker.scheduler.decode_steps(len(costs), SAMPLED_TOKEN)
+        worker.skipped_outputs = outputs + skipped
+        return self._charge(worker, end, costs[:done], n)
+
+    def _complete(self, worker: SimWorker) -> list[EngineCoreOutput]:
+        """Update the scheduler with the step in flight (its KV events are drained at its end)."""
+        scheduled = worker.in_flight
+        assert scheduled is not None
+        worker.in_flight = None
         sampled = {
             c.request.request_id: SAMPLED_TOKEN
             for c in scheduled.chunks
             if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens
         }
-        worker.busy, worker.in_flight = False, None
+        outputs = worker.scheduler.update_from_output(scheduled, ModelRunnerOutput(sampled))
+        for chunk in scheduled.chunks:
+            if chunk.request.request_id in worker.prefilling:
+                worker.track_prefill(chunk.request)
+        return outputs
+
+    def _end_step(self, worker: SimWorker) -> None:
+        if worker.in_flight is not None:
+            outputs = self._complete(worker)
+        else:
+            outputs, worker.skipped_outputs = worker.skipped_outputs, []
+        worker.busy = False
         now = self.now
-        for output in worker.scheduler.update_from_output(scheduled, ModelRunnerOutput(sampled)):
+        for output in outputs:
             record = self._records[output.request_id]
             if record.first_token < 0:
                 record.first_token = now
@@ -217,9 +298,6 @@ class Simulator:
             if output.finish_reason is not None:
                 record.finish = now
                 record.num_cached_tokens = output.num_cached_tokens
-        for chunk in scheduled.chunks:
-            if chunk.request.request_id in worker.prefilling:
-                worker.track_prefill(chunk.request)
         events = worker.kv.take_events()  # drained even unread: the list would grow all run
         if self.index is not None:
             self.index.apply(worker.index, events)

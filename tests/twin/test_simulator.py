@@ -149,8 +149,9 @@ def test_fast_forward_gives_the_same_run_as_stepping_every_decode():
     workload = load_mooncake(limit=60) if MOONCAKE_TRACE.is_file() else conversations(8, 4)
     fast, slow = run_both_ways(workload, num_workers=2)
     assert_same_run(fast, slow)
-    assert sum(w.num_steps for w in fast[1].workers) > 1000  # long decode stretches were skipped
-    assert fast[0]._seq < sum(w.num_steps for w in fast[1].workers) // 4
+    steps = sum(w.num_steps for w in fast[1].workers)
+    assert steps > (1000 if MOONCAKE_TRACE.is_file() else 200)  # long decode stretches to skip
+    assert fast[0]._seq < steps // 4  # and most of them were skipped
 
 
 def test_fast_forward_matches_under_preemption_and_poisson_load():

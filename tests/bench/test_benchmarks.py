@@ -46,7 +46,7 @@ def test_bench_overhead_reports_gateway_router_and_transfer_costs(tiny_model_dir
     assert main(["bench", "overhead", "--model", str(tiny_model_dir), "--requests", "3", "--prompt-len", "16",
                  "--route-lens", "64", "256", "--transfer-lens", "32", "64"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("TTFT p50, 3 one-token requests of 16 tokens")
+    assert lines[0].startswith("TTFT p50, 3 two-token requests of 16 tokens")
     assert sum(line.startswith("router decision") for line in lines) == 2
     assert sum(line.startswith("KV transfer") for line in lines) == 2
     assert lines[-1].startswith("gateway + router overhead at p50:")

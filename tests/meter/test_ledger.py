@@ -55,3 +55,13 @@ def test_summaries_group_and_filter_by_time(tmp_path):
     assert by_tenant["acme"].requests == 2 and by_tenant["acme"].completion_tokens == 20
     assert by_tenant["acme"].cost_usd == 0.02 and by_tenant["globex"].cached_tokens == 5
     assert [t.group for t in summarize(path, by="tier", since=1001.0)] == ["flex", "priority"]
+
+
+def test_a_waiter_that_gives_up_neither_loses_its_row_nor_stops_the_writer(tmp_path):
+    ledger = Ledger(tmp_path / "factory.db")
+    abandoned = [ledger.submit(entry(f"gone-{i}")) for i in range(200)]
+    for future in abandoned:
+        future.cancel()  # the client left while its row was being written
+    ledger.submit(entry("after")).result(timeout=10)  # the writer still serves everyone else
+    ledger.close()
+    assert len(read_entries(tmp_path / "factory.db")) == 201

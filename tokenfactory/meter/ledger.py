@@ -111,6 +111,10 @@ class Ledger:
                 return
 
     def _commit(self, batch: list[tuple[LedgerEntry, Future[None]]]) -> None:
+        # A waiter that gave up (its client left while the row was being written) has cancelled its
+        # future: the row is committed all the same, and nobody is told. Setting a result on a
+        # cancelled future would raise here and kill the writer, and every later waiter would hang.
+        waiting = [done for _, done in batch if done.set_running_or_notify_cancel()]
         try:
             self._conn.execute("BEGIN")
             self._conn.executemany(_INSERT, [astuple(entry) for entry, _ in batch])
@@ -118,10 +122,10 @@ class Ledger:
         except Exception as e:  # handed to every waiter: the gateway then fails the request loudly
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
-            for _, done in batch:
+            for done in waiting:
                 done.set_exception(e)
             return
-        for _, done in batch:
+        for done in waiting:
             done.set_result(None)
 
 

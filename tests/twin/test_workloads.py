@@ -1,11 +1,13 @@
 import pytest
 
+from tokenfactory.bench.routing_bench import shared_lru_hit_rate
 from tokenfactory.engine.kv_cache import prompt_block_hashes
 from tokenfactory.twin.workloads import (
     AZURE_TRACE,
     MOONCAKE_TRACE,
     LengthDistribution,
     TraceRequest,
+    block_reuse,
     block_tokens,
     load_azure,
     load_mooncake,
@@ -74,3 +76,13 @@ def test_poisson_workload_is_deterministic_with_the_asked_lengths():
     mean = sum(r.input_length for r in spread) / len(spread)
     assert 800 < mean < 1200
     assert len({r.input_length for r in spread}) > 500
+
+
+@needs_mooncake
+def test_unlimited_cache_reuse_matches_the_data_and_the_real_block_hashes():
+    whole = load_mooncake(MOONCAKE_TRACE)
+    assert 0.36 <= block_reuse(whole).block_fraction <= 0.38  # the data's "about 37%"
+    # Through the engine's own 16-token block hashes of the synthesized prompts, an unlimited
+    # shared cache serves the same share of prompt tokens as the trace's hash_ids say.
+    head = whole[:300]
+    assert shared_lru_hit_rate(head, 10**15, 16) == pytest.approx(block_reuse(head).token_fraction, abs=0.002)

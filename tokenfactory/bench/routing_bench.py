@@ -30,7 +30,7 @@ from tokenfactory.engine.kv_cache import prompt_block_hashes
 from tokenfactory.twin.cost_model import CostModel, default_model
 from tokenfactory.twin.hardware import HARDWARE, get_hardware
 from tokenfactory.twin.simulator import Simulator, TwinConfig
-from tokenfactory.twin.workloads import MOONCAKE_TRACE, TraceRequest, load_mooncake, prompt_token_ids
+from tokenfactory.twin.workloads import MOONCAKE_TRACE, TraceRequest, block_reuse, load_mooncake, prompt_token_ids
 
 DEFAULT_LIMIT = 2000
 """Requests replayed without --full: all policies together take about a minute on 2 cores."""
@@ -127,6 +127,11 @@ def main(args: argparse.Namespace) -> int:
     console.print(_table(runs, bound, args, len(workload), len(loaded) - len(workload), num_blocks))
     for line in goal_lines(runs, bound):
         console.print(line, highlight=False)
+    reuse = block_reuse(workload)
+    unlimited = shared_lru_hit_rate(workload, 10**15, args.block_size)
+    console.print(f"sanity, unlimited shared cache: {reuse.block_fraction:.1%} of these prompts' blocks are reuses "
+                  f"by the trace's hash_ids ({reuse.token_fraction:.1%} of tokens); through the real KV block "
+                  f"hashes {unlimited:.1%} of tokens", highlight=False)
     return 0
 
 

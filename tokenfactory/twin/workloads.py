@@ -70,6 +70,34 @@ def prompt_token_ids(request: TraceRequest) -> list[int]:
     return tokens
 
 
+@dataclass(frozen=True, slots=True)
+class BlockReuse:
+    """How much of a trace's prompts an unlimited shared cache would serve, from its hash_ids."""
+
+    block_fraction: float
+    """Prompt blocks whose hash_id appeared before (the Mooncake data's own "about 37%")."""
+    token_fraction: float
+    """The same weighted by each block's tokens (the last block of a prompt is partial)."""
+
+
+def block_reuse(requests: list[TraceRequest]) -> BlockReuse:
+    """The reuse an infinitely large shared prefix cache would see, straight from the trace."""
+    seen: set[int] = set()
+    blocks = reused_blocks = tokens = reused_tokens = 0
+    for request in requests:
+        last = len(request.hash_ids) - 1
+        for i, hash_id in enumerate(request.hash_ids):
+            size = MOONCAKE_BLOCK_TOKENS if i < last else request.input_length - MOONCAKE_BLOCK_TOKENS * last
+            blocks += 1
+            tokens += size
+            if hash_id in seen:
+                reused_blocks += 1
+                reused_tokens += size
+            else:
+                seen.add(hash_id)
+    return BlockReuse(reused_blocks / blocks if blocks else 0.0, reused_tokens / tokens if tokens else 0.0)
+
+
 def load_mooncake(
     path: str | Path = MOONCAKE_TRACE, speedup: float = 1.0, limit: int | None = None
 ) -> list[TraceRequest]:

@@ -31,6 +31,15 @@ LLAMA3_ROPE_SCALING = {
 }
 """A `rope_scaling` override for a Llama-3.1 style checkpoint (fits max_position_embeddings 2048)."""
 
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+"""The layer shape of every tiny test model (transformers config fields)."""
+
 
 def tiny_tokenizer() -> Tokenizer:
     """The shipped ChatML tokenizer of the tiny model (vocab 4096)."""
@@ -53,11 +62,7 @@ def make_checkpoint(path: str | Path, arch: str = "llama", seed: int = 0, **conf
     eos = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
     fields: dict[str, Any] = {
         "vocab_size": tokenizer.vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        **TINY_SHAPE,
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,

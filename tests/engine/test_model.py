@@ -13,14 +13,11 @@ from tokenfactory.engine.config import CacheConfig, EngineConfig
 from tokenfactory.engine.model_runner import ModelRunner
 from tokenfactory.engine.outputs import ScheduledChunk, SchedulerOutput
 from tokenfactory.engine.request import Request, SamplingParams
+from tests.factories import TINY_SHAPE
 
 BLOCK_SIZE = 4
 TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    **TINY_SHAPE,
     vocab_size=256,
     max_position_embeddings=256,
     # Wider than the default 0.02 so logits are well separated and argmax is stable.

@@ -12,13 +12,10 @@ from tokenfactory.engine.model_runner import ModelRunner
 from tokenfactory.engine.outputs import ScheduledChunk
 from tokenfactory.engine.request import Request, SamplingParams
 from tokenfactory.engine.weights import WeightsError
+from tests.factories import TINY_SHAPE
 
 TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    **TINY_SHAPE,
     vocab_size=256,
     max_position_embeddings=128,
 )

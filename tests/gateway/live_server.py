@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import subprocess
 import threading
 import time
 from collections.abc import Sequence
@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from tokenfactory.bench.serve_bench import free_port
 from tokenfactory.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenfactory.gateway.app import build_app
 from tokenfactory.runtime.client import AsyncEngineClient
@@ -31,10 +32,16 @@ def gateway_config(model_dir: Path) -> EngineConfig:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_until_up(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
+    """Poll a `tokenfactory serve` subprocess's /health until it answers 200; fail if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
 
 
 class LiveServer:

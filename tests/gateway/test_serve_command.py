@@ -5,13 +5,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.gateway.live_server import free_port
+from tests.gateway.live_server import free_port, wait_until_up
 from tokenfactory.cli import build_parser, serve_config
 from tokenfactory.engine.tiny import TINY_MODEL_NAME
 
@@ -45,14 +44,7 @@ def test_serve_answers_and_sigterm_stops_the_engine_process(tiny_model_dir):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_up(proc, url, timeout_s=90)
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 3}
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).json()["usage"]["completion_tokens"] == 3
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()

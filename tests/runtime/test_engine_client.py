@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from tests.loop_thread import LoopThread
 
 from tokenfactory.engine.config import CacheConfig, EngineConfig
 from tokenfactory.engine.kv_cache import prompt_block_hashes
@@ -19,22 +18,6 @@ from tokenfactory.engine.request import SamplingParams
 from tokenfactory.runtime.client import AsyncEngineClient, EngineDeadError, RequestRejectedError
 
 CONTEXT_LEN = 256
-
-
-class LoopThread:
-    """An event loop in a thread, so one client lives across the tests of a module."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout_s: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 def engine_config(model_dir: Path) -> EngineConfig:

@@ -7,15 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.gateway.live_server import free_port
+from tests.gateway.live_server import free_port, wait_until_up
+from tests.loop_thread import LoopThread
 
 from tokenfactory.control.router import KVAwareRouter, RoundRobinRouter
 from tokenfactory.engine.config import CacheConfig, EngineConfig
@@ -24,22 +22,6 @@ from tokenfactory.runtime.pool import WorkerPool
 
 BLOCK = 16
 SHARED_PREFIX = [(7 * i) % 3000 + 10 for i in range(6 * BLOCK)]  # 6 full blocks
-
-
-class LoopThread:
-    """An event loop in a thread, so one pool lives across the tests of this module."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout_s: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")
@@ -151,14 +133,7 @@ def test_serve_with_two_workers_serves_through_the_pool_and_reports_each_worker(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_up(proc, url, timeout_s=120)
         system = "You are a careful assistant who answers in one short sentence. " * 4
         cached = []
         for question in ("hello", "why", "how"):

@@ -21,7 +21,7 @@ import time
 import httpx
 import msgspec
 
-from tokenfactory.bench.serve_bench import _free_port, _start_server, _wait_healthy
+from tokenfactory.bench.serve_bench import _start_server, _wait_healthy, free_port
 from tokenfactory.control.kv_index import KVIndex
 from tokenfactory.control.router import KVAwareRouter, RouteRequest, WorkerState
 from tokenfactory.engine.config import CacheConfig, EngineConfig
@@ -85,7 +85,7 @@ async def ttft_direct(config: EngineConfig, prompts: list[list[int]]) -> list[fl
 
 
 def ttft_served(model_dir: str, name: str, model: str, prompts: list[list[int]]) -> list[float]:
-    port = _free_port()
+    port = free_port()
     args = argparse.Namespace(concurrency=1, max_num_batched_tokens=2048)
     server = _start_server(model_dir, name, port, args, extra=["--workers", "2", "--router", "kv"])
     try:

@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"engine alone: {total} tokens in {alone_s:.2f} s = {total / alone_s:,.0f} tokens/s "
           f"({alone_steps} steps, {1000 * alone_step_s / alone_steps:.1f} ms/step)", flush=True)
 
-    port = _free_port()
+    port = free_port()
     server = _start_server(model_dir, name, port, args)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -163,7 +163,7 @@ def _wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 120) ->
     raise RuntimeError("the server did not become healthy")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

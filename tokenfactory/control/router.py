@@ -23,7 +23,7 @@ import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tokenfactory.control.kv_index import PrefixIndex, WorkerId
 

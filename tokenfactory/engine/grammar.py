@@ -12,7 +12,6 @@ The token vocabulary is our own tokenizer's: llguidance reads the same `tokenize
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -54,11 +53,6 @@ def checked(grammar: str) -> str:
     if error:
         raise GrammarError(error)
     return grammar
-
-
-def lark_literal(text: str) -> str:
-    """`text` as a Lark string literal."""
-    return json.dumps(text)
 
 
 # ---------------------------------------------------------------- masks (engine side)

@@ -172,11 +172,11 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         sampling: list[Request] = []
+        bs = self.block_size
         for chunk in decodes + prefills:
             start, end, block_ids = chunk.start, chunk.end, chunk.block_ids
             input_ids.extend(chunk.request.all_token_ids[start:end])
             positions.extend(range(start, end))
-            bs = self.block_size
             slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
             if chunk.samples:
                 logits_rows.append(len(input_ids) - 1)

@@ -41,6 +41,8 @@ class APIKeyAuth:
 
     def __init__(self, tiers: FactoryConfig, keys: Iterable[str] = (), store: KeyStore | None = None) -> None:
         self.static_keys = tuple(k for k in keys if k)
+        # Each static key's id is fixed: hash it once here, not on every request.
+        self._static_ids = {k: "static-" + hashlib.sha256(k.encode()).hexdigest()[:12] for k in self.static_keys}
         self.store = store
         self.open_policy = KeyPolicy(tiers.default_tier, frozenset(tiers.tiers))
 
@@ -48,9 +50,8 @@ class APIKeyAuth:
         token = bearer_token(request)
         if token is not None:
             # Constant-time comparison against each key: no timing hint about which prefix matched.
-            for key in self.static_keys:
+            for key, key_id in self._static_ids.items():
                 if hmac.compare_digest(token.encode(), key.encode()):
-                    key_id = "static-" + hashlib.sha256(key.encode()).hexdigest()[:12]
                     return Caller("default", key_id, self.open_policy)
             record = self.store.authenticate(token) if self.store is not None else None
             if record is not None:

@@ -1,4 +1,4 @@
-"""`tokenfactory serve | keys create|list|revoke | usage | bench engine|serve|decode|routing|overhead | twin replay`."""
+"""`tokenfactory serve | keys create|list|revoke | usage | bench engine|serve|decode|routing|disagg|overhead|fidelity|constrained|twin|power|energy | twin replay|profile | plan`."""
 
 from __future__ import annotations
 
@@ -7,14 +7,23 @@ import sys
 
 import uvicorn
 
-from tokenfactory.bench import decode_bench, engine_bench, overhead_bench, routing_bench, serve_bench
+from tokenfactory.bench import constrained_bench, decode_bench, engine_bench, fidelity_bench, overhead_bench, routing_bench, serve_bench
+from tokenfactory.agents import cli as agents_cli
+from tokenfactory.bench import agents_bench
 from tokenfactory.control.disagg import DisaggConfig
-from tokenfactory.control.router import ROUTERS
+from tokenfactory.control.router import ROUTERS, Router, make_router
 from tokenfactory.engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
 from tokenfactory.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
+from tokenfactory.gateway.admission import AdmissionConfig
 from tokenfactory.gateway.app import build_app
 from tokenfactory.meter import cli as meter_cli
+from tokenfactory.meter.db import describe
 from tokenfactory.twin import cli as twin_cli
+from tokenfactory.twin import profile as twin_profile
+from tokenfactory.bench import disagg_bench
+from tokenfactory.bench import twin_bench
+from tokenfactory.bench import power_bench
+from tokenfactory.twin import plan as twin_plan
 from tokenfactory.runtime.pool import WorkerPool
 
 
@@ -28,6 +37,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     meter_cli.add_db_argument(p)
     p.add_argument("--no-db", action="store_true", help="keep no ledger and accept only --api-key keys")
     p.add_argument("--admin-key", help="enables /admin/keys for bearers of this key")
+    p.add_argument("--max-queued", type=int, default=AdmissionConfig().max_queued,
+                   help="shed a sheddable tier's request (503) when this many sequences of its priority or "
+                        "higher wait for their first token")
     meter_cli.add_factory_config_argument(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
@@ -40,6 +52,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="engine processes on this machine, one gateway in front")
     p.add_argument("--router", choices=list(ROUTERS), default="kv",
                    help="how the gateway picks a worker when --workers > 1 (default: kv, prefix-cache aware)")
+    p.add_argument("--session-affinity", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep a session's requests (X-Session-Id header or metadata.session_id) on the worker "
+                        "that served its last turn while that worker is not overloaded (default: on)")
     p.add_argument("--prefill-workers", type=int, default=0,
                    help="disaggregated serving: prefill-only engine processes (with --decode-workers; "
                         "replaces --workers)")
@@ -64,26 +79,33 @@ def serve_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def serve_router(args: argparse.Namespace) -> Router:
+    return make_router(args.router, session_affinity=args.session_affinity)
+
+
 def serve(args: argparse.Namespace) -> int:
     config = serve_config(args)
     if args.workers < 1:
         raise SystemExit(f"--workers must be >= 1, got {args.workers}")
+    if args.max_queued < 1:
+        raise SystemExit(f"--max-queued must be >= 1, got {args.max_queued}")
     # One worker keeps the plain client: no routing, no hashing of prompts.
     if args.prefill_workers or args.decode_workers:
         pool = WorkerPool.local_disaggregated(
-            config, args.prefill_workers, args.decode_workers, router=args.router, restart_interval_s=1.0,
+            config, args.prefill_workers, args.decode_workers, router=serve_router(args), restart_interval_s=1.0,
             disagg=DisaggConfig(min_prompt_tokens=args.disagg_min_prompt_tokens))
         args.workers = args.prefill_workers + args.decode_workers
     else:
-        pool = (WorkerPool.local(config, args.workers, router=args.router, restart_interval_s=1.0)
+        pool = (WorkerPool.local(config, args.workers, router=serve_router(args), restart_interval_s=1.0)
                 if args.workers > 1 else None)
     tiers = meter_cli.load_factory_config(args.factory_config)
     db = None if args.no_db else meter_cli.db_path(args)
-    app = build_app(config, api_keys=args.api_key, worker=pool, tiers=tiers, db_path=db, admin_key=args.admin_key)
+    app = build_app(config, api_keys=args.api_key, worker=pool, tiers=tiers, db_path=db, admin_key=args.admin_key,
+                    admission=AdmissionConfig(max_queued=args.max_queued))
     workers = f" with {args.workers} workers ({args.router} router)" if pool else ""
     print(f"tokenfactory: serving {config.name!r} from {config.model_path} on {config.device}{workers} "
           f"at http://{args.host}:{args.port}/v1; tiers {', '.join(tiers.tiers)}; "
-          f"ledger {db or 'off'}", flush=True)
+          f"ledger {describe(db) if db else 'off'}", flush=True)
     # uvicorn turns Ctrl-C/SIGTERM into a graceful exit, whose lifespan shutdown stops the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
     return 0
@@ -100,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     usage = commands.add_parser("usage", help="tokens, requests and cost from the ledger")
     meter_cli.add_usage_arguments(usage)
     usage.set_defaults(func=meter_cli.usage_main)
+    agents = commands.add_parser("agents", help="a swarm of tool-calling agents against an OpenAI-compatible endpoint")
+    agents_cli.add_arguments(agents)
+    agents.set_defaults(func=agents_cli.main)
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bench_engine = bench.add_parser("engine", help="our engine against transformers generate, same run")
     engine_bench.add_arguments(bench_engine)
@@ -113,13 +138,41 @@ def build_parser() -> argparse.ArgumentParser:
     bench_routing = bench.add_parser("routing", help="routers on a trace in the twin, against a shared-cache bound")
     routing_bench.add_arguments(bench_routing)
     bench_routing.set_defaults(func=routing_bench.main)
+    bench_disagg = bench.add_parser("disagg", help="aggregated vs every prefill:decode split in the twin, same GPUs")
+    disagg_bench.add_arguments(bench_disagg)
+    bench_disagg.set_defaults(func=disagg_bench.main)
     bench_overhead = bench.add_parser("overhead", help="what the gateway, the router and KV transfer add per request")
     overhead_bench.add_arguments(bench_overhead)
     bench_overhead.set_defaults(func=overhead_bench.main)
+    bench_constrained = bench.add_parser("constrained", help="grammar-constrained against free decoding, same run")
+    constrained_bench.add_arguments(bench_constrained)
+    bench_constrained.set_defaults(func=constrained_bench.main)
+    bench_agents = bench.add_parser("agents", help="an agent swarm on 4 live workers: kv + session affinity "
+                                                   "against round robin, prefix-cache hits")
+    agents_bench.add_arguments(bench_agents)
+    bench_agents.set_defaults(func=agents_bench.main)
+    bench_twin = bench.add_parser("twin", help="the twin's speed (Mooncake trace, --day) and --calibration vs real GPUs")
+    twin_bench.add_arguments(bench_twin)
+    bench_twin.set_defaults(func=twin_bench.main)
+    bench_fidelity = bench.add_parser("fidelity", help="the twin, calibrated by a profile, against the live engine")
+    fidelity_bench.add_arguments(bench_fidelity)
+    bench_fidelity.set_defaults(func=fidelity_bench.main)
+    bench_power = bench.add_parser("power", help="tiers and the power governor under a grid cut in the twin")
+    power_bench.add_arguments(bench_power)
+    bench_power.set_defaults(func=power_bench.main)
+    bench_energy = bench.add_parser("energy", help="energy-aware clock levels vs always-maximum in the twin")
+    power_bench.add_energy_arguments(bench_energy)
+    bench_energy.set_defaults(func=power_bench.main_energy)
     twin = commands.add_parser("twin", help="the digital twin").add_subparsers(dest="twin", required=True)
     twin_replay = twin.add_parser("replay", help="replay a trace on simulated hardware with the real scheduler")
     twin_cli.add_replay_arguments(twin_replay)
     twin_replay.set_defaults(func=twin_cli.replay_main)
+    profile = twin.add_parser("profile", help="measure this machine's engine step times and fit the twin's cost model")
+    twin_profile.add_arguments(profile)
+    profile.set_defaults(func=twin_profile.main)
+    plan = commands.add_parser("plan", help="search factory configurations in the twin under SLOs and a budget")
+    twin_plan.add_arguments(plan)
+    plan.set_defaults(func=twin_plan.main)
     return parser
 
 

@@ -40,6 +40,17 @@ def test_the_shared_lru_bound_is_at_least_every_routers_hit_rate():
     assert 0 < max(run.prefix_hit_rate for run in runs) <= bound
 
 
+def test_with_room_for_every_chat_kv_routing_reaches_the_bound_caching_each_block_once():
+    cost = CostModel(default_model(), get_hardware("h200"))
+    config = TwinConfig(cost, num_workers=4, num_blocks=4000)
+    workload = chats()
+    bound = routing_bench.shared_lru_hit_rate(workload, 4 * 4000, 16)
+    kv = routing_bench.run_router("kv", config, workload)
+    assert kv.prefix_hit_rate == pytest.approx(bound)
+    assert kv.forgone_fraction == 0 and kv.copies_per_block == 1.0
+    assert kv.busiest_over_mean < 1.5  # 7 chats on 4 workers: two each at most
+
+
 def test_the_shared_lru_bound_counts_reuse_and_forgets_what_it_evicted():
     first, again = TraceRequest(0, 1024, 1, (1, 2)), TraceRequest(1, 1024, 1, (1, 2))
     other = TraceRequest(0.5, 1024, 1, (3, 4))
@@ -62,6 +73,16 @@ def test_bench_routing_prints_the_table_and_the_goals(capsys):
     for name in ROUTERS:
         assert name in out
     assert "kv hit rate >= 3x round robin's" in out and "busiest worker" in out
+
+
+@pytest.mark.skipif(not MOONCAKE_TRACE.is_file(), reason="Mooncake trace not in ../shared/data")
+def test_bench_routing_passes_the_kv_weights_to_the_kv_policy(capsys):
+    args = ["--limit", "40", "--workers", "4", "--routers", "kv", "--kv-work-weight", "0", "--kv-balance-weight", "1"]
+    assert routing_bench.main(parse(args)) == 0
+    out = capsys.readouterr().out
+    assert "kv hit rate >= 95% of the shared-LRU bound" in out and "round robin's" not in out
+    assert routing_bench.main(parse(["--limit", "4", "--routers", "kv", "--kv-work-weight", "-1"])) == 2
+    assert "kv weights must be >= 0" in capsys.readouterr().out
 
 
 def test_bench_routing_refuses_a_missing_trace(tmp_path, capsys):

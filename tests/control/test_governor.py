@@ -1,6 +1,9 @@
-"""The power governor: budgets under grid events, tier shedding order, token budgets per worker."""
+"""The power governor: budgets under grid events, tier shedding order, token budgets per worker,
+and the factory config's `power` section (scheduled grid events)."""
 
 from __future__ import annotations
+
+from datetime import datetime, timezone
 
 import pytest
 
@@ -11,9 +14,12 @@ from tokenfactory.control.governor import (
     TierLoad,
     WorkerPower,
     add_event,
+    admit_tiers,
     budget_at,
     decide,
+    scheduled_state,
 )
+from tokenfactory.control.tiers import ConfigError, parse_factory_config
 
 HOUR = 3600.0
 T14 = 14 * HOUR
@@ -99,3 +105,71 @@ def test_a_worker_with_less_headroom_leaves_its_unused_share_to_the_others():
     shares = {limit.worker_id: limit.power_w for limit in decision.workers}
     assert shares == {9: 150.0, 1: 700.0}  # the small one tops out; the rest goes to the big one
     assert sum(shares.values()) <= 1000.0
+
+
+def test_an_idle_tier_is_admitted_only_while_room_is_left():
+    idle = loads(flex=0, default=0, priority=0)
+    assert admit_tiers(idle, capacity_tokens=100)[0] == {"flex", "default", "priority"}
+    assert admit_tiers(idle, capacity_tokens=0) == (frozenset(), ("flex", "default", "priority"))
+    full = admit_tiers(loads(flex=0, default=0, priority=100), capacity_tokens=100)
+    assert full == (frozenset({"priority"}), ("flex", "default"))  # nothing left for new work
+
+
+def utc(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+
+
+def power_config(events: str) -> str:
+    return f"tiers: {{default: {{}}}}\npower:\n  static_cap_w: 1000\n  grid_events:\n{events}"
+
+
+def test_a_daily_event_in_the_config_cuts_the_budget_every_day():
+    config = parse_factory_config(power_config(
+        "    - {name: peak, start: '14:00', duration_s: 10800, cut_fraction: 0.25, ramp_s: 600}\n"))
+    governor = GovernorConfig(static_cap_w=config.power.static_cap_w)
+    for day in ("2026-11-21", "2026-11-22"):
+        for clock, budget in (("12:00", 1000.0), ("13:55", 1000 * (1 - 0.25 * 5 / 10)), ("15:30", 750.0),
+                              ("17:05", 1000 * (1 - 0.25 * 5 / 10)), ("18:00", 1000.0)):
+            now = utc(f"{day}T{clock}")
+            assert budget_at(governor, scheduled_state(config.power, (), now), now) == pytest.approx(budget)
+
+
+def test_a_daily_event_across_midnight_holds_on_both_sides():
+    config = parse_factory_config(power_config(
+        "    - {start: '23:00', duration_s: 7200, cut_fraction: 0.5, ramp_s: 0}\n"))
+    governor = GovernorConfig(static_cap_w=1000.0)
+    for clock in ("2026-11-21T23:30", "2026-11-22T00:30"):
+        now = utc(clock)
+        assert budget_at(governor, scheduled_state(config.power, (), now), now) == pytest.approx(500.0)
+
+
+def test_a_one_off_event_with_short_notice_ramps_from_its_announcement():
+    config = parse_factory_config(power_config(
+        "    - {start: 2026-11-21T14:00:00Z, duration_s: 3600, cut_fraction: 0.4, ramp_s: 900, notice_s: 300}\n"))
+    governor = GovernorConfig(static_cap_w=1000.0)
+    budget = lambda clock: budget_at(governor, scheduled_state(config.power, (), utc(clock)), utc(clock))
+    assert budget("2026-11-21T13:50") == 1000.0  # before the notice, nothing yet
+    assert budget("2026-11-21T13:57:30") == pytest.approx(800.0)  # half way through a 5-minute ramp
+    assert budget("2026-11-21T14:30") == pytest.approx(600.0)
+    assert budget("2026-11-22T14:30") == 1000.0  # once only
+
+
+def test_admin_events_add_to_the_scheduled_ones():
+    config = parse_factory_config(power_config(
+        "    - {start: '14:00', duration_s: 3600, cut_fraction: 0.25, ramp_s: 0}\n"))
+    now = utc("2026-11-21T14:30")
+    admin = add_event(GovernorState(), GridEvent(now, 600.0, 0.25, ramp_s=0.0), now).events
+    state = scheduled_state(config.power, admin, now)
+    assert budget_at(GovernorConfig(static_cap_w=1000.0), state, now) == pytest.approx(500.0)
+
+
+@pytest.mark.parametrize("event, problem", [
+    ("{start: 14:00, duration_s: 60, cut_fraction: 0.2}", "quote the time of day"),
+    ("{start: 'tomorrow', duration_s: 60, cut_fraction: 0.2}", "neither HH:MM nor an ISO 8601"),
+    ("{start: '14:00', duration_s: 60, cut_fraction: 1.5}", "cut_fraction"),
+    ("{start: '14:00', duration_s: 86000, cut_fraction: 0.2}", "must fit in a day"),
+    ("{start: '14:00', duration_s: 60, cut_fraction: 0.2, cutt: 1}", "cutt"),
+])
+def test_a_bad_grid_event_in_the_config_says_what_is_wrong(event, problem):
+    with pytest.raises(ConfigError, match=problem):
+        parse_factory_config(power_config(f"    - {event}\n"))

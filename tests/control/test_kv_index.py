@@ -128,3 +128,14 @@ def test_routed_blocks_count_until_confirmed_or_expired():
     index.record_routed(1, hashes, now=20.0)
     index.apply(1, [KVEvent("stored", hashes[:2], token_ids=[0] * 8, block_size=4)])
     assert index.overlap(hashes, now=50.0) == {1: 2}  # the event speaks for what was really stored
+
+
+def test_copies_per_block_counts_how_many_workers_hold_each_cached_block():
+    index = KVIndex()
+    assert index.copies_per_block() == 0.0
+    index.apply(0, [stored(chain(PROMPT_A))])
+    assert index.copies_per_block() == 1.0
+    index.apply(1, [stored(chain(SHARED))])  # 4 of A's 6 blocks now twice: 10 copies of 6 blocks
+    assert index.copies_per_block() == pytest.approx(10 / 6)
+    index.apply(1, [KVEvent("removed", chain(SHARED))])
+    assert index.copies_per_block() == 1.0

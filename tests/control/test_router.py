@@ -52,10 +52,72 @@ def test_kv_router_leaves_the_prefix_holder_when_its_load_outweighs_the_saving()
     router = KVAwareRouter()
     index = index_with_prefix_on(0)
     workers = idle_workers(2)
-    workers[0].num_running = 5  # 5 decodes cost less than 8 blocks of prefill: stay
+    workers[0].num_running = 5  # 5 decodes weigh less than the 8 cached blocks save: stay
     assert router.route(request_with_prefix(1), workers, index) == 0
-    workers[0].num_running, workers[0].num_waiting, workers[0].queued_prefill_tokens = 6, 3, 10 * BLOCK
+    workers[0].num_running, workers[0].num_waiting, workers[0].queued_prefill_tokens = 6, 3, 40 * BLOCK
     assert router.route(request_with_prefix(2), workers, index) == 1
+
+
+def test_kv_router_holds_a_conversation_on_its_cache_until_the_queue_there_outweighs_twice_the_saving():
+    # 8 cached blocks save 8 blocks of this request's wait and, at work_weight 1, 8 of the fleet's work.
+    def route_with_queue(queued_blocks: int) -> int:
+        workers = idle_workers(2)
+        workers[0].queued_prefill_tokens = queued_blocks * BLOCK
+        return KVAwareRouter(work_weight=1.0).route(request_with_prefix(1), workers, index_with_prefix_on(0))
+
+    assert route_with_queue(15) == 0
+    assert route_with_queue(17) == 1
+    workers = idle_workers(2)
+    workers[0].queued_prefill_tokens = 9 * BLOCK  # counting only its own wait, it leaves earlier
+    assert KVAwareRouter(work_weight=0.0).route(request_with_prefix(1), workers, index_with_prefix_on(0)) == 1
+
+
+def test_metrics_count_the_cached_prefix_given_up_for_load():
+    router = KVAwareRouter()
+    workers = idle_workers(2)
+    workers[0].queued_prefill_tokens = 1000 * BLOCK
+    assert router.route(request_with_prefix(1), workers, index_with_prefix_on(0)) == 1
+    assert router.metrics.forgone_overlap_tokens == 8 * BLOCK
+    assert router.route(request_with_prefix(2), idle_workers(2), index_with_prefix_on(1)) == 1
+    assert router.metrics.forgone_overlap_tokens == 8 * BLOCK  # it took the cached prefix: nothing forgone
+
+
+def test_kv_router_spreads_new_conversations_over_equally_idle_workers():
+    router = KVAwareRouter()
+    index = KVIndex()
+    prompts = [list(range(1000 * i, 1000 * i + 145)) for i in range(12)]  # nothing shared
+    picks = [router.route(RouteRequest(prompt_block_hashes(p, BLOCK), len(p)), idle_workers(4), index) for p in prompts]
+    # Equal in all else, the work each worker was given so far decides, not the lowest id.
+    assert sorted(Counter(picks).values()) == [3, 3, 3, 3]
+    assert set(router.routed_prefill_tokens.values()) == {3 * 145}
+
+
+def test_kv_router_balance_moves_a_cached_prefix_off_a_worker_given_far_more_work():
+    def route(balance_weight: float) -> int:
+        router = KVAwareRouter(balance_weight=balance_weight)
+        router.routed_prefill_tokens.update({0: 100_000, 1: 0})
+        return router.route(request_with_prefix(1), idle_workers(2), index_with_prefix_on(0))
+
+    # Staying saves 2 x 8 blocks; 100k tokens of excess weigh 100k x weight / 16 blocks.
+    assert route(0.0) == 0
+    assert route(0.002) == 0  # 12.5 blocks
+    assert route(0.02) == 1  # 125 blocks
+
+
+def test_kv_router_counts_routed_prefill_net_of_predicted_hits_and_a_newcomer_starts_level():
+    router = KVAwareRouter(session_affinity=True)
+    workers = idle_workers(2)
+    assert router.route(request_with_prefix(1, session_id="s"), workers, index_with_prefix_on(1)) == 1
+    assert router.routed_prefill_tokens == {0: 0, 1: 145 - 8 * BLOCK}
+    workers[1].queued_prefill_tokens = 10**6  # affinity ignores the queue; its pick is counted too
+    assert router.route(request_with_prefix(2, session_id="s"), workers, KVIndex()) == 1
+    assert router.routed_prefill_tokens[1] == 17 + 145
+    router.routed_prefill_tokens[0] = 500
+    workers.append(WorkerState(2, num_free_blocks=100, block_size=BLOCK))
+    workers[1].queued_prefill_tokens = 0
+    assert router.route(request_with_prefix(3), workers, KVIndex()) == 1
+    # The newcomer joined level with the least given (162), not at 0 where it would take everything.
+    assert router.routed_prefill_tokens == {0: 500, 1: 162 + 145, 2: 162}
 
 
 def test_kv_router_without_any_prefix_picks_the_least_loaded_then_the_lowest_id():
@@ -80,13 +142,13 @@ def test_dead_workers_are_never_chosen():
 
 def test_softmax_sampling_is_seeded_and_favours_the_cheaper_worker():
     def picks(seed: int) -> list[int]:
-        router = KVAwareRouter(temperature=4.0, rng=random.Random(seed))
+        router = KVAwareRouter(temperature=8.0, work_weight=1.0, balance_weight=0.0, rng=random.Random(seed))
         # A fresh index per decision: each one faces the same 8-block gap.
         return [router.route(request_with_prefix(i), idle_workers(2), index_with_prefix_on(1)) for i in range(200)]
 
     assert picks(7) == picks(7)
     counts = Counter(picks(7))
-    assert counts[1] > 150 and counts[0] > 0  # cost gap 8 blocks, temperature 4: about 88% / 12%
+    assert counts[1] > 150 and counts[0] > 0  # cost gap 2 x 8 blocks, temperature 8: about 88% / 12%
     with pytest.raises(ValueError):
         KVAwareRouter(temperature=-1)
 

@@ -39,3 +39,45 @@ def test_constrained_rows_follow_the_schema_and_free_rows_are_untouched():
     assert json.loads(tokenizer.decode(constrained.output_token_ids)) in ({"ok": True}, {"ok": False})
     sampler.forget(["c"])
     assert not sampler.grammars._matchers
+
+
+def test_masks_prepared_while_the_model_runs_equal_masks_computed_in_place():
+    tokenizer = Tokenizer.from_pretrained(ensure_tiny_model())
+    vocab = tokenizer.vocab_size
+
+    def masks() -> GrammarMasks:
+        return GrammarMasks(lambda: build_ll_tokenizer(tokenizer, vocab), vocab)
+
+    def request(rid: str, schema: dict) -> Request:
+        return Request(rid, [1], SamplingParams(grammar=json_schema_grammar(schema)), tokenizer.eos_token_ids)
+
+    a, b = request("a", SCHEMA), request("b", {"enum": [12345]})
+    free = Request("f", [1], SamplingParams())
+    in_place, prepared = masks(), masks()
+    expected = torch.zeros(3, vocab)
+    in_place.apply(expected, [b, free, a])
+    prepared.prepare([a, b])  # the runner's order differs from the step's
+    got = torch.zeros(3, vocab)
+    prepared.apply(got, [b, free, a])
+    assert torch.equal(got, expected)
+    assert torch.isinf(got[0]).any() and torch.isinf(got[2]).any() and not torch.equal(got[0], got[2])
+    assert not torch.isinf(got[1]).any()
+    allowed = [int(row.argmax()) for row in got]  # the first token each grammar allows
+    prepared.advance([b, free, a], allowed)
+    prepared.prepare([a])  # `b` is not prepared for this step: it is computed in place
+    got = torch.zeros(2, vocab)
+    prepared.apply(got, [a, b])
+    in_place.advance([b, free, a], allowed)
+    expected = torch.zeros(2, vocab)
+    in_place.apply(expected, [a, b])
+    assert torch.equal(got, expected)
+
+
+def test_requests_with_one_grammar_compile_it_once():
+    tokenizer = Tokenizer.from_pretrained(ensure_tiny_model())
+    masks = GrammarMasks(lambda: build_ll_tokenizer(tokenizer, tokenizer.vocab_size), tokenizer.vocab_size)
+    grammar = json_schema_grammar(SCHEMA)
+    requests = [Request(f"r{i}", [1], SamplingParams(grammar=grammar), tokenizer.eos_token_ids) for i in range(3)]
+    masks.apply(torch.zeros(3, tokenizer.vocab_size), requests)
+    assert len(masks._compiled) == 1 and len(masks._matchers) == 3
+    assert len({id(m) for m in masks._matchers.values()}) == 3  # each request has its own state

@@ -85,24 +85,6 @@ def test_named_tool_choice_calls_that_function(client, gateway):
     _check_calls(choice.message.tool_calls, [CLOCK])
 
 
-def test_streamed_tool_call_deltas_reassemble(client, gateway):
-    stream = chat(client, gateway, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, seed=3, max_tokens=80,
-                  stream=True)
-    calls: dict[int, dict[str, str]] = {}
-    finish = None
-    for event in stream:
-        for choice in event.choices:
-            for delta in choice.delta.tool_calls or []:
-                call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
-                call["id"] += delta.id or ""
-                call["name"] += delta.function.name or ""
-                call["arguments"] += delta.function.arguments or ""
-            finish = choice.finish_reason or finish
-    assert finish == "tool_calls" and list(calls) == [0]
-    assert calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
-    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
-
-
 def test_tool_results_go_back_through_the_template(client, gateway):
     history = [*MESSAGES,
                {"role": "assistant", "content": None, "tool_calls": [

@@ -1,14 +1,16 @@
-"""Key store: keys are shown once, stored hashed, found by their plaintext, revoked at once."""
+"""Key store: keys are shown once, stored hashed, found by their plaintext, revoked at once; on SQLite and
+PostgreSQL alike (the `db` fixture)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tokenfactory.meter.keys import KeyStore
+from tokenfactory.meter.db import connect
+from tokenfactory.meter.keys import KeyStore, split_key
 
 
-def test_create_authenticate_list_revoke(tmp_path):
-    store = KeyStore(tmp_path / "factory.db")
+def test_create_authenticate_list_revoke(db):
+    store = KeyStore(db)
     record, plaintext = store.create("acme", ["flex", "default"], "default", name="ci")
     assert plaintext.startswith(f"tf-{record.key_id}-")
     assert store.authenticate(plaintext) == record
@@ -21,7 +23,9 @@ def test_create_authenticate_list_revoke(tmp_path):
     assert store.revoke(record.key_id) and not store.revoke(record.key_id)
     assert store.authenticate(plaintext) is None
     # A second handle (another process: the CLI) sees the revocation at once.
-    assert KeyStore(tmp_path / "factory.db").get(record.key_id).revoked_at is not None
+    assert KeyStore(db).get(record.key_id).revoked_at is not None
+    assert [r.key_id for r in store.list(include_revoked=False)] == [other.key_id]
+    assert store.list(tenant="nobody") == []
 
 
 def test_stored_keys_are_not_plaintext(tmp_path):
@@ -29,11 +33,21 @@ def test_stored_keys_are_not_plaintext(tmp_path):
     store = KeyStore(path)
     _, plaintext = store.create("acme", ["default"], "default")
     store.close()
-    secret = plaintext.rsplit("-", 1)[1]
+    _, secret = split_key(plaintext)  # the secret may itself hold a "-"
     for file in tmp_path.iterdir():  # the database, its WAL and shared-memory files
         assert secret.encode() not in file.read_bytes()
 
 
-def test_default_tier_must_be_allowed(tmp_path):
+def test_stored_rows_hold_no_secret(db):
+    store = KeyStore(db)
+    _, plaintext = store.create("acme", ["default"], "default")
+    _, secret = split_key(plaintext)  # the secret may itself hold a "-"
+    conn = connect(db)
+    rows = conn.execute("SELECT * FROM api_keys").fetchall()
+    conn.close()
+    assert rows and not any(secret in str(value) for row in rows for value in row)
+
+
+def test_default_tier_must_be_allowed(db):
     with pytest.raises(ValueError, match="not among the allowed tiers"):
-        KeyStore(tmp_path / "factory.db").create("acme", ["flex"], "priority")
+        KeyStore(db).create("acme", ["flex"], "priority")

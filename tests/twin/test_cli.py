@@ -31,3 +31,28 @@ def test_replay_arguments_have_the_documented_defaults():
         "h200", 16, 1, "bf16", 1.0, "round_robin"
     )
     assert args.trace.name == "mooncake_conversation_trace.jsonl"
+
+
+def test_replay_runs_a_closed_loop_workload_and_draws_its_plots(tmp_path, capsys):
+    plots = tmp_path / "plots"
+    argv = ["--workload", "closed-loop", "--concurrency", "4", "--num-requests", "12", "--input-len", "300",
+            "--output-len", "20", "--workers", "2", "--router", "kv", "--plots", str(plots)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "12 / 0" in out and "wrote" in out
+    for name in ("latency_cdf.png", "power.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_replay_runs_gamma_and_agentic_workloads(capsys):
+    assert main(["--workload", "gamma", "--rate", "20", "--num-requests", "30", "--burstiness", "3",
+                 "--workers", "2"]) == 0
+    assert "30 / 0" in capsys.readouterr().out
+    assert main(["--workload", "agentic", "--num-requests", "3", "--rate", "2", "--turns", "2",
+                 "--workers", "2", "--router", "kv"]) == 0
+    assert "prefix hit rate" in capsys.readouterr().out
+
+
+def test_replay_refuses_bad_workload_parameters(capsys):
+    assert main(["--workload", "poisson", "--rate", "0", "--num-requests", "5"]) == 2
+    assert "rate" in capsys.readouterr().out

@@ -64,11 +64,11 @@ def test_fp8_and_tensor_parallel_make_decode_faster(h200):
 
 
 def test_kv_capacity_is_memory_left_after_weights(h200):
-    # (141 GB x 0.9 - 16.06 GB of weights) / 128 KiB per token
-    assert h200.kv_capacity_tokens() == 845642
-    assert h200.kv_num_blocks(16) == 845642 // 16
+    # (141 GB - 16.06 GB of weights) x 0.9 / 128 KiB per token
+    assert h200.kv_capacity_tokens() == 857894
+    assert h200.kv_num_blocks(16) == 857894 // 16
     h100 = CostModel(default_model(), get_hardware("h100"))
-    assert h100.kv_capacity_tokens() == int((80e9 * 0.9 - h100.weight_bytes) // 131072)
+    assert h100.kv_capacity_tokens() == int((80e9 - h100.weight_bytes) * 0.9 // 131072)
     assert dataclasses.replace(h200, precision="fp8").kv_capacity_tokens() > 2 * h200.kv_capacity_tokens()
     assert dataclasses.replace(h100, tp=2).kv_capacity_tokens() > 2 * h100.kv_capacity_tokens()
 
@@ -91,3 +91,60 @@ def test_bad_settings_are_refused(h200):
 def test_shape_of_counts_attention_pairs():
     assert shape_of([(3, 0)]) == BatchShape(num_tokens=3, attention_pairs=6, kv_read_tokens=3, num_sampled=1)
     assert shape_of([(1, 10), (1, 20)]) == BatchShape(2, 11 + 21, 32, 2)
+
+
+def priced_one_by_one(model: CostModel, first: BatchShape, max_steps: int, limit: float = float("inf")):
+    n, shape, steps, duration, energy = first.num_tokens, first, 0, 0.0, 0.0
+    while steps < max_steps:
+        shape = BatchShape(n, shape.attention_pairs + n, shape.kv_read_tokens + n, n)
+        cost = model.step(shape)
+        if duration + cost.duration_s >= limit:
+            break
+        steps, duration, energy = steps + 1, duration + cost.duration_s, energy + cost.energy_j
+    return steps, duration, energy
+
+
+@pytest.mark.parametrize("name,tp", [("h200", 1), ("h200", 2), ("cpu", 1), ("b200", 1)])
+@pytest.mark.parametrize("batch,context", [(1, 100), (32, 2000), (256, 30000), (200, 50)])
+def test_a_decode_stretch_in_closed_form_matches_pricing_every_step(name, tp, batch, context):
+    model = CostModel(default_model(), get_hardware(name), tp=tp)
+    first = shape_of([(1, context)] * batch)
+    steps, duration, energy = priced_one_by_one(model, first, 700)
+    stretch = model.decode_stretch(first, 700)
+    assert stretch.num_steps == steps == 700
+    assert stretch.duration_s == pytest.approx(duration, rel=1e-12)
+    assert stretch.energy_j == pytest.approx(energy, rel=1e-12)
+    limit = 0.37 * duration  # the steps that end strictly within a time limit
+    within = model.decode_stretch(first, 700, limit)
+    assert within.num_steps == priced_one_by_one(model, first, 700, limit)[0] > 0
+    assert within.duration_s < limit
+    assert model.decode_stretch(first, 0).num_steps == 0
+
+
+def test_a_stretch_crossing_from_the_compute_roof_to_the_bandwidth_roof():
+    # 256 fresh sequences on an H200 start compute bound; their growing KV soon makes them
+    # bandwidth bound: the closed form splits the sums where the roofs cross.
+    model = CostModel(default_model(), get_hardware("h200"))
+    first = shape_of([(1, 10)] * 256)
+    m, hw = model.model, model.hardware
+
+    def compute_over_memory(k: int) -> float:
+        pairs, kv_read = first.attention_pairs + 256 * k, first.kv_read_tokens + 256 * k
+        attention = 4 * m.num_hidden_layers * m.num_attention_heads * m.head_dim * pairs
+        flops = 2 * model.layer_params * 256 + 2 * model.lm_head_params * 256 + attention
+        compute = flops / hw.peak_flops_bf16 / model.compute_efficiency
+        memory = (model.weight_bytes / model.bandwidth_efficiency
+                  + model.kv_bytes_per_token * (kv_read + 256) / model.kv_bandwidth_efficiency) / hw.hbm_bandwidth
+        return compute / memory
+
+    assert compute_over_memory(1) > 1 > compute_over_memory(2000)
+    steps, duration, energy = priced_one_by_one(model, first, 2000)
+    stretch = model.decode_stretch(first, 2000)
+    assert stretch.duration_s == pytest.approx(duration, rel=1e-12)
+    assert stretch.energy_j == pytest.approx(energy, rel=1e-12)
+
+
+def test_efficiencies_above_one_are_refused(h200):
+    for name in ("compute_efficiency", "bandwidth_efficiency", "kv_bandwidth_efficiency"):
+        with pytest.raises(ValueError, match=name):
+            dataclasses.replace(h200, **{name: 1.2})

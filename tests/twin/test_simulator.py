@@ -168,3 +168,102 @@ def test_fast_forward_keeps_the_first_token_time_of_a_prompt_cached_but_for_one_
     fast, slow = run_both_ways(workload, router="round_robin", num_workers=1)
     assert fast[1].records[1].num_cached_tokens == 1024
     assert_same_run(fast, slow)
+
+
+def test_fast_forward_gives_the_same_run_for_closed_loop_and_agentic_workloads():
+    from tokenfactory.twin.workloads import AgenticSessions, ClosedLoop
+
+    for make in (
+        lambda: ClosedLoop(24, 120, LengthDistribution(700, 0.5), LengthDistribution(60, 0.8), think_s=0.0, seed=1),
+        lambda: ClosedLoop(8, 60, LengthDistribution(300), LengthDistribution(40), think_s=0.3, seed=2),
+        lambda: AgenticSessions(12, 2.0, fanout_probability=0.4, think_s=0.5, seed=5),
+    ):
+        runs = []
+        for fast_forward in (True, False):
+            simulator = Simulator(make_config(num_workers=3, fast_forward=fast_forward), make_router("kv"))
+            runs.append((simulator, simulator.run(make())))
+        fast, slow = runs
+        assert len(fast[1].records) == len(slow[1].records) > 0
+        assert_same_run(fast, slow)
+        assert fast[0]._seq < slow[0]._seq  # fewer events: it did skip
+
+
+def test_a_closed_loop_keeps_its_clients_requests_in_flight_and_no_more():
+    from tokenfactory.twin.workloads import ClosedLoop
+
+    workload = ClosedLoop(6, 48, LengthDistribution(400), LengthDistribution(30), think_s=0.0)
+    result = Simulator(make_config(num_workers=2), make_router("least_loaded")).run(workload)
+    assert result.summary.num_finished == 48
+    events = sorted([(r.arrival, 1) for r in result.records] + [(r.finish, -1) for r in result.records],
+                    key=lambda e: (e[0], e[1]))
+    in_flight = peak = 0
+    for _, change in events:
+        in_flight += change
+        peak = max(peak, in_flight)
+    assert peak == 6
+    finishes = sorted(r.finish for r in result.records)
+    later = sorted(r.arrival for r in result.records)[6:]  # every later request starts as one finishes
+    assert all(any(abs(a - f) < 1e-12 for f in finishes) for a in later)
+
+
+def test_agent_sessions_reach_the_router_for_affinity():
+    from tokenfactory.twin.workloads import AgenticSessions
+
+    router = make_router("least_loaded", session_affinity=True)
+    result = Simulator(make_config(num_workers=4), router).run(AgenticSessions(10, 1.0, seed=2))
+    assert result.summary.num_finished == len(result.records) > 10
+    assert router.metrics.affinity_hits > len(result.records) // 2
+    assert result.summary.prefix_hit_rate > 0.5  # each turn finds its session's context on its worker
+
+
+def test_a_run_makes_no_reference_cycles_so_the_collector_can_stay_off():
+    import gc
+
+    from tokenfactory.twin.workloads import AgenticSessions
+
+    gc.collect()
+    Simulator(make_config(num_workers=2), make_router("kv")).run(conversations(4, 3))
+    Simulator(make_config(num_workers=2), make_router("kv")).run(AgenticSessions(6, 2.0, seed=1))
+    gc.disable()
+    try:
+        simulator = Simulator(make_config(num_workers=2), make_router("kv"))
+        simulator.run(AgenticSessions(6, 2.0, seed=1))
+        del simulator
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    assert gc.isenabled()
+
+
+def test_power_samples_add_up_to_the_runs_energy_and_stay_between_idle_and_tdp():
+    config = make_config(num_workers=2, power_interval_s=0.5)
+    result = Simulator(config).run(small_workload())
+    hw, start, end = config.cost.hardware, result.records[0].arrival, result.summary.duration_s
+    lengths = [min(end, (i + 1) * 0.5) - max(start, i * 0.5) for i in range(len(result.power_w))]
+    assert sum(p * t for p, t in zip(result.power_w, lengths)) == pytest.approx(result.summary.energy_j, rel=1e-9)
+    assert all(2 * hw.idle_w - 1e-6 <= p <= 2 * hw.tdp_w for p in result.power_w)
+    assert max(result.power_w) > 2 * hw.idle_w + 100  # it worked somewhere
+
+
+def test_pods_behind_a_front_balancer_are_independent_simulators():
+    from tokenfactory.twin.simulator import simulate_pods
+
+    workload = small_workload(80, seed=3)
+    fleet = simulate_pods(make_config(num_workers=2), lambda: make_router("kv"), workload, 2)
+    alone = [Simulator(make_config(num_workers=2), make_router("kv")).run(workload[p::2]) for p in range(2)]
+    assert fleet.summary.num_finished == 80 and len(fleet.workers) == 4
+    for i, record in enumerate(fleet.records):
+        assert record == alone[i % 2].records[i // 2]
+    assert fleet.summary.output_tokens == sum(r.summary.output_tokens for r in alone)
+    assert fleet.summary.output_tokens_per_s_per_gpu == pytest.approx(fleet.summary.output_tokens_per_s / 4)
+
+
+def test_pods_run_in_other_processes_give_the_same_fleet():
+    from tokenfactory.twin.simulator import simulate_pods
+
+    workload = small_workload(60, seed=4)
+    here = simulate_pods(make_config(num_workers=2), lambda: make_router("kv"), workload, 3)
+    forked = simulate_pods(make_config(num_workers=2), lambda: make_router("kv"), workload, 3, jobs=2)
+    assert forked.records == here.records
+    assert forked.summary == here.summary and forked.power_w == here.power_w
+    assert forked.workers == [] and len(here.workers) == 6

@@ -5,15 +5,20 @@ from tokenfactory.engine.kv_cache import prompt_block_hashes
 from tokenfactory.twin.workloads import (
     AZURE_TRACE,
     MOONCAKE_TRACE,
+    AgenticSessions,
+    ClosedLoop,
     LengthDistribution,
+    PromptHasher,
     TraceRequest,
     block_reuse,
     block_tokens,
+    diurnal_workload,
     load_azure,
     load_mooncake,
     load_trace,
     poisson_workload,
     prompt_token_ids,
+    synthetic_workload,
 )
 
 needs_mooncake = pytest.mark.skipif(not MOONCAKE_TRACE.is_file(), reason="Mooncake trace not in ../shared/data")
@@ -86,3 +91,97 @@ def test_unlimited_cache_reuse_matches_the_data_and_the_real_block_hashes():
     # shared cache serves the same share of prompt tokens as the trace's hash_ids say.
     head = whole[:300]
     assert shared_lru_hit_rate(head, 10**15, 16) == pytest.approx(block_reuse(head).token_fraction, abs=0.002)
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 48])
+def test_the_prompt_hasher_gives_the_kv_caches_own_hashes_hashing_each_block_once(block_size):
+    requests = [
+        TraceRequest(0.0, 1500, 4, (0, 1, 2)),
+        TraceRequest(0.0, 1100, 4, (0, 1, 9)),  # shares two blocks, then differs
+        TraceRequest(0.0, 512 * 3, 4, (0, 1, 2)),  # the first one's blocks, the last one whole
+        TraceRequest(0.0, 700, 4, uid=5),  # no hash_ids: a unique prompt
+        TraceRequest(0.0, 10, 4, (3,)),  # shorter than a block of the cache
+    ]
+    hasher = PromptHasher(block_size)
+    for request in requests:
+        assert hasher(request) == prompt_block_hashes(prompt_token_ids(request), block_size)
+    if 512 % block_size == 0:  # blocks 0, 1, 2, 9, 3 each hashed once
+        assert len(hasher._blocks) == 5
+
+
+def test_gamma_arrivals_keep_the_rate_and_have_the_asked_burstiness():
+    for burstiness in (0.5, 1.0, 3.0):
+        trace = synthetic_workload(10.0, 20000, LengthDistribution(100), LengthDistribution(10), burstiness, seed=4)
+        gaps = [b.arrival_time - a.arrival_time for a, b in zip(trace, trace[1:])]
+        mean = sum(gaps) / len(gaps)
+        cv = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean
+        assert mean == pytest.approx(0.1, rel=0.05)
+        assert cv == pytest.approx(burstiness, rel=0.1)
+    same = synthetic_workload(5.0, 50, LengthDistribution(100), LengthDistribution(10), 1.0, seed=2)
+    assert same == poisson_workload(5.0, 50, LengthDistribution(100), LengthDistribution(10), seed=2)
+    with pytest.raises(ValueError, match="burstiness"):
+        synthetic_workload(5.0, 5, LengthDistribution(100), LengthDistribution(10), 0.0)
+
+
+def test_a_diurnal_day_peaks_at_noon_with_the_asked_swing():
+    day = diurnal_workload(200_000, LengthDistribution(1000, 1.0), LengthDistribution(200), peak_to_trough=3.0)
+    assert len(day) == 200_000 and day[0].arrival_time >= 0 and day[-1].arrival_time <= 86400
+    assert all(a.arrival_time <= b.arrival_time for a, b in zip(day, day[1:]))
+    hours = [0] * 24
+    for request in day:
+        hours[int(request.arrival_time // 3600)] += 1
+    assert hours.index(max(hours)) in (11, 12)
+    assert hours.index(min(hours)) in (0, 23)
+    assert 2.5 < max(hours) / min(hours) < 3.3
+    assert sum(r.input_length for r in day) / len(day) == pytest.approx(1000, rel=0.03)
+    assert {r.output_length for r in day} == {200}
+
+
+def drive(workload, service_s: float = 1.0) -> list[TraceRequest]:
+    """Run a closed-loop workload on an ideal server: each request finishes `service_s` after it arrives."""
+    pending = sorted(workload.start(), key=lambda r: r.arrival_time)
+    done = []
+    while pending:
+        request = pending.pop(0)
+        done.append(request)
+        pending.extend(workload.on_finish(request, request.arrival_time + service_s))
+        pending.sort(key=lambda r: r.arrival_time)
+    return done
+
+
+def test_closed_loop_clients_send_their_next_request_after_the_last_one_finished():
+    workload = ClosedLoop(4, 10, LengthDistribution(100), LengthDistribution(20), think_s=0.5)
+    first = workload.start()
+    assert [r.arrival_time for r in first] == [0.0] * 4
+    assert len({r.session_id for r in first}) == 4
+    done = drive(ClosedLoop(4, 10, LengthDistribution(100), LengthDistribution(20), think_s=0.5))
+    assert len(done) == 10 and len({r.uid for r in done}) == 10
+    by_client = {}
+    for request in done:
+        by_client.setdefault(request.session_id, []).append(request.arrival_time)
+    for times in by_client.values():  # service 1 s + think 0.5 s
+        assert all(b - a == pytest.approx(1.5) for a, b in zip(times, times[1:]))
+
+
+def test_agentic_turns_grow_one_context_and_sub_agents_start_from_it():
+    workload = AgenticSessions(20, 1.0, fanout_probability=0.5, seed=3)
+    done = drive(workload)
+    assert workload._sessions == {}  # every task and sub-agent ran to its end
+    tasks = {r.session_id for r in done if "." not in r.session_id}
+    subs = [r for r in done if "." in r.session_id]
+    assert len(tasks) == 20 and subs
+    turns: dict[str, list[TraceRequest]] = {}
+    for request in done:
+        turns.setdefault(request.session_id, []).append(request)
+        assert len(prompt_token_ids(request)) == request.input_length
+    for session, its in turns.items():
+        for before, after in zip(its, its[1:]):  # each turn's prompt extends the previous one
+            assert after.input_length > before.input_length
+            assert prompt_token_ids(after)[: before.input_length] == prompt_token_ids(before)
+    for sub in subs:  # a sub-agent's first prompt starts with its parent's context so far
+        parent = turns[sub.session_id.rsplit(".", 1)[0]]
+        earlier = [p for p in parent if p.arrival_time <= sub.arrival_time]
+        head = prompt_token_ids(earlier[-1])
+        assert prompt_token_ids(turns[sub.session_id][0])[: len(head)] == head
+    shared = prompt_token_ids(done[0])[:2048]  # the system prompt all tasks share
+    assert all(prompt_token_ids(r)[:2048] == shared for r in done)

@@ -1,17 +1,21 @@
-"""Tool calls in model text: parse them out (whole or streamed) and constrain decoding to them.
+"""Tool calls in model text: parse them out as the text streams in, and constrain decoding to them.
 
 Two formats, chosen by the chat template: Hermes (Qwen, our tiny model)
 `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, one block per call; and Llama 3's
 JSON form, where the whole reply is `{"name": ..., "parameters": {...}}` (optionally after
-`<|python_tag|>`, several separated by `;`). Text that looks like a call but does not parse stays
-content, so nothing the model wrote is lost.
+`<|python_tag|>`, several separated by `;`).
+
+`ToolCallParser` reads the text piece by piece and says, as early as it can, what is content and
+what is a call: a call starts once its name and the opening brace of its arguments are seen, and
+its arguments then stream as written. Text that looks like a call but does not begin like one
+stays content, so nothing the model wrote is lost. Whitespace next to a call is dropped.
+Whole-text parsing is the same parser fed all at once, so a stream and a full response agree.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +23,7 @@ from typing import Any
 HERMES_OPEN = "<tool_call>"
 HERMES_CLOSE = "</tool_call>"
 LLAMA_PYTHON_TAG = "<|python_tag|>"
-_HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+_WHITESPACE = " \t\r\n"
 
 
 class ToolFormat(enum.Enum):
@@ -39,97 +43,313 @@ def new_call_id() -> str:
 class ToolCall:
     name: str
     arguments: str
-    """The arguments object as JSON text, as OpenAI sends it."""
+    """The arguments object as JSON text, as the model wrote it (OpenAI sends it the same way)."""
     id: str = field(default_factory=new_call_id)
 
 
+@dataclass(frozen=True, slots=True)
+class CallDelta:
+    """A piece of the call at `index` (0, 1, ... within one reply): its first piece carries the
+    id and the name, every piece may carry more of the arguments text."""
+
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
+
+
+Event = str | CallDelta
+"""What the parser releases: content text, or a piece of a call."""
+
+
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """-> (the text outside well-formed calls, the calls in order)."""
-    calls = _parse_llama_json(text)
-    if calls:
-        return "", calls
+    """-> (the content: the text outside calls, the calls in order)."""
+    parser = ToolCallParser()
+    content, calls = collect(parser.push(text) + parser.finish())
+    return content, calls
+
+
+def collect(events: list[Event]) -> tuple[str, list[ToolCall]]:
+    """Fold parser events into (content, calls)."""
     content: list[str] = []
-    end = 0
-    for block in _HERMES_BLOCK.finditer(text):
-        call = _call_from_json(block.group(1), "arguments")
-        content.append(text[end : block.start()] if call else text[end : block.end()])
-        end = block.end()
-        if call:
-            calls.append(call)
-    content.append(text[end:])
+    parts: dict[int, list[str]] = {}
+    heads: dict[int, CallDelta] = {}
+    for event in events:
+        if isinstance(event, str):
+            content.append(event)
+            continue
+        heads.setdefault(event.index, event)
+        parts.setdefault(event.index, []).append(event.arguments)
+    calls = [ToolCall(heads[i].name or "", "".join(parts[i]), heads[i].id or new_call_id()) for i in sorted(heads)]
     return "".join(content), calls
 
 
-def _parse_llama_json(text: str) -> list[ToolCall]:
-    body = text.strip().removeprefix(LLAMA_PYTHON_TAG).strip()
-    decoder = json.JSONDecoder()
-    calls, pos = [], 0
-    while pos < len(body):
-        try:
-            obj, pos = decoder.raw_decode(body, pos)
-        except json.JSONDecodeError:
-            return []
-        call = _call_from_object(obj, "parameters") or _call_from_object(obj, "arguments")
-        if call is None:
-            return []
-        calls.append(call)
-        while pos < len(body) and body[pos] in " \t\r\n;":
-            pos += 1
-    return calls
+class _State(enum.Enum):
+    TEXT = "text"  # content, watching for the start of a call
+    HEAD = "head"  # after `<tool_call>` (or at a JSON reply's start): is this a call's beginning?
+    BLOCK = "block"  # a `<tool_call>` block that did not begin like a call: wait for its end
+    ARGUMENTS = "arguments"  # inside a call's arguments object, streaming it
+    TAIL = "tail"  # after a call's arguments: skip to the block's end (or the next JSON call)
 
 
-def _call_from_json(text: str, arguments_key: str) -> ToolCall | None:
-    try:
-        return _call_from_object(json.loads(text), arguments_key)
-    except json.JSONDecodeError:
-        return None
+_MORE = "more"  # a partial match: the text so far may still become a match
 
 
-def _call_from_object(obj: Any, arguments_key: str) -> ToolCall | None:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    arguments = obj.get(arguments_key)
-    if not isinstance(arguments, dict) or set(obj) != {"name", arguments_key}:
-        return None
-    return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False))
-
-
-class ToolCallStream:
-    """Streams content as it arrives but holds back whatever may be a tool call; the calls come
-    out parsed at the end. What `push` released is always a prefix of the final content."""
+class ToolCallParser:
+    """Incremental parser of one reply. `push(text)` -> events safe to release now; `finish()` ->
+    the rest. The events do not depend on how the text was cut into pieces."""
 
     def __init__(self) -> None:
-        self._text = ""
-        self._released = 0
+        self._buf = ""  # text received but not yet decided
+        self._state = _State.TEXT
+        self._json_form = False  # the current call is Llama's JSON form (no tags around it)
+        self._at_start = True  # nothing but whitespace seen yet: a JSON-form reply may begin
+        self._space = ""  # whitespace after the last content, held until we know a call does not follow
+        self._num_calls = 0
+        self._depth = 0  # arguments scanner: nesting depth, inside a string, after a backslash
+        self._in_string = False
+        self._escaped = False
 
-    def push(self, text: str) -> str:
-        """Add generated text -> the content that is safe to show now."""
-        self._text += text
-        safe = self._safe_length()
-        released, self._released = self._text[self._released : safe], max(self._released, safe)
-        return released
+    @property
+    def num_calls(self) -> int:
+        return self._num_calls
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """-> (the content not yet released, the calls)."""
-        content, calls = parse_tool_calls(self._text)
-        return content[self._released :], calls
+    def push(self, text: str) -> list[Event]:
+        self._buf += text
+        events: list[Event] = []
+        while self._step(events, final=False):
+            pass
+        return _merged(events)
 
-    def _safe_length(self) -> int:
-        text = self._text
-        if self._released == 0 and _may_start_json_call(text):
-            return 0
-        start = text.find(HERMES_OPEN)
+    def finish(self) -> list[Event]:
+        events: list[Event] = []
+        while self._step(events, final=True):
+            pass
+        if self._state in (_State.HEAD, _State.BLOCK, _State.TEXT):
+            self._content(events, self._buf)  # an unfinished block that never began a call is text
+        elif self._state is _State.ARGUMENTS and self._buf:
+            events.append(CallDelta(self._num_calls - 1, self._buf))  # cut off: the arguments so far
+        if self._num_calls == 0 and self._space:
+            events.append(self._space)
+        self._buf, self._space = "", ""
+        return _merged(events)
+
+    # ---------------------------------------------------------------- one decision per step
+
+    def _step(self, events: list[Event], final: bool) -> bool:
+        """Decide what the head of the buffer is; False when that needs more text."""
+        state, buf = self._state, self._buf
+        if state is _State.TEXT:
+            return self._step_text(events, final)
+        if state is _State.HEAD:
+            offset = 0 if self._json_form else len(HERMES_OPEN)
+            head = _match_call_head(buf, offset, self._json_form)
+            if head == _MORE:
+                return False
+            if head is None:
+                # A reply that merely starts like JSON is text (which may still hold tagged calls);
+                # a tagged block that does not begin like a call may still hold one in another order.
+                self._state = _State.TEXT if self._json_form else _State.BLOCK
+                self._json_form = False
+                return True
+            name, end = head
+            self._space = ""
+            events.append(CallDelta(self._num_calls, "", new_call_id(), name))
+            self._num_calls += 1
+            self._state, self._buf = _State.ARGUMENTS, buf[end:]
+            self._depth, self._in_string, self._escaped = 0, False, False
+            return True
+        if state is _State.BLOCK:
+            end = buf.find(HERMES_CLOSE)
+            if end < 0:
+                return False
+            end += len(HERMES_CLOSE)
+            call = _whole_call(buf[len(HERMES_OPEN) : end - len(HERMES_CLOSE)])
+            if call is None:
+                self._content(events, buf[:end])
+            else:
+                self._space = ""
+                events.append(CallDelta(self._num_calls, call.arguments, call.id, call.name))
+                self._num_calls += 1
+            self._state, self._buf = _State.TEXT, buf[end:]
+            return True
+        if state is _State.ARGUMENTS:
+            end = self._scan_arguments(buf)
+            if end is None:
+                if buf:
+                    events.append(CallDelta(self._num_calls - 1, buf))
+                self._buf = ""
+                return False
+            events.append(CallDelta(self._num_calls - 1, buf[:end]))
+            self._state, self._buf = _State.TAIL, buf[end:]
+            return True
+        return self._step_tail(events, final)
+
+    def _step_text(self, events: list[Event], final: bool) -> bool:
+        buf = self._buf
+        if self._at_start:
+            head = buf.lstrip(_WHITESPACE)
+            if not head:
+                self._space, self._buf = self._space + buf, ""
+                return False
+            self._at_start = False
+            if head.startswith("{") or LLAMA_PYTHON_TAG.startswith(head[: len(LLAMA_PYTHON_TAG)]):
+                self._space += buf[: len(buf) - len(head)]
+                self._state, self._json_form, self._buf = _State.HEAD, True, head
+                return True
+        start = buf.find(HERMES_OPEN)
         if start >= 0:
-            return start
-        for keep in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
-            if HERMES_OPEN.startswith(text[-keep:]):
-                return len(text) - keep
-        return len(text)
+            self._content(events, buf[:start])
+            self._state, self._buf = _State.HEAD, buf[start:]
+            return True
+        keep = 0 if final else _partial_suffix(buf, HERMES_OPEN)
+        self._content(events, buf[: len(buf) - keep])
+        self._buf = buf[len(buf) - keep :]
+        return False
+
+    def _step_tail(self, events: list[Event], final: bool) -> bool:
+        buf = self._buf
+        if not self._json_form:
+            end = buf.find(HERMES_CLOSE)
+            if end < 0:
+                if final:
+                    self._buf = ""  # the rest of a call whose block never closed
+                return False
+            self._state, self._buf = _State.TEXT, buf[end + len(HERMES_CLOSE) :]
+            return True
+        # Llama's JSON form: `}` closes the call; `;` may start another; anything else is content.
+        rest = buf.lstrip(_WHITESPACE)
+        if rest.startswith("}"):
+            rest = rest[1:].lstrip(_WHITESPACE)
+        if rest.startswith(";"):
+            rest = rest[1:].lstrip(_WHITESPACE)
+            if not rest and not final:
+                return False
+            self._state, self._buf = _State.HEAD, rest
+            if not rest:
+                self._state = _State.TEXT
+            return True
+        if not rest and not final:
+            return False
+        self._state, self._json_form, self._buf = _State.TEXT, False, rest
+        return True
+
+    def _scan_arguments(self, text: str) -> int | None:
+        """Track the JSON nesting of the arguments; -> where the object ends, or None (not yet)."""
+        depth, in_string, escaped = self._depth, self._in_string, self._escaped
+        for i, c in enumerate(text):
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                elif c == '"':
+                    in_string = False
+            elif c == '"':
+                in_string = True
+            elif c in "{[":
+                depth += 1
+            elif c in "}]":
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+        self._depth, self._in_string, self._escaped = depth, in_string, escaped
+        return None
+
+    def _content(self, events: list[Event], text: str) -> None:
+        """Release text as content, holding its trailing whitespace back until more content comes."""
+        if not text:
+            return
+        body = text.rstrip(_WHITESPACE)
+        if not body:
+            self._space += text
+            return
+        events.append(self._space + body)
+        self._space = text[len(body) :]
 
 
-def _may_start_json_call(text: str) -> bool:
-    head = text.lstrip()
-    return head.startswith(("{", LLAMA_PYTHON_TAG)) or LLAMA_PYTHON_TAG.startswith(head)
+def _merged(events: list[Event]) -> list[Event]:
+    """Join neighbouring content pieces, and neighbouring pieces of one call."""
+    out: list[Event] = []
+    for event in events:
+        last = out[-1] if out else None
+        if isinstance(event, str) and isinstance(last, str):
+            out[-1] = last + event
+        elif isinstance(event, CallDelta) and isinstance(last, CallDelta) and last.index == event.index:
+            out[-1] = CallDelta(last.index, last.arguments + event.arguments, last.id, last.name)
+        elif event != "":
+            out.append(event)
+    return out
+
+
+def _partial_suffix(text: str, word: str) -> int:
+    """The length of the longest end of `text` that `word` starts with (a word maybe cut off)."""
+    for keep in range(min(len(word) - 1, len(text)), 0, -1):
+        if word.startswith(text[-keep:]):
+            return keep
+    return 0
+
+
+def _match_call_head(text: str, pos: int, json_form: bool) -> tuple[str, int] | str | None:
+    """Match `{"name": "<name>", "arguments": {` (Llama: "parameters" too, after an optional
+    python tag) at `pos` -> (name, where the arguments object starts), _MORE, or None."""
+    if json_form and text.startswith(LLAMA_PYTHON_TAG[: len(text)]) and len(text) < len(LLAMA_PYTHON_TAG):
+        return _MORE
+    if json_form and text.startswith(LLAMA_PYTHON_TAG):
+        pos = len(LLAMA_PYTHON_TAG)
+    keys = ('"arguments"', '"parameters"') if json_form else ('"arguments"',)
+    name = ""
+    for part in ("{", '"name"', ":", "NAME", ",", keys, ":", "{"):
+        while pos < len(text) and text[pos] in _WHITESPACE:
+            pos += 1
+        if pos == len(text):
+            return _MORE
+        if part == "NAME":
+            name_end = _string_end(text, pos)
+            if name_end is None:
+                return _MORE if text[pos] == '"' else None
+            try:
+                name = json.loads(text[pos:name_end])
+            except json.JSONDecodeError:
+                return None
+            pos = name_end
+            continue
+        options = part if isinstance(part, tuple) else (part,)
+        matched = next((o for o in options if text.startswith(o, pos)), None)
+        if matched is None:
+            if any(o.startswith(text[pos:]) for o in options):
+                return _MORE
+            return None
+        pos += len(matched)
+    return name, pos - 1  # the arguments' opening brace belongs to the arguments
+
+
+def _string_end(text: str, pos: int) -> int | None:
+    """Where the JSON string starting at `pos` ends (after its closing quote), or None."""
+    if text[pos] != '"':
+        return None
+    escaped = False
+    for i in range(pos + 1, len(text)):
+        if escaped:
+            escaped = False
+        elif text[i] == "\\":
+            escaped = True
+        elif text[i] == '"':
+            return i + 1
+    return None
+
+
+def _whole_call(body: str) -> ToolCall | None:
+    """A complete block whose call did not begin in the usual order (say, arguments first)."""
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or set(obj) != {"name", "arguments"} or not isinstance(obj["name"], str):
+        return None
+    if not isinstance(obj["arguments"], dict):
+        return None
+    return ToolCall(obj["name"], json.dumps(obj["arguments"], ensure_ascii=False))
 
 
 def tool_call_lark(functions: list[tuple[str, dict[str, Any]]], tool_format: ToolFormat, parallel: bool,

@@ -3,8 +3,11 @@
 Every policy in `control.router.ROUTERS` replays the same Mooncake requests on the same simulated
 fleet (default 16 H200 workers with their physical KV capacity), in this process, through the real
 router objects, schedulers and KV caches. The table gives each policy's prefix hit rate, that rate
-over round robin's and over the shared-LRU bound, the busiest worker's computed tokens over the
-mean, and TTFT p50 / p99.
+over round robin's and over the shared-LRU bound, the busiest worker's computed tokens (prefill +
+decode, the whole run: the goal's load measure) and busy time over the fleet's mean, and TTFT
+p50 / p99. For the kv policy it also says where hits were lost: prompt tokens it sent away from
+the worker caching them (for load), and how many workers hold each cached block at the end
+(duplicated prefixes take room the bound's single cache would use for others).
 
 The bound is one LRU prefix cache holding the whole fleet's blocks, fed every prompt in arrival
 order: what routing could at best reach if the fleet's caches were one. It is measured on the
@@ -47,6 +50,14 @@ class RouterRun:
     ttft_p99: float
     num_finished: int
     wall_s: float
+    busiest_time_over_mean: float = 1.0
+    """The same for the time each worker spent stepping (a decode token costs more than a
+    prefill token, so this can differ from the token measure)."""
+    forgone_fraction: float = 0.0
+    """Prompt tokens the index saw cached on another worker than the chosen one, over all
+    prompt tokens: what the policy gave up for load."""
+    copies_per_block: float = 0.0
+    """Workers holding each cached block at the end (1.0: no prefix cached twice); 0 without an index."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speedup", type=float, default=1.0, help="divide inter-arrival times by this")
     parser.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
     parser.add_argument("--routers", nargs="+", choices=list(ROUTERS), default=list(ROUTERS))
+    parser.add_argument("--kv-work-weight", type=float, default=None,
+                        help="the kv policy's work_weight (its default if omitted): higher keeps more hits")
+    parser.add_argument("--kv-balance-weight", type=float, default=None,
+                        help="the kv policy's balance_weight (its default if omitted): higher evens load")
 
 
 def shared_lru_hit_rate(workload: list[TraceRequest], num_blocks: int, block_size: int) -> float:
@@ -83,16 +98,25 @@ def shared_lru_hit_rate(workload: list[TraceRequest], num_blocks: int, block_siz
     return hit_tokens / prompt_tokens if prompt_tokens else 0.0
 
 
-def run_router(name: str, config: TwinConfig, workload: list[TraceRequest]) -> RouterRun:
+def run_router(name: str, config: TwinConfig, workload: list[TraceRequest], **router_kwargs) -> RouterRun:
     started = time.perf_counter()
-    result = Simulator(config, make_router(name)).run(workload)
-    loads = [w.num_tokens_computed for w in result.workers]
-    mean_load = sum(loads) / len(loads)
+    router = make_router(name, **router_kwargs)
+    simulator = Simulator(config, router)
+    result = simulator.run(workload)
     s = result.summary
+    prompt_tokens = sum(r.input_length for r in workload)
     return RouterRun(
-        name, s.prefix_hit_rate, max(loads) / mean_load if mean_load else 1.0,
+        name, s.prefix_hit_rate, _busiest_over_mean([w.num_tokens_computed for w in result.workers]),
         s.ttft.p50, s.ttft.p99, s.num_finished, time.perf_counter() - started,
+        busiest_time_over_mean=_busiest_over_mean([w.busy_s for w in result.workers]),
+        forgone_fraction=router.metrics.forgone_overlap_tokens / prompt_tokens if prompt_tokens else 0.0,
+        copies_per_block=simulator.index.copies_per_block() if simulator.index is not None else 0.0,
     )
+
+
+def _busiest_over_mean(loads: list[float]) -> float:
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean if mean else 1.0
 
 
 def servable(workload: list[TraceRequest], max_model_len: int, capacity_tokens: int) -> list[TraceRequest]:
@@ -105,9 +129,14 @@ def servable(workload: list[TraceRequest], max_model_len: int, capacity_tokens: 
 
 
 def main(args: argparse.Namespace) -> int:
-    console = Console(width=max(Console().width, 100))
+    console = Console(width=max(Console().width, 120))
     if not args.trace.is_file():
         console.print(f"[red]trace not found: {args.trace}[/red] (pass --trace FILE)")
+        return 2
+    kv_weights = {"work_weight": args.kv_work_weight, "balance_weight": args.kv_balance_weight}
+    kv_kwargs = {key: value for key, value in kv_weights.items() if value is not None}
+    if any(value < 0 for value in kv_kwargs.values()):
+        console.print(f"[red]the kv weights must be >= 0, got {kv_kwargs}[/red]")
         return 2
     cost = CostModel(default_model(), get_hardware(args.hardware))
     num_blocks = (
@@ -122,11 +151,15 @@ def main(args: argparse.Namespace) -> int:
     bound = shared_lru_hit_rate(workload, num_blocks * args.workers, args.block_size)
     runs = {}
     for name in args.routers:
-        runs[name] = run_router(name, config, workload)
+        runs[name] = run_router(name, config, workload, **(kv_kwargs if name == "kv" else {}))
         console.print(f"  {name}: {runs[name].wall_s:.1f} s", highlight=False)
     console.print(_table(runs, bound, args, len(workload), len(loaded) - len(workload), num_blocks))
     for line in goal_lines(runs, bound):
         console.print(line, highlight=False)
+    if "kv" in runs:
+        kv = runs["kv"]
+        console.print(f"kv: prompt tokens cached elsewhere but routed away for load {kv.forgone_fraction:.2%}; "
+                      f"cached copies per block at the end {kv.copies_per_block:.2f}", highlight=False)
     reuse = block_reuse(workload)
     unlimited = shared_lru_hit_rate(workload, 10**15, args.block_size)
     console.print(f"sanity, unlimited shared cache: {reuse.block_fraction:.1%} of these prompts' blocks are reuses "
@@ -141,16 +174,19 @@ def _table(runs: dict[str, RouterRun], bound: float, args, num_requests: int, nu
         f"{args.hardware}, {num_blocks * args.block_size} KV tokens per worker"
     )
     table = Table(title=title)
-    for column in ("router", "hit rate", "vs RR", "vs bound", "max/mean load", "TTFT p50 s", "TTFT p99 s", "done"):
+    columns = ("router", "hit rate", "vs RR", "vs bound", "max/mean load", "max/mean busy", "TTFT p50 s",
+               "TTFT p99 s", "done")
+    for column in columns:
         table.add_column(column, justify="left" if column == "router" else "right")
     baseline = runs.get(BASELINE)
     for run in runs.values():
         versus = f"{run.prefix_hit_rate / baseline.prefix_hit_rate:.2f}x" if baseline and baseline.prefix_hit_rate else "-"
         table.add_row(
             run.name, f"{run.prefix_hit_rate:.1%}", versus, f"{run.prefix_hit_rate / bound:.1%}" if bound else "-",
-            f"{run.busiest_over_mean:.2f}", f"{run.ttft_p50:.3f}", f"{run.ttft_p99:.3f}", str(run.num_finished),
+            f"{run.busiest_over_mean:.2f}", f"{run.busiest_time_over_mean:.2f}", f"{run.ttft_p50:.3f}",
+            f"{run.ttft_p99:.3f}", str(run.num_finished),
         )
-    table.add_row("shared LRU (bound)", f"{bound:.1%}", "", "100%", "", "", "", "")
+    table.add_row("shared LRU (bound)", f"{bound:.1%}", "", "100%", "", "", "", "", "")
     return table
 
 

@@ -11,12 +11,21 @@ governor leaves every worker its idle power, shares the rest of the budget among
 maximum (water-filling), and turns each share into a token budget per step. Tiers are then
 admitted from the highest priority down while their demand fits that capacity: the lowest tier
 stops first, then the next; the highest tier is never refused while a lower tier still has load.
+
+The factory config's `power` section (`PowerSpec`) holds the static cap and the scheduled grid
+events (daily at a UTC time, or once at a date and time); `scheduled_state` turns them, with the
+events an admin added at runtime, into the state `decide` reads. `gateway/admission.py` runs
+`decide` live; the twin can call it with simulated time.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from datetime import time as time_of_day
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,14 +147,17 @@ def token_budget(worker: WorkerPower, power_w: float) -> int:
 
 
 def admit_tiers(loads: list[TierLoad], capacity_tokens: float) -> tuple[frozenset[str], tuple[str, ...]]:
-    """Admit tiers from the highest priority down while their demand fits `capacity_tokens`. The
-    top tier stays admitted while any lower tier still has load (the lower ones go first)."""
+    """Admit tiers from the highest priority down while their demand fits `capacity_tokens` (an
+    idle tier while room is left). The top tier stays admitted while any lower tier still has load
+    (the lower ones go first)."""
     by_priority = sorted(loads, key=lambda t: t.priority, reverse=True)
     admitted: list[str] = []
     used = 0.0
     for i, tier in enumerate(by_priority):
         lower_has_load = any(t.demand_tokens_per_step > 0 for t in by_priority[i + 1:])
-        fits = used + tier.demand_tokens_per_step <= capacity_tokens
+        demand = tier.demand_tokens_per_step
+        # A tier with no load yet needs room for the load it is about to get.
+        fits = used + demand <= capacity_tokens if demand > 0 else used < capacity_tokens
         if fits or (i == 0 and lower_has_load):
             admitted.append(tier.tier)
             used += tier.demand_tokens_per_step
@@ -166,3 +178,88 @@ def decide(config: GovernorConfig, state: GovernorState, workers: list[WorkerPow
         limits.append(WorkerLimits(w.worker_id, shares[w.worker_id], token_budget(w, shares[w.worker_id]), cap))
     admitted, shed = admit_tiers(loads, sum(limit.token_budget for limit in limits))
     return GovernorDecision(budget, tuple(limits), admitted, shed)
+
+
+# ---------------------------------------------------------------- the factory config's `power` section
+
+DAY_S = 86400.0
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GridEventSpec(_Spec):
+    """A scheduled grid event: `start` is a UTC time of day ("14:00": every day) or a date and time."""
+
+    name: str = ""
+    start: str | datetime = Field(description='"HH:MM" (UTC, every day) or an ISO 8601 date and time')
+    duration_s: float = Field(gt=0, description="how long the full cut holds, seconds")
+    cut_fraction: float = Field(ge=0, le=1, description="share of the static cap removed")
+    ramp_s: float = Field(default=900.0, ge=0, description="ramp in before the start and out after the end")
+    notice_s: float | None = Field(default=None, ge=0,
+                                   description="announced this long before the start (none: known in advance)")
+
+    @field_validator("start", mode="before")
+    @classmethod
+    def _quoted(cls, value: object) -> object:
+        if isinstance(value, int):  # YAML 1.1 reads an unquoted 14:00 as the number 840
+            raise ValueError("quote the time of day, e.g. start: '14:00'")
+        return value
+
+    @model_validator(mode="after")
+    def _valid_start(self) -> GridEventSpec:
+        if self.daily_at_s is None:
+            _ = self.start_s  # raises for a malformed date
+        elif self.duration_s + 2 * self.ramp_s >= DAY_S:
+            raise ValueError("a daily event with its ramps must fit in a day")
+        return self
+
+    @property
+    def daily_at_s(self) -> float | None:
+        """Seconds after midnight UTC for a daily event, else None."""
+        if isinstance(self.start, str) and len(self.start) <= 5 and ":" in self.start:
+            try:
+                at = time_of_day.fromisoformat(self.start)
+            except ValueError:
+                raise ValueError(f"start {self.start!r} is not a time of day HH:MM") from None
+            return at.hour * 3600.0 + at.minute * 60.0
+        return None
+
+    @property
+    def start_s(self) -> float:
+        """Unix time of a one-off event."""
+        when = self.start if isinstance(self.start, datetime) else None
+        if when is None:
+            try:
+                when = datetime.fromisoformat(self.start)
+            except ValueError:
+                raise ValueError(f"start {self.start!r} is neither HH:MM nor an ISO 8601 date and time") from None
+        return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+    def events_near(self, now: float) -> list[GridEvent]:
+        """The occurrences that can matter at `now` (a daily event: yesterday's, today's, tomorrow's)."""
+        at = self.daily_at_s
+        starts = [self.start_s] if at is None else [
+            (math.floor(now / DAY_S) + day) * DAY_S + at for day in (-1, 0, 1)]
+        return [GridEvent(start, self.duration_s, self.cut_fraction, self.ramp_s,
+                          -math.inf if self.notice_s is None else start - self.notice_s, self.name)
+                for start in starts]
+
+
+class PowerSpec(_Spec):
+    """The factory's power budget: a static cap and the grid events scheduled against it."""
+
+    static_cap_w: float | None = Field(default=None, gt=0,
+                                       description="watts for the whole fleet (none: the fleet's maximum)")
+    grid_events: list[GridEventSpec] = Field(default_factory=list)
+    interval_s: float = Field(default=1.0, gt=0, le=60, description="how often the live governor decides")
+    min_tokens_per_step: int = Field(default=16, ge=1,
+                                     description="the lowest token budget it sets (near zero would starve everyone)")
+    hardware: str | None = Field(default=None,
+                                 description="power model of the workers where NVML is absent (default: by device)")
+
+
+def scheduled_state(spec: PowerSpec, admin_events: tuple[GridEvent, ...], now: float) -> GovernorState:
+    """The config's scheduled events near `now` plus the events the admin API added."""
+    return GovernorState(events=(*(e for s in spec.grid_events for e in s.events_near(now)), *admin_events))

@@ -121,6 +121,11 @@ class KVIndex:
         """Cached blocks the index believes `worker_id` holds."""
         return len(self._blocks_of.get(worker_id, ()))
 
+    def copies_per_block(self) -> float:
+        """Workers holding each cached block, on average (1.0: no prefix is cached twice)."""
+        copies = sum(len(workers) for workers in self._holders.values())
+        return copies / len(self._holders) if self._holders else 0.0
+
     def overlap(self, block_hashes: Sequence[int], now: float = 0.0) -> dict[WorkerId, int]:
         return leading_overlap(self._holders_at(h, now) for h in block_hashes)
 

@@ -4,15 +4,24 @@ A router sees each worker only as a `WorkerState` and the workers' caches only t
 `PrefixIndex`; it never reads a clock (the driver passes `now` in `RouteRequest`) and never does
 I/O, so the live pool and the digital twin run the very same objects.
 
-`KVAwareRouter` picks the worker with the least estimated work ahead of this request, in units of
-one block of prefill:
+`KVAwareRouter` picks the worker with the least cost, in units of one block of prefill:
 
-    cost(w) = prefill_weight * (prompt tokens w must still compute + w's queued prefill) / block_size
-            + decode_weight * w.num_running
-            + waiting_weight * w.num_waiting
+    cost(w) = prefill_weight * (queued prefill of w + (1 + work_weight) * blocks w must compute)
+            + decode_weight * w.num_running + waiting_weight * w.num_waiting
+            + balance_weight * (prefill this router sent w - the least it sent any candidate)
 
-so a cached prefix pulls the request toward its worker until that worker's load outweighs the
-prefill it would save. Baselines: `RoundRobinRouter`, `RandomRouter`, `LeastLoadedRouter`.
+The first line is this request's own wait on w (the prefill queued ahead of it plus its own) and,
+weighted by `work_weight`, the work it adds to the fleet. That work counts twice by default: a
+prefix recomputed elsewhere costs that worker's later requests the same time again, and its
+second copy takes cache room, evicting another prefix that some later request must recompute.
+(Tuned in the twin on the Mooncake trace: a higher weight keeps more hits, at some TTFT p99.)
+The last line balances the work each worker was given over the whole run (the router's own
+ledger of the prefill tokens it routed, net of predicted hits): among otherwise equal workers,
+a new conversation goes to the one given least so far, not to the lowest id. So a cached
+prefix holds its requests on their worker unless that worker's queue or its share of the work
+outweighs the prefill the cache saves.
+
+Baselines: `RoundRobinRouter`, `RandomRouter`, `LeastLoadedRouter`.
 Any router can keep session affinity: a session goes back to its last worker while that worker
 is alive and not overloaded.
 """
@@ -68,6 +77,9 @@ class RouterMetrics:
     """"events" or "approximate" (the index's mode); "none" without an index."""
     predicted_overlap_tokens: int = 0
     """Sum over decisions of the prefix tokens the index predicted cached on the chosen worker."""
+    forgone_overlap_tokens: int = 0
+    """Sum over decisions of the prefix tokens another worker held beyond the chosen one's:
+    what the policy gave up for load (0 without an index)."""
     affinity_hits: int = 0
 
     @property
@@ -106,6 +118,7 @@ class Router(ABC):
         if not choices:
             raise NoWorkerError("no worker is alive")
         chosen = self._affine(request, choices) or self._choose(request, choices)
+        self.metrics.forgone_overlap_tokens += max(c.cached_tokens for c in choices) - chosen.cached_tokens
         self._record(request, chosen, index)
         return chosen.worker.worker_id
 
@@ -144,8 +157,8 @@ def by_id(choice: Choice) -> WorkerId:
 
 
 class KVAwareRouter(Router):
-    """Least estimated work, counting the prefix each worker already holds (see module doc),
-    among the workers not overloaded (all of them when every one is).
+    """Least cost, counting the prefix each worker already holds and the work each was given
+    (see module doc), among the workers not overloaded (all of them when every one is).
 
     With `temperature` > 0 the choice is sampled, weight exp(-(cost - min cost) / temperature),
     from `rng` (seed it for repeatable runs); at 0 it is the cheapest worker, lowest id on ties.
@@ -156,6 +169,8 @@ class KVAwareRouter(Router):
         prefill_weight: float = 1.0,
         decode_weight: float = 1.0,
         waiting_weight: float = 1.0,
+        work_weight: float = 2.0,
+        balance_weight: float = 0.02,
         temperature: float = 0.0,
         rng: random.Random | None = None,
         **kwargs,
@@ -163,17 +178,27 @@ class KVAwareRouter(Router):
         super().__init__(**kwargs)
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if work_weight < 0 or balance_weight < 0:
+            raise ValueError(f"work_weight and balance_weight must be >= 0, got {work_weight}, {balance_weight}")
         self.prefill_weight = prefill_weight
         self.decode_weight = decode_weight
         self.waiting_weight = waiting_weight
+        self.work_weight = work_weight
+        self.balance_weight = balance_weight
         self.temperature = temperature
         self.rng = rng if rng is not None else random.Random(0)
+        self.routed_prefill_tokens: dict[WorkerId, int] = {}
+        """Per worker, the prompt tokens routed to it minus those predicted cached: its share
+        of the fleet's prefill work so far, which the balance term evens out."""
 
-    def cost(self, request: RouteRequest, choice: Choice) -> float:
+    def cost(self, request: RouteRequest, choice: Choice, least_routed: int = 0) -> float:
+        """`least_routed`: the fewest prefill tokens routed to any candidate worker."""
         worker = choice.worker
-        prefill_tokens = request.num_prompt_tokens - choice.cached_tokens + worker.queued_prefill_tokens
+        to_compute = request.num_prompt_tokens - choice.cached_tokens
+        prefill_tokens = worker.queued_prefill_tokens + (1 + self.work_weight) * to_compute
+        excess = self.routed_prefill_tokens.get(worker.worker_id, least_routed) - least_routed
         return (
-            self.prefill_weight * prefill_tokens / worker.block_size
+            (self.prefill_weight * prefill_tokens + self.balance_weight * excess) / worker.block_size
             + self.decode_weight * worker.num_running
             + self.waiting_weight * worker.num_waiting
         )
@@ -181,14 +206,24 @@ class KVAwareRouter(Router):
     def _choose(self, request: RouteRequest, choices: list[Choice]) -> Choice:
         # An overloaded worker would only queue the request: take one only if all are.
         choices = [c for c in choices if not self.overloaded(c, request)] or choices
+        routed = self.routed_prefill_tokens
+        known = [routed[c.worker.worker_id] for c in choices if c.worker.worker_id in routed]
+        least = min(known, default=0)
         for choice in choices:
-            choice.cost = self.cost(request, choice)
+            routed.setdefault(choice.worker.worker_id, least)  # a newcomer starts level with the least
+            choice.cost = self.cost(request, choice, least)
         choices = sorted(choices, key=lambda c: (c.cost, c.worker.worker_id))
         if self.temperature == 0 or len(choices) == 1:
             return choices[0]
         best = choices[0].cost
         weights = [math.exp(-(c.cost - best) / self.temperature) for c in choices]
         return self.rng.choices(choices, weights=weights)[0]
+
+    def _record(self, request: RouteRequest, chosen: Choice, index: PrefixIndex | None) -> None:
+        super()._record(request, chosen, index)  # affinity's picks count too
+        worker_id = chosen.worker.worker_id
+        routed = self.routed_prefill_tokens
+        routed[worker_id] = routed.get(worker_id, 0) + request.num_prompt_tokens - chosen.cached_tokens
 
 
 class RoundRobinRouter(Router):

@@ -12,12 +12,15 @@ and the twin call the same code.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tokenfactory.control.governor import PowerSpec
 
 AUTO = "auto"
 """The request lets the key's default tier serve it."""
@@ -73,6 +76,7 @@ class FactoryConfig(ConfigModel):
 
     tiers: dict[str, TierSpec] = Field(min_length=1)
     default_tier: str = "default"
+    power: PowerSpec = Field(default_factory=PowerSpec, description="power cap and grid events (the governor)")
 
     @model_validator(mode="after")
     def _check_names(self) -> FactoryConfig:
@@ -234,6 +238,23 @@ class RateLimiter:
         w = self._window(key_id, tier, spec, now)
         w.tokens.append((now, num_tokens))
         w.quota_used += num_tokens
+
+    # A restarted gateway reads back from its ledger what the previous one counted (the ledger
+    # holds every request), so restarting never refills a quota or resets a rate window.
+
+    def restore_quota(self, key_id: str, tier: str, num_tokens: int, now: float) -> None:
+        """Count tokens already used in the quota period that holds `now`."""
+        w = self._window(key_id, tier, self.config.tiers[tier], now)
+        w.quota_used += num_tokens
+
+    def restore_request(self, key_id: str, tier: str, admitted_at: float, ended_at: float, num_tokens: int,
+                        now: float) -> None:
+        """Put a past request back into the per-minute windows (not the quota: `restore_quota`)."""
+        w = self._window(key_id, tier, self.config.tiers[tier], now)
+        if admitted_at > now - self.WINDOW_S:
+            bisect.insort(w.requests, admitted_at)
+        if ended_at > now - self.WINDOW_S:
+            bisect.insort(w.tokens, (ended_at, num_tokens))
 
     def _window(self, key_id: str, tier: str, spec: TierSpec, now: float) -> _KeyWindow:
         w = self._windows.setdefault((key_id, tier), _KeyWindow())

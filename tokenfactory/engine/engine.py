@@ -186,6 +186,8 @@ class EngineCore:
         if sched.is_empty:
             self.last_step = None
             return self.scheduler.update_from_output(sched, None)
+        # Grammar masks depend only on tokens already sampled: they compute while the model runs.
+        self.runner.sampler.prepare(c.request for c in sched.chunks if c.samples)
         result = self.runner.execute(sched)
         if self._prefill_only:
             self._copy_out_prefills(sched)

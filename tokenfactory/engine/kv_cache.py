@@ -44,16 +44,16 @@ def hash_block_tokens(parent_hash: int, token_ids: Sequence[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int, parent_hash: int = ROOT_HASH) -> list[int]:
     """The chained hashes of every full block of `token_ids` (a router uses these to find
-    which worker holds a prompt's prefix)."""
+    which worker holds a prompt's prefix); `parent_hash` continues the chain of earlier blocks."""
     hashes: list[int] = []
-    _extend_block_hashes(hashes, token_ids, block_size, len(token_ids) // block_size)
+    _extend_block_hashes(hashes, token_ids, block_size, len(token_ids) // block_size, parent_hash)
     return hashes
 
 
 def _extend_block_hashes(
-    hashes: list[int], token_ids: Sequence[int], block_size: int, num_blocks: int
+    hashes: list[int], token_ids: Sequence[int], block_size: int, num_blocks: int, root: int = ROOT_HASH
 ) -> None:
     """Append the hashes of blocks len(hashes)..num_blocks-1, continuing the chain.
 
@@ -67,7 +67,7 @@ def _extend_block_hashes(
     if packed.itemsize != 4 or sys.byteorder != "little":  # "<I" is what hash_block_tokens packs
         packed = array.array("B", struct.pack(f"<{len(packed)}I", *packed))
     data, stride = packed.tobytes(), 4 * block_size
-    digest = (hashes[-1] if hashes else ROOT_HASH).to_bytes(8, "little")
+    digest = (hashes[-1] if hashes else root).to_bytes(8, "little")
     blake2b, from_bytes = hashlib.blake2b, int.from_bytes
     for offset in range(0, len(data), stride):
         digest = blake2b(digest + data[offset : offset + stride], digest_size=8).digest()
@@ -171,6 +171,13 @@ class KVCacheManager:
         num_blocks = start + self._count_cached(state.hashes, start, max_blocks)
         state.lookup_memo = (self._generation, num_blocks)
         return num_blocks * self.block_size
+
+    def set_prompt_hashes(self, request: Request, prompt_hashes: Sequence[int]) -> None:
+        """Take `prompt_block_hashes` of a new request's prompt from a caller that already has
+        them (it hashed the prompt to route it), so the prompt is not hashed twice."""
+        state = self._state(request.request_id)
+        if not state.hashes:  # as lookup_prefix would: never the block holding the last token
+            state.hashes = list(prompt_hashes[: (request.num_tokens - 1) // self.block_size])
 
     def is_computing(self, request: Request, num_cached_tokens: int) -> bool:
         """Whether the block right after `request`'s cached prefix is being computed by another

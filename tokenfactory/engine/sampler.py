@@ -33,6 +33,11 @@ class Sampler:
         if self.grammars is not None:
             self.grammars.forget(request_ids)
 
+    def prepare(self, requests: Iterable[Request]) -> None:
+        """A step with these sampling requests begins: start its grammar masks (see GrammarMasks)."""
+        if self.grammars is not None:
+            self.grammars.prepare(list(requests))
+
     @torch.inference_mode()
     def sample(
         self, logits: torch.Tensor, requests: Sequence[Request]

@@ -81,6 +81,14 @@ class Scheduler:
         self._seq = itertools.count()
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
+        self.token_budget = config.max_num_batched_tokens
+        """Tokens per step now: the configured budget, or less while a power governor lowers it."""
+
+    def set_token_budget(self, tokens: int) -> int:
+        """Lower (or restore) the per-step token budget at runtime, clamped to [1, configured];
+        returns the budget applied."""
+        self.token_budget = max(1, min(int(tokens), self.config.max_num_batched_tokens))
+        return self.token_budget
 
     # --- requests in ----------------------------------------------------------------------
 
@@ -161,7 +169,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Spread this step's token budget: running requests first, then waiting ones."""
-        plan = _StepPlan(budget=self.config.max_num_batched_tokens)
+        plan = _StepPlan(budget=self.token_budget)
         self._schedule_running(plan)
         if not plan.preempted_ids:  # blocks are short: admitting more would only thrash
             self._schedule_waiting(plan)
@@ -239,7 +247,7 @@ class Scheduler:
     def _may_chunk(self, remaining: int) -> bool:
         # Without chunked prefill a request waits for a step with room for all of it, except a
         # preempted one that grew past the whole budget: it could never run otherwise.
-        return self.config.enable_chunked_prefill or remaining > self.config.max_num_batched_tokens
+        return self.config.enable_chunked_prefill or remaining > self.token_budget
 
     def _add_chunk(self, plan: _StepPlan, request: Request, num_new: int) -> None:
         block_ids = self.kv.block_ids(request.request_id)
@@ -328,7 +336,7 @@ class Scheduler:
         exactly one token short of computed (so it samples each step), all within the token budget.
         """
         running = self._running
-        if self._num_waiting or len(running) > self.config.max_num_batched_tokens or any(
+        if self._num_waiting or len(running) > self.token_budget or any(
             r.num_tokens - r.num_computed_tokens != 1 for r in running
         ):
             raise ValueError("decode_steps needs a pure-decode state: nothing waiting, one token per running request")

@@ -3,11 +3,14 @@
 `build_app` wires it; the worker and the ledger writer start with the app (lifespan) and stop with
 it, so uvicorn's own Ctrl-C/SIGTERM handling shuts the engine process down cleanly and commits
 every queued ledger entry. With a database (`db_path`), keys come from it and usage goes to it;
-`/admin/keys` manages keys when an admin key is set.
+`/admin/keys` manages keys when an admin key is set. The power governor runs as a task of the app
+(`gateway/admission.py`: load and power shedding, `/admin/grid-events`); `/dashboard` shows it live.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -22,7 +25,9 @@ from tokenfactory import __version__
 from tokenfactory.control.tiers import FactoryConfig, builtin_config
 from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.tokenizer import Tokenizer
+from tokenfactory.gateway.admission import Admission, AdmissionConfig, add_grid_event_routes
 from tokenfactory.gateway.auth import AdminAuth, APIKeyAuth, Caller
+from tokenfactory.gateway.dashboard import add_dashboard_routes
 from tokenfactory.gateway.errors import APIError, bad_request, install_error_handlers
 from tokenfactory.gateway.metering import Metering
 from tokenfactory.gateway.protocol import (
@@ -31,6 +36,7 @@ from tokenfactory.gateway.protocol import (
     ModelCard,
     ModelList,
     RequestModel,
+    SamplingFields,
     now_s,
 )
 from tokenfactory.gateway.serving import OpenAIServing
@@ -57,27 +63,36 @@ def build_app(
     db_path: str | Path | None = None,
     admin_key: str | None = None,
     clock: Callable[[], float] | None = None,
+    admission: AdmissionConfig | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `config`'s model through `worker` (default: a local
     engine process), selling `tiers` (default: the built-in flex / default / priority). Plain
     `api_keys` and the keys in the database at `db_path` are accepted; with any of them, a key is
-    required on every /v1 route. With `db_path`, every request's usage goes to its ledger."""
+    required on every /v1 route. With `db_path`, every request's usage goes to its ledger.
+    `admission` tunes load shedding; the power governor runs with the app."""
     worker = worker if worker is not None else AsyncEngineClient(config)
     tiers = tiers if tiers is not None else builtin_config()
     store = KeyStore(db_path) if db_path is not None else None
     metering = Metering(tiers, clock=clock or time.time, metrics=FactoryMetrics(),
-                        energy=worker.energy if isinstance(worker, AsyncEngineClient) else None)
+                        energy=worker.energy if isinstance(worker, (AsyncEngineClient, WorkerPool)) else None)
+    metering.admission = Admission(tiers, worker, config.device, config.scheduler.max_num_batched_tokens,
+                                   admission, clock=clock or time.time, registry=metering.metrics.registry)
     created = now_s()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tokenizer = Tokenizer.from_pretrained(config.model_path)
-        metering.ledger = Ledger(db_path) if db_path is not None else None
+        if db_path is not None:
+            metering.attach_ledger(Ledger(db_path))
         await worker.start()
         app.state.serving = OpenAIServing(worker, tokenizer, config.name, worker.info.context_len)
+        governor = asyncio.create_task(metering.admission.run(), name="power-governor")
         try:
             yield
         finally:
+            governor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await governor
             await worker.shutdown()
             if metering.ledger is not None:
                 metering.ledger.close()  # commits whatever is still queued
@@ -91,15 +106,19 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                caller: Caller = Depends(auth)) -> Response:
+        session = session_id(request, body)
         account = metering.open(caller, body.service_tier, body.model)
-        return await request.app.state.serving.chat(body, account, request.is_disconnected)
+        return await request.app.state.serving.chat(body, account, request.is_disconnected, session)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(auth)) -> Response:
+        session = session_id(request, body)
         account = metering.open(caller, body.service_tier, body.model)
-        return await request.app.state.serving.completions(body, account, request.is_disconnected)
+        return await request.app.state.serving.completions(body, account, request.is_disconnected, session)
 
     add_admin_routes(app, AdminAuth(admin_key), store, tiers)
+    add_grid_event_routes(app, AdminAuth(admin_key), metering.admission)
+    add_dashboard_routes(app, metering.admission, config.name, metering.metrics.electricity_usd_per_kwh)
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models() -> ModelList:
@@ -133,6 +152,21 @@ def build_app(
         return Response(metering.metrics.render(worker_samples(worker)), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+SESSION_HEADER = "X-Session-Id"
+MAX_SESSION_ID_CHARS = 256
+
+
+def session_id(request: Request, body: SamplingFields) -> str | None:
+    """The session a request belongs to: the X-Session-Id header, else the body's
+    `metadata.session_id` (for SDKs that cannot set headers per request). `user` is not one: an
+    end user may run many independent sessions at once."""
+    session = request.headers.get(SESSION_HEADER) or body.session_id
+    if session is not None and len(session) > MAX_SESSION_ID_CHARS:
+        raise bad_request(f"A session id may be at most {MAX_SESSION_ID_CHARS} characters, got {len(session)}.",
+                          param="metadata.session_id")
+    return session
 
 
 def worker_samples(worker: Worker) -> list[WorkerSample]:

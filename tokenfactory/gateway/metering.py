@@ -1,7 +1,8 @@
 """Tokens as a product at the gateway: pick the tier, enforce its limits, write the ledger.
 
 `Metering.open` turns (caller, requested `service_tier`) into a `RequestAccount` or an OpenAI
-error (400 unknown tier, 403 tier not allowed for this key, 429 with Retry-After over a limit).
+error (400 unknown tier, 403 tier not allowed for this key, 429 with Retry-After over a limit,
+503 with Retry-After when admission sheds it by load or power: recorded as `shed`).
 The account times the request and, at its end, prices its usage and writes exactly one ledger
 entry: `complete` awaits the commit (the caller then sends its final chunk), `abandon` queues an
 aborted or failed entry without waiting (it runs while the request is being torn down).
@@ -24,9 +25,11 @@ from tokenfactory.control.tiers import (
     retry_after_header,
 )
 from tokenfactory.gateway.auth import Caller
+from tokenfactory.gateway.admission import Admission, Flight
 from tokenfactory.gateway.errors import APIError, bad_request, forbidden, rate_limited
+from tokenfactory.gateway.protocol import random_id
 from tokenfactory.meter.energy import EnergyBook
-from tokenfactory.meter.ledger import Ledger, LedgerEntry
+from tokenfactory.meter.ledger import Ledger, LedgerEntry, restore_limits
 from tokenfactory.meter.metrics import FactoryMetrics
 
 
@@ -45,6 +48,14 @@ class Metering:
         self.metrics = metrics
         self.limiter = RateLimiter(tiers)
         self.clock = clock
+        self.admission: Admission | None = None
+        """Sheds requests by load and power (503); None: every request is admitted."""
+
+    def attach_ledger(self, ledger: Ledger) -> None:
+        """Record to `ledger`, first counting what it already holds against the keys' limits, so
+        a restarted gateway neither refills a quota nor resets a per-minute window."""
+        restore_limits(self.limiter, ledger.db, self.clock())
+        self.ledger = ledger
 
     def open(self, caller: Caller, requested_tier: str | None, model: str) -> RequestAccount:
         tier = pick_tier(self.tiers, caller.policy, requested_tier)
@@ -53,6 +64,11 @@ class Metering:
                 raise forbidden(tier.message, param="service_tier", code=tier.code)
             raise bad_request(tier.message, param="service_tier", code=tier.code)
         now = self.clock()
+        shed = self.admission.check(tier) if self.admission is not None else None
+        if shed is not None:  # recorded as shed, without counting against the key's limits
+            account = RequestAccount(self, caller, tier, self.tiers.tiers[tier], model, now, time.monotonic())
+            account.abandon(random_id("shed"), TokenUsage(0, 0, 0), "shed")
+            raise shed.error()
         limit = self.limiter.admit(caller.key_id, tier, now)
         if limit is not None:
             raise rate_limited(limit.message, limit.limit, retry_after_header(limit))
@@ -72,14 +88,29 @@ class RequestAccount:
     started: float  # monotonic, for durations
     first_token: float | None = None
     closed: bool = field(default=False)
+    flight: Flight | None = None
+    """Its place in the tiers' traffic while an engine works on it (for admission)."""
+    entry: LedgerEntry | None = None
+    """The ledger entry, once the request ended (the response reports its cost and energy)."""
 
     @property
     def priority(self) -> int:
         return self.spec.priority
 
-    def saw_tokens(self) -> None:
+    def submitted(self, num_seqs: int, prompt_tokens: int) -> None:
+        """Its sequences went to the engine: they count in the tier's queue until a token comes."""
+        admission = self.metering.admission
+        if admission is not None and self.flight is None and not self.closed:
+            self.flight = admission.traffic.submitted(self.tier, num_seqs, prompt_tokens)
+
+    def saw_tokens(self, num_tokens: int = 0) -> None:
         if self.first_token is None:
             self.first_token = time.monotonic()
+        admission = self.metering.admission
+        if admission is not None:
+            if self.flight is not None:
+                admission.traffic.first_token(self.flight)
+            admission.traffic.generated(self.tier, num_tokens)
 
     async def complete(self, request_id: str, usage: TokenUsage) -> None:
         """Record a completed request and wait for the commit: call before the final chunk goes out."""
@@ -114,4 +145,7 @@ class RequestAccount:
         )
         if self.metering.metrics is not None:
             self.metering.metrics.observe(entry)
+        if self.metering.admission is not None:
+            self.metering.admission.traffic.ended(self.flight, entry)
+        self.entry = entry
         return entry

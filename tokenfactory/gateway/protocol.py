@@ -46,6 +46,8 @@ class SamplingFields(RequestModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    metadata: dict[str, str] | None = Field(
+        default=None, description="OpenAI's free key-value pairs; `session_id` names the request's session")
     service_tier: str | None = Field(default=None, description="auto, default, flex, priority or a factory tier")
     ignore_eos: bool = Field(default=False, description="extension: generate past EOS")
     min_tokens: int = Field(default=0, ge=0, description="extension: no EOS before this many tokens")
@@ -55,6 +57,11 @@ class SamplingFields(RequestModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def session_id(self) -> str | None:
+        """The session named in the body (`metadata.session_id`); the X-Session-Id header wins over it."""
+        return (self.metadata or {}).get("session_id")
 
     @property
     def include_usage(self) -> bool:
@@ -151,6 +158,18 @@ class Usage(ResponseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    cost_usd: float | None = None
+    """Extension: what the ledger charged for the request (absent until it is recorded)."""
+    energy_j: float | None = None
+    """Extension: the joules the ledger recorded for it (absent when no engine reported energy)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unrecorded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body = handler(self)
+        for key in ("cost_usd", "energy_j"):
+            if body[key] is None:
+                del body[key]
+        return body
 
 
 class TopLogprob(ResponseModel):
@@ -215,13 +234,27 @@ class ChatCompletionResponse(ResponseModel):
     service_tier: str | None = None  # the tier that actually served the request
 
 
+class FunctionCallDelta(ResponseModel):
+    name: str | None = None
+    arguments: str = ""  # the next piece of the arguments' JSON text
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ToolCallDelta(ResponseModel):
-    """A whole call in one delta: its index among the choice's calls, id, name and arguments."""
+    """A piece of a streamed call, in OpenAI's chunk format: every piece carries the call's index
+    among the choice's calls and more of its arguments; the first also its id, type and name."""
 
     index: int
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class DeltaMessage(ResponseModel):

@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tokenfactory.agents.tool_calls import HERMES_OPEN, ToolCall, ToolCallStream, ToolFormat, parse_tool_calls, tool_call_lark
+from tokenfactory.agents.tool_calls import (
+    HERMES_OPEN,
+    Event,
+    ToolCall,
+    ToolCallParser,
+    ToolFormat,
+    parse_tool_calls,
+    tool_call_lark,
+)
 from tokenfactory.agents.tools import (
     ToolPlan,
     ToolRequestError,
@@ -48,6 +56,7 @@ from tokenfactory.gateway.protocol import (
     CompletionResponse,
     DeltaMessage,
     FunctionCall,
+    FunctionCallDelta,
     PromptTokensDetails,
     SamplingFields,
     ToolCallDelta,
@@ -77,6 +86,8 @@ class SequenceSpec:
     prompt_index: int
     prompt_token_ids: list[int]
     params: SamplingParams
+    session_id: str | None = None
+    """The conversation this request belongs to (routers may keep a session on one worker)."""
 
 
 @dataclass(slots=True)
@@ -126,7 +137,8 @@ class OpenAIServing:
     # ------------------------------------------------------------------ chat
 
     async def chat(
-        self, req: ChatCompletionRequest, account: RequestAccount, is_disconnected: Disconnected | None = None
+        self, req: ChatCompletionRequest, account: RequestAccount, is_disconnected: Disconnected | None = None,
+        session_id: str | None = None,
     ) -> JSONResponse | StreamingResponse:
         self._check_model(req.model)
         messages = [m.for_template() for m in req.messages]
@@ -144,7 +156,7 @@ class OpenAIServing:
         except TokenizerError as e:
             raise bad_request(str(e), param="messages") from None
         prompt = self.tokenizer.encode(text, add_special_tokens=False)
-        seqs = self._sequences(req, [prompt], req.max_output_tokens, "messages", grammar)
+        seqs = self._sequences(req, [prompt], req.max_output_tokens, "messages", grammar, session_id)
         rid, created = random_id("chatcmpl"), now_s()
         if req.stream:
             return _sse(self._stream_chat(req, account, rid, created, seqs, plan))
@@ -154,15 +166,15 @@ class OpenAIServing:
             content, calls = "".join(t.text), []
             if plan.parse_calls:
                 content, calls = parse_tool_calls(content)
-                content = content.strip() or None if calls else content
+                content = content or (None if calls else "")
             choices.append(ChatChoice(
                 index=i,
                 message=AssistantMessage(content=content, tool_calls=[_call_out(c) for c in calls] or None),
                 logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None,
-                finish_reason=_finish_reason(t.finish_reason, calls),
+                finish_reason=_finish_reason(t.finish_reason, len(calls)),
             ))
         body = ChatCompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                      usage=_usage(seqs, totals), service_tier=account.tier)
+                                      usage=_usage(seqs, totals, account), service_tier=account.tier)
         return JSONResponse(body.model_dump())
 
     async def _stream_chat(
@@ -178,26 +190,25 @@ class OpenAIServing:
         with _ledger_guard(account, rid, seqs, totals):
             for s in seqs:
                 yield chunk([ChatChunkChoice(index=s.index, delta=DeltaMessage(role="assistant", content=""))])
-            call_streams = [ToolCallStream() for _ in seqs] if plan.parse_calls else None
+            # With tools, each choice's text goes through a parser that tells content from calls
+            # as the tokens arrive: content streams as content, calls as `tool_calls` deltas.
+            parsers = [ToolCallParser() for _ in seqs] if plan.parse_calls else None
             async for d in self._run_metered(seqs, totals, account, rid):
                 logprobs = self._chat_logprobs(d.logprobs) if req.logprobs else None
-                text, calls = d.text, []
-                if call_streams is not None:
-                    text = call_streams[d.index].push(d.text)
-                    if d.finish_reason is not None:
-                        rest, calls = call_streams[d.index].finish()
-                        text += rest
-                finish = None if calls else d.finish_reason  # after the calls' delta, if any
-                if text or finish or logprobs:
-                    yield chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=text or None),
-                                                 logprobs=logprobs, finish_reason=finish)])
-                if calls:
-                    deltas = [ToolCallDelta(index=k, id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
-                              for k, c in enumerate(calls)]
-                    yield chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(tool_calls=deltas),
-                                                 finish_reason=_finish_reason(d.finish_reason, calls))])
+                if parsers is None:
+                    deltas, finish = [DeltaMessage(content=d.text)] if d.text else [], d.finish_reason
+                else:
+                    parser = parsers[d.index]
+                    events = parser.push(d.text) + (parser.finish() if d.finish_reason else [])
+                    deltas = [_delta_message(e) for e in events]
+                    finish = _finish_reason(d.finish_reason, parser.num_calls)
+                if not deltas and (finish or logprobs):
+                    deltas = [DeltaMessage()]
+                for k, delta in enumerate(deltas):  # logprobs ride on the first, the finish on the last
+                    yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=None if k else logprobs,
+                                                 finish_reason=finish if k == len(deltas) - 1 else None)])
             if req.include_usage:
-                yield chunk([], _usage(seqs, totals))
+                yield chunk([], _usage(seqs, totals, account))
 
     def _output_grammar(self, req: ChatCompletionRequest, plan: ToolPlan) -> str | None:
         """The grammar decoding must follow: forced tool calls, else the response format, else none."""
@@ -233,11 +244,12 @@ class OpenAIServing:
     # ------------------------------------------------------------------ completions
 
     async def completions(
-        self, req: CompletionRequest, account: RequestAccount, is_disconnected: Disconnected | None = None
+        self, req: CompletionRequest, account: RequestAccount, is_disconnected: Disconnected | None = None,
+        session_id: str | None = None,
     ) -> JSONResponse | StreamingResponse:
         self._check_model(req.model)
         prompts = self._completion_prompts(req.prompt)
-        seqs = self._sequences(req, prompts, req.max_output_tokens, "prompt")
+        seqs = self._sequences(req, prompts, req.max_output_tokens, "prompt", session_id=session_id)
         echoes = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
         rid, created = random_id("cmpl"), now_s()
         if req.stream:
@@ -250,7 +262,7 @@ class OpenAIServing:
             choices.append(CompletionChoice(index=i, text=echo + "".join(t.text), logprobs=logprobs,
                                             finish_reason=t.finish_reason))
         body = CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                  usage=_usage(seqs, totals), service_tier=account.tier)
+                                  usage=_usage(seqs, totals, account), service_tier=account.tier)
         return JSONResponse(body.model_dump())
 
     async def _stream_completions(
@@ -277,7 +289,7 @@ class OpenAIServing:
                     yield chunk([CompletionChoice(index=d.index, text=d.text, logprobs=logprobs,
                                                   finish_reason=d.finish_reason)])
             if req.include_usage:
-                yield chunk([], _usage(seqs, totals))
+                yield chunk([], _usage(seqs, totals, account))
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -318,7 +330,7 @@ class OpenAIServing:
 
     def _sequences(
         self, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, prompt_param: str,
-        grammar: str | None = None,
+        grammar: str | None = None, session_id: str | None = None,
     ) -> list[SequenceSpec]:
         """`n` sequences per prompt, each with its own seed, checked against the context window."""
         seqs = []
@@ -326,7 +338,8 @@ class OpenAIServing:
             budget = self._max_tokens(len(prompt), max_tokens, prompt_param)
             for i in range(req.n):
                 seed = None if req.seed is None else req.seed + i
-                seqs.append(SequenceSpec(len(seqs), p, prompt, self._sampling(req, budget, seed, grammar)))
+                seqs.append(SequenceSpec(len(seqs), p, prompt, self._sampling(req, budget, seed, grammar),
+                                         session_id))
         return seqs
 
     def _max_tokens(self, num_prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
@@ -364,7 +377,8 @@ class OpenAIServing:
     async def _run_one(self, rid: str, seq: SequenceSpec, priority: int) -> AsyncIterator[Delta]:
         """Drive one engine sequence and turn its token ids into text deltas, applying stop strings."""
         stream = TextStream(self.tokenizer, seq.prompt_token_ids, seq.params.stop)
-        outputs = self.worker.generate(f"{rid}-{seq.index}", seq.prompt_token_ids, seq.params, priority)
+        outputs = self.worker.generate(f"{rid}-{seq.index}", seq.prompt_token_ids, seq.params, priority,
+                                       session_id=seq.session_id)
         try:
             async for out in outputs:
                 text, stop = stream.push(out.new_token_ids)
@@ -385,10 +399,11 @@ class OpenAIServing:
         committed to the ledger just before the delta that finishes the last choice is handed on,
         so the client's final chunk never leaves before its ledger entry is durable."""
         num_finished = 0
+        account.submitted(len(seqs), sum(len(s.prompt_token_ids) for s in seqs))
         async for d in _merge([self._run_one(rid, s, account.priority) for s in seqs]):
             totals[d.index].add(d)
             if d.token_ids:
-                account.saw_tokens()
+                account.saw_tokens(len(d.token_ids))
             num_finished += d.finish_reason is not None
             if num_finished == len(seqs):
                 await account.complete(rid, _token_usage(seqs, totals))
@@ -431,9 +446,18 @@ def _call_out(call: ToolCall) -> ToolCallOut:
     return ToolCallOut(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
-def _finish_reason(engine_reason: str | None, calls: list[ToolCall]) -> str | None:
+def _finish_reason(engine_reason: str | None, num_calls: int) -> str | None:
     """A reply that ends in tool calls finishes with `tool_calls` (a cut-off one stays `length`)."""
-    return "tool_calls" if calls and engine_reason == "stop" else engine_reason
+    return "tool_calls" if num_calls and engine_reason == "stop" else engine_reason
+
+
+def _delta_message(event: Event) -> DeltaMessage:
+    """A parser event as a stream delta: content text, or a piece of a tool call."""
+    if isinstance(event, str):
+        return DeltaMessage(content=event)
+    return DeltaMessage(tool_calls=[ToolCallDelta(
+        index=event.index, id=event.id, type="function" if event.id else None,
+        function=FunctionCallDelta(name=event.name, arguments=event.arguments))])
 
 
 def _token_usage(seqs: list[SequenceSpec], totals: list[ChoiceTotals]) -> TokenUsage:
@@ -457,19 +481,23 @@ def _ledger_guard(
         raise
 
 
-def _usage(seqs: list[SequenceSpec], totals: list[ChoiceTotals]) -> Usage:
-    """Prompt tokens count once per prompt (its n choices share it), cached as the least any saw."""
+def _usage(seqs: list[SequenceSpec], totals: list[ChoiceTotals], account: RequestAccount | None = None) -> Usage:
+    """Prompt tokens count once per prompt (its n choices share it), cached as the least any saw;
+    with the request's `account`, the cost and energy its ledger entry recorded."""
     prompt_tokens, cached = {}, {}
     for s, t in zip(seqs, totals, strict=True):
         prompt_tokens[s.prompt_index] = len(s.prompt_token_ids)
         cached[s.prompt_index] = min(cached.get(s.prompt_index, t.num_cached_tokens), t.num_cached_tokens)
     num_prompt = sum(prompt_tokens.values())
     num_completion = sum(t.num_tokens for t in totals)
+    entry = account.entry if account is not None else None
     return Usage(
         prompt_tokens=num_prompt,
         completion_tokens=num_completion,
         total_tokens=num_prompt + num_completion,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())),
+        cost_usd=entry.cost_usd if entry is not None else None,
+        energy_j=entry.energy_j if entry is not None else None,
     )
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tokenfactory.control.tiers import ConfigError, FactoryConfig, builtin_config, parse_factory_config
-from tokenfactory.meter.db import default_db_path
+from tokenfactory.meter.db import DB_ENV, default_db, describe, is_postgres
 from tokenfactory.meter.energy import energy_by_tier
 from tokenfactory.meter.keys import KeyStore
 from tokenfactory.meter.ledger import GROUPINGS, summarize
@@ -20,7 +20,9 @@ SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def add_db_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", type=Path, default=None, help=f"factory database (default: {default_db_path()})")
+    p.add_argument("--db", default=None, metavar="PATH|URL",
+                   help=f"factory database: a SQLite file or a postgresql:// URL (default: ${DB_ENV}, else "
+                        f"{default_db()})")
 
 
 def add_factory_config_argument(p: argparse.ArgumentParser) -> None:
@@ -37,8 +39,9 @@ def load_factory_config(path: Path | None) -> FactoryConfig:
         raise SystemExit(f"tokenfactory: bad factory config: {e}") from None
 
 
-def db_path(args: argparse.Namespace) -> Path:
-    return args.db if args.db is not None else default_db_path()
+def db_path(args: argparse.Namespace) -> str:
+    """The database `--db` names: a SQLite file's path or a PostgreSQL URL."""
+    return args.db if args.db is not None else default_db()
 
 
 def add_keys_commands(keys: argparse._SubParsersAction) -> None:
@@ -85,7 +88,7 @@ def list_keys(args: argparse.Namespace) -> int:
     store = KeyStore(db_path(args))
     records = store.list(args.tenant)
     store.close()
-    table = Table(title=f"API keys in {db_path(args)}")
+    table = Table(title=f"API keys in {describe(db_path(args))}")
     for column in ("key id", "tenant", "name", "tiers", "default tier", "created", "status"):
         table.add_column(column, no_wrap=column == "key id")
     for r in records:
@@ -129,7 +132,7 @@ def parse_since(text: str | None, now: float) -> float:
 
 def usage_main(args: argparse.Namespace) -> int:
     path = db_path(args)
-    if not path.exists():
+    if not is_postgres(path) and not Path(path).exists():
         raise SystemExit(f"tokenfactory: no factory database at {path}")
     since_s = parse_since(args.since, time.time())
     rows = summarize(path, by=args.by, since=since_s)
@@ -150,7 +153,7 @@ def usage_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_energy(path: Path, since_s: float, since: str) -> None:
+def print_energy(path: str, since_s: float, since: str) -> None:
     """Joules per token and tokens per joule by tier, over requests the power meter measured."""
     tiers = energy_by_tier(path, since=since_s)
     if not tiers:

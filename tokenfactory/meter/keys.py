@@ -10,10 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +53,9 @@ def split_key(plaintext: str) -> tuple[str, str] | None:
 class KeyStore:
     """Create, look up, list and revoke keys in the factory database. Thread-safe."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._conn = connect(self.path)
+    def __init__(self, db: str | Path) -> None:
+        self.db = db
+        self._conn = connect(db, "keys")
         self._lock = threading.Lock()
 
     def create(
@@ -97,11 +96,13 @@ class KeyStore:
         return _record(row) if row else None
 
     def list(self, tenant: str | None = None, include_revoked: bool = True) -> list[KeyRecord]:
-        query = f"SELECT {_COLUMNS} FROM api_keys WHERE (? IS NULL OR tenant = ?)"
-        if not include_revoked:
-            query += " AND revoked_at IS NULL"
+        conditions, params = ["revoked_at IS NULL"] if not include_revoked else [], []
+        if tenant is not None:
+            conditions.append("tenant = ?")
+            params.append(tenant)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._lock:
-            rows = self._conn.execute(query + " ORDER BY created_at", (tenant, tenant)).fetchall()
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY created_at", params).fetchall()
         return [_record(r) for r in rows]
 
     def revoke(self, key_id: str) -> bool:
@@ -123,6 +124,6 @@ class KeyStore:
 _COLUMNS = "key_id, tenant, name, default_tier, allowed_tiers, created_at, revoked_at"
 
 
-def _record(row: sqlite3.Row | tuple) -> KeyRecord:
+def _record(row: Sequence) -> KeyRecord:
     key_id, tenant, name, default_tier, allowed, created_at, revoked_at = row
     return KeyRecord(key_id, tenant, name, default_tier, tuple(allowed.split(",")), created_at, revoked_at)

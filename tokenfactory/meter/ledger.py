@@ -11,17 +11,21 @@ an entry and returns a future that resolves once its batch is committed. The gat
 future before it sends a response's final chunk, so a client that saw its last chunk is already
 in the ledger (see `meter/db.py` for why `synchronous=FULL`). The request id is the primary key and
 inserts do nothing on conflict, so a retry never counts a request twice.
+
+The ledger lives in the factory database (`meter/db.py`): a SQLite file or a PostgreSQL URL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
+from tokenfactory.control.tiers import RateLimiter
 from tokenfactory.meter.db import connect
 
 OUTCOMES = ("completed", "aborted", "failed", "shed")
@@ -68,11 +72,11 @@ class UsageTotals:
 
 
 class Ledger:
-    """The ledger in a SQLite file, with a writer thread that commits queued entries in batches."""
+    """The ledger in the factory database, with a writer thread that commits queued entries in batches."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._conn = connect(self.path)
+    def __init__(self, db: str | Path) -> None:
+        self.db = db
+        self._db = connect(db, "ledger")
         self._queue: queue.Queue[tuple[LedgerEntry, Future[None]] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
         self._writer.start()
@@ -91,7 +95,7 @@ class Ledger:
         """Commit everything queued, then stop the writer."""
         self._queue.put(None)
         self._writer.join()
-        self._conn.close()
+        self._db.close()
 
     def _write_loop(self) -> None:
         while True:
@@ -116,12 +120,9 @@ class Ledger:
         # cancelled future would raise here and kill the writer, and every later waiter would hang.
         waiting = [done for _, done in batch if done.set_running_or_notify_cancel()]
         try:
-            self._conn.execute("BEGIN")
-            self._conn.executemany(_INSERT, [astuple(entry) for entry, _ in batch])
-            self._conn.execute("COMMIT")
+            with self._db.transaction():
+                self._db.executemany(_INSERT, [astuple(entry) for entry, _ in batch])
         except Exception as e:  # handed to every waiter: the gateway then fails the request loudly
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
             for done in waiting:
                 done.set_exception(e)
             return
@@ -132,8 +133,8 @@ class Ledger:
 # ---------------------------------------------------------------- reading (separate connections)
 
 
-def read_entries(path: str | Path, since: float = 0.0) -> list[LedgerEntry]:
-    conn = connect(path)
+def read_entries(db: str | Path, since: float = 0.0) -> list[LedgerEntry]:
+    conn = connect(db)
     try:
         rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM usage WHERE created_at >= ? ORDER BY created_at",
                             (since,)).fetchall()
@@ -142,10 +143,10 @@ def read_entries(path: str | Path, since: float = 0.0) -> list[LedgerEntry]:
     return [LedgerEntry(*row) for row in rows]
 
 
-def summarize(path: str | Path, by: str = "tenant", since: float = 0.0) -> list[UsageTotals]:
+def summarize(db: str | Path, by: str = "tenant", since: float = 0.0) -> list[UsageTotals]:
     """Requests, tokens and cost per tenant / tier / model / key / outcome since a unix time."""
     column = GROUPINGS[by]
-    conn = connect(path)
+    conn = connect(db)
     try:
         rows = conn.execute(
             f"SELECT {column}, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
@@ -153,4 +154,37 @@ def summarize(path: str | Path, by: str = "tenant", since: float = 0.0) -> list[
         ).fetchall()
     finally:
         conn.close()
-    return [UsageTotals(*row) for row in rows]
+    # PostgreSQL sums BIGINT columns into NUMERIC (Decimal): the totals are ints on both backends.
+    return [UsageTotals(group, int(n), int(prompt), int(cached), int(completion), float(cost))
+            for group, n, prompt, cached, completion, cost in rows]
+
+
+def restore_limits(limiter: RateLimiter, db: str | Path, now: float) -> None:
+    """Count against `limiter` what the ledger recorded before this gateway started, so a restart
+    neither refills a key's token quota nor resets its per-minute windows.
+
+    A request counts where the live limiter counted it: its tokens when it ended (arrival plus
+    duration), its admission when it arrived; a shed request was never admitted. Rows of tiers the
+    config no longer sells are skipped.
+    """
+    conn = connect(db)
+    try:
+        for tier, spec in limiter.config.tiers.items():
+            if spec.token_quota is None:
+                continue
+            period_start = math.floor(now / spec.quota_period_s) * spec.quota_period_s
+            rows = conn.execute(
+                "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM usage "
+                "WHERE tier = ? AND created_at + duration_s >= ? GROUP BY key_id", (tier, period_start),
+            ).fetchall()
+            for key_id, tokens in rows:
+                limiter.restore_quota(key_id, tier, int(tokens), now)
+        recent = conn.execute(
+            "SELECT key_id, tier, created_at, created_at + duration_s, prompt_tokens + completion_tokens FROM usage "
+            "WHERE created_at + duration_s > ? AND outcome <> ? ORDER BY created_at", (now - limiter.WINDOW_S, "shed"),
+        ).fetchall()
+    finally:
+        conn.close()
+    for key_id, tier, admitted_at, ended_at, tokens in recent:
+        if tier in limiter.config.tiers:
+            limiter.restore_request(key_id, tier, admitted_at, ended_at, int(tokens), now)

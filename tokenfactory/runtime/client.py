@@ -38,6 +38,7 @@ from tokenfactory.runtime.wire import (
     ImportKV,
     OutputBatch,
     Ready,
+    SetTokenBudget,
     Shutdown,
     encoder,
     from_engine_decoder,
@@ -77,8 +78,11 @@ class Worker(Protocol):
     async def shutdown(self) -> None: ...
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
-    ) -> AsyncIterator[EngineCoreOutput]: ...
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
+        session_id: str | None = None,
+    ) -> AsyncIterator[EngineCoreOutput]:
+        """Stream one sequence's outputs; `session_id` names the conversation it belongs to (a
+        router may keep a session's turns on one engine, where its growing context is cached)."""
 
     def abort(self, request_id: str) -> None: ...
 
@@ -121,6 +125,8 @@ class AsyncEngineClient:
         """KV handles of finished prefill-only requests, until `prefill` takes them."""
         self.energy = EnergyBook()
         """Joules of ended requests, as the engine attributed them, until the ledger takes them."""
+        self.token_budget: int | None = None
+        """The tokens per step last asked of the engine (None: its configured budget)."""
 
     @property
     def info(self) -> Ready:
@@ -251,11 +257,13 @@ class AsyncEngineClient:
             raise EngineDeadError("the engine has not started")
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
+        session_id: str | None = None,
     ) -> AsyncIterator[EngineCoreOutput]:
         """Submit one sequence and yield its outputs step by step until it finishes.
 
         Leaving early (break, exception, cancellation) aborts the request so its KV blocks free up.
+        One engine has nothing to route, so `session_id` is not used here.
         """
         return self._stream(AddRequest(request_id, list(prompt_token_ids), params, priority))
 
@@ -308,7 +316,15 @@ class AsyncEngineClient:
             with contextlib.suppress(EngineDeadError):  # a gone engine holds nothing to free
                 self._send(Abort([request_id]))
 
-    def _send(self, msg: AddRequest | ImportKV | Abort | Shutdown) -> None:
+    def set_token_budget(self, tokens: int) -> None:
+        """Ask the engine to schedule at most `tokens` per step (it clamps to its configured
+        budget). Sent only when the value changes; a dead engine is left alone."""
+        if tokens != self.token_budget and self.is_alive:
+            with contextlib.suppress(EngineDeadError):
+                self._send(SetTokenBudget(tokens))
+                self.token_budget = tokens
+
+    def _send(self, msg: AddRequest | ImportKV | Abort | SetTokenBudget | Shutdown) -> None:
         """Never blocks. The queue is unbounded (SNDHWM 0), so a send can only fail to go out at
         once when no engine is connected: a PUSH socket would otherwise wait for one forever."""
         try:

@@ -31,6 +31,7 @@ from tokenfactory.runtime.wire import (
     EngineLoad,
     OutputBatch,
     Ready,
+    SetTokenBudget,
     Shutdown,
     encoder,
     to_engine_decoder,
@@ -80,6 +81,7 @@ class EngineLoop:
         self.outbox = outbox
         self.num_steps = 0
         self.step_seconds = 0.0
+        self.num_tokens = 0
         self._parent = multiprocessing.parent_process()
         self._last_parent_check = time.monotonic()
 
@@ -107,7 +109,9 @@ class EngineLoop:
         outputs = self.core.step()
         duration = time.perf_counter() - t0
         stats = self.core.last_step
-        self.energy.end_step(duration, stats.tokens_by_request if stats is not None else {})
+        tokens_by_request = stats.tokens_by_request if stats is not None else {}
+        self.energy.end_step(duration, tokens_by_request)
+        self.num_tokens += sum(tokens_by_request.values())
         self.step_seconds += duration
         self.num_steps += 1
         return outputs
@@ -136,6 +140,8 @@ class EngineLoop:
                 self._import(msg, rejected)
             elif isinstance(msg, Abort):
                 outputs.extend(self.core.abort(msg.request_ids))
+            elif isinstance(msg, SetTokenBudget):
+                self.core.scheduler.set_token_budget(msg.tokens)
 
     def _add(self, msg: AddRequest, rejected: dict[str, str]) -> None:
         request = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, priority=msg.priority)
@@ -181,4 +187,6 @@ class EngineLoop:
             power_w=self.energy.last_watts,
             power_source=self.energy.source,
             energy_j=self.energy.total_j,
+            num_tokens=self.num_tokens,
+            token_budget=scheduler.token_budget,
         )

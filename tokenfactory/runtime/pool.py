@@ -231,36 +231,39 @@ class WorkerPool:
                         logger.exception("restarting worker %d failed", worker_id)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
+        session_id: str | None = None,
     ) -> AsyncIterator[EngineCoreOutput]:
         """Route one sequence to a worker (or split it over a prefill and a decode worker) and
-        yield its outputs; if a whole request's worker dies, move it to another and go on."""
+        yield its outputs; if a whole request's worker dies, move it to another and go on. The
+        router sees `session_id`, so with session affinity a session's turns stay together."""
         if request_id in self._routed:
             raise ValueError(f"request id {request_id!r} is already running")
         try:
             routed = None
             if self.num_prefill:
-                routed = self._route(list(prompt_token_ids), self.decode_ids)
+                routed = self._route(list(prompt_token_ids), self.decode_ids, session_id)
                 if should_split(len(prompt_token_ids), routed.cached_tokens, self.disagg):
                     self.num_split += 1
                     async for out in self._generate_split(request_id, prompt_token_ids, params, priority,
                                                            routed.worker_id):
                         yield out
                     return
-            async for out in self._generate_whole(request_id, prompt_token_ids, params, priority, routed):
+            async for out in self._generate_whole(request_id, prompt_token_ids, params, priority, routed,
+                                                   session_id):
                 yield out
         finally:
             self._routed.pop(request_id, None)
 
     async def _generate_whole(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int,
-        routed: _Routed | None,
+        routed: _Routed | None, session_id: str | None = None,
     ) -> AsyncIterator[EngineCoreOutput]:
         generated: list[int] = []
         for attempt in range(self.max_migrations + 1):
             context = list(prompt_token_ids) + generated
             if routed is None or attempt:
-                routed = self._route(context, self.decode_ids)
+                routed = self._route(context, self.decode_ids, session_id)
             self._routed[request_id] = routed
             stream = self.workers[routed.worker_id].generate(
                 request_id, context, _remaining(params, len(generated)), priority)
@@ -304,9 +307,9 @@ class WorkerPool:
         return (first.finish_reason == "length" and params.max_tokens > 1
                 and num_prompt_tokens + 1 < self.info.context_len)
 
-    def _route(self, prompt_token_ids: list[int], candidates: range) -> _Routed:
+    def _route(self, prompt_token_ids: list[int], candidates: range, session_id: str | None = None) -> _Routed:
         hashes = prompt_block_hashes(prompt_token_ids, self.block_size)
-        request = RouteRequest(hashes, len(prompt_token_ids), now=self._clock())
+        request = RouteRequest(hashes, len(prompt_token_ids), session_id=session_id, now=self._clock())
         states = self.worker_states()
         overlap = self.index.overlap(hashes, request.now)  # before routing records the choice
         try:
@@ -327,6 +330,11 @@ class WorkerPool:
         `workers[i]` for that)."""
         for worker in self.workers:
             worker.subscribe_kv_events(callback)
+
+    @property
+    def energy(self) -> PoolEnergy:
+        """The joules the workers attributed to ended requests, read as one book."""
+        return PoolEnergy(self)
 
     # --- what the router and /health see ---------------------------------------------------
 
@@ -357,6 +365,20 @@ class WorkerPool:
                          index.num_blocks(worker_id) if index is not None else None)
             for worker_id, worker in enumerate(self.workers)
         ]
+
+
+class PoolEnergy:
+    """The workers' energy books as one: a request's joules are summed over every worker it ran on
+    (the prefill and decode halves of a split request, the workers before and after a migration)."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self._pool = pool
+
+    def take(self, request_id: str) -> float | None:
+        """The joules of HTTP request `request_id`, forgotten here; None when no worker has any."""
+        books = [book for w in self._pool.workers if (book := getattr(w, "energy", None)) is not None]
+        parts = [joules for book in books if (joules := book.take(request_id)) is not None]
+        return sum(parts) if parts else None
 
 
 def _remaining(params: SamplingParams, num_generated: int) -> SamplingParams:

@@ -2,7 +2,7 @@
 
 Two one-way channels, so neither side ever waits on the other:
 
-- client -> engine: `AddRequest`, `ImportKV`, `Abort`, `Shutdown`;
+- client -> engine: `AddRequest`, `ImportKV`, `Abort`, `SetTokenBudget`, `Shutdown`;
 - engine -> client: `Ready` once at start, then one `OutputBatch` per step (every request's new
   tokens from that step in a single message, plus the engine's load), and `EngineFailed` if the
   engine cannot go on.
@@ -44,6 +44,13 @@ class Abort(msgspec.Struct, tag=True, array_like=True):
     request_ids: list[str]
 
 
+class SetTokenBudget(msgspec.Struct, tag=True, array_like=True):
+    """Set the scheduler's tokens per step (a power governor's lever); the engine clamps it to
+    [1, its configured max_num_batched_tokens]."""
+
+    tokens: int
+
+
 class Shutdown(msgspec.Struct, tag=True, array_like=True):
     """Ask the engine process to exit after its current step."""
 
@@ -64,6 +71,10 @@ class EngineLoad(msgspec.Struct, array_like=True):
     """"measured" (NVML) or "modeled" (the twin's power model of the worker's hardware)."""
     energy_j: float = 0.0
     """Joules spent inside steps since start."""
+    num_tokens: int = 0
+    """Tokens computed inside steps since start (prefill chunks plus decodes)."""
+    token_budget: int = 0
+    """The scheduler's tokens per step now (lower than configured while a governor cuts it)."""
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):
@@ -98,7 +109,7 @@ class EngineFailed(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
-ToEngine = AddRequest | ImportKV | Abort | Shutdown
+ToEngine = AddRequest | ImportKV | Abort | SetTokenBudget | Shutdown
 FromEngine = Ready | OutputBatch | EngineFailed
 
 encoder = msgspec.msgpack.Encoder()

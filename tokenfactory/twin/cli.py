@@ -1,4 +1,5 @@
-"""`tokenfactory twin replay`: run a trace through the digital twin and print what the factory did."""
+"""`tokenfactory twin replay`: run a trace or a synthetic workload through the digital twin and
+print what the factory did (and, with --plots, draw latency CDFs and power over time)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,18 @@ from tokenfactory.twin.hardware import HARDWARE, get_hardware
 from tokenfactory.twin.metrics import SLO, Summary
 from tokenfactory.control.router import ROUTERS, make_router
 from tokenfactory.twin.simulator import Simulator, TwinConfig
-from tokenfactory.twin.workloads import MOONCAKE_TRACE, load_trace
+from tokenfactory.twin.workloads import (
+    MOONCAKE_TRACE,
+    AgenticSessions,
+    ClosedLoop,
+    DynamicWorkload,
+    LengthDistribution,
+    TraceRequest,
+    load_trace,
+    synthetic_workload,
+)
+
+WORKLOADS = ("trace", "poisson", "gamma", "closed-loop", "agentic")
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,40 +47,110 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO for goodput (s)")
     parser.add_argument("--slo-itl", type=float, default=0.1, help="inter-token latency SLO for goodput (s)")
+    parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                        help="write latency_cdf.png and power.png into DIR")
+    parser.add_argument("--power-interval", type=float, default=None,
+                        help="simulated seconds per fleet power sample (default: 1/240 of the arrivals' span)")
+    synthetic = parser.add_argument_group("synthetic workloads (--workload other than trace)")
+    synthetic.add_argument("--workload", choices=WORKLOADS, default="trace",
+                           help="trace: replay --trace; poisson/gamma: open-loop arrivals at --rate; closed-loop: "
+                                "--concurrency clients; agentic: multi-turn agent tasks with sub-agents")
+    synthetic.add_argument("--num-requests", type=int, default=1000,
+                           help="requests (poisson, gamma, closed-loop) or agent tasks (agentic)")
+    synthetic.add_argument("--rate", type=float, default=10.0, help="requests/s (poisson, gamma) or tasks/s (agentic)")
+    synthetic.add_argument("--burstiness", type=float, default=2.0,
+                           help="gamma: coefficient of variation of the gaps between arrivals (1 = Poisson)")
+    synthetic.add_argument("--input-len", type=int, default=1000, help="mean prompt tokens")
+    synthetic.add_argument("--output-len", type=int, default=200, help="mean output tokens")
+    synthetic.add_argument("--length-sigma", type=float, default=0.0,
+                           help="lognormal sigma of the lengths (0: fixed, as benchmark clients send)")
+    synthetic.add_argument("--concurrency", type=int, default=64, help="closed-loop clients")
+    synthetic.add_argument("--think", type=float, default=0.0,
+                           help="closed-loop: seconds between a finish and the next request; agentic: mean think time")
+    synthetic.add_argument("--turns", type=int, default=6, help="agentic: mean turns per task")
+    synthetic.add_argument("--fanout-prob", type=float, default=0.2, help="agentic: chance a turn fans out sub-agents")
+    synthetic.add_argument("--fanout", type=int, default=3, help="agentic: mean sub-agents per fan-out")
+    synthetic.add_argument("--seed", type=int, default=0)
+
+
+def build_workload(args: argparse.Namespace) -> list[TraceRequest] | DynamicWorkload:
+    """The workload the arguments ask for (ValueError for bad parameters)."""
+    sigma = args.length_sigma
+    inputs, outputs = LengthDistribution(args.input_len, sigma), LengthDistribution(args.output_len, sigma)
+    if args.workload == "trace":
+        return load_trace(args.trace, args.format, args.speedup, args.limit)
+    if args.workload in ("poisson", "gamma"):
+        burstiness = 1.0 if args.workload == "poisson" else args.burstiness
+        return synthetic_workload(args.rate, args.num_requests, inputs, outputs, burstiness, args.seed)
+    if args.workload == "closed-loop":
+        return ClosedLoop(args.concurrency, args.num_requests, inputs, outputs, args.think, args.seed)
+    return AgenticSessions(
+        args.num_requests, args.rate,
+        turns=LengthDistribution(args.turns, 0.5, maximum=10 * args.turns),
+        output=LengthDistribution(args.output_len, 0.8),
+        fanout_probability=args.fanout_prob,
+        fanout=LengthDistribution(args.fanout, 0.5, maximum=8 * args.fanout),
+        think_s=args.think if args.think else 2.0,
+        seed=args.seed,
+    )
 
 
 def replay_main(args: argparse.Namespace) -> int:
     console = Console()
-    if not args.trace.is_file():
+    if args.workload == "trace" and not args.trace.is_file():
         console.print(f"[red]trace not found: {args.trace}[/red] (pass --trace FILE)")
         return 2
-    workload = load_trace(args.trace, args.format, args.speedup, args.limit)
-    if not workload:
-        console.print("[red]the trace holds no requests[/red]")
+    try:
+        workload = build_workload(args)
+        config = TwinConfig(
+            cost=CostModel(default_model(), get_hardware(args.hardware), args.precision, args.tp),
+            num_workers=args.workers,
+            scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                      max_num_seqs=args.max_num_seqs),
+            block_size=args.block_size,
+            slo=SLO(args.slo_ttft, args.slo_itl),
+            power_interval_s=args.power_interval or _power_interval(workload),
+        )
+    except ValueError as error:
+        console.print(f"[red]{error}[/red]")
         return 2
-    config = TwinConfig(
-        cost=CostModel(default_model(), get_hardware(args.hardware), args.precision, args.tp),
-        num_workers=args.workers,
-        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
-        block_size=args.block_size,
-        slo=SLO(args.slo_ttft, args.slo_itl),
-    )
+    if not isinstance(workload, DynamicWorkload) and not workload:
+        console.print("[red]the workload holds no requests[/red]")
+        return 2
     simulator = Simulator(config, make_router(args.router))
-    last_arrival = workload[-1].arrival_time
+    # A closed-loop run's length is not known up front: its bar just counts simulated seconds.
+    last_arrival = None if isinstance(workload, DynamicWorkload) else max(workload[-1].arrival_time, 1e-9)
     started = time.perf_counter()
     with Progress(
-        TextColumn("simulated"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+        TextColumn("simulated"), BarColumn(),
+        TextColumn("{task.completed:.0f} s" if last_arrival is None else "{task.completed:.0f}/{task.total:.0f} s"),
         TimeElapsedColumn(), console=console, transient=True,
     ) as progress:
-        task = progress.add_task("replay", total=max(last_arrival, 1e-9))
-        result = simulator.run(workload, lambda now: progress.update(task, completed=min(now, last_arrival)))
+        task = progress.add_task("replay", total=last_arrival)
+        advance = (lambda now: progress.update(task, completed=now)) if last_arrival is None else (
+            lambda now: progress.update(task, completed=min(now, last_arrival)))
+        result = simulator.run(workload, advance)
     wall = time.perf_counter() - started
     console.print(_table(result.summary, args))
     console.print(
-        f"{len(workload)} requests, {result.summary.duration_s:.1f} simulated s in {wall:.1f} wall s "
+        f"{len(result.records)} requests, {result.summary.duration_s:.1f} simulated s in {wall:.1f} wall s "
         f"({result.summary.duration_s / max(wall, 1e-9):.1f} simulated s per wall s)"
     )
+    if args.plots is not None:
+        from tokenfactory.twin.plots import write_replay_plots
+
+        title = (f"{args.workload}: {args.workers} x {args.hardware} TP{args.tp} {args.precision}, {args.router}, "
+                 f"{len(result.records)} requests")
+        for path in write_replay_plots(result, args.plots, title):
+            console.print(f"wrote {path}")
     return 0
+
+
+def _power_interval(workload: list[TraceRequest] | DynamicWorkload) -> float:
+    """About 240 power samples over the arrivals (10 s when they are not known up front)."""
+    if isinstance(workload, DynamicWorkload) or not workload:
+        return 10.0
+    return max(1.0, workload[-1].arrival_time / 240)
 
 
 def _table(s: Summary, args: argparse.Namespace) -> Table:

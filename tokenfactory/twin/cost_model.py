@@ -1,18 +1,27 @@
 """A roofline cost model of one engine step: its duration and power on given hardware.
 
 Per step and per GPU of a tensor-parallel group:
-    time  = max(FLOPs / (peak x compute_efficiency), bytes / (HBM bandwidth x bandwidth_efficiency))
+    time  = max(FLOPs / (peak x compute_efficiency),
+                weight bytes / (HBM bandwidth x bandwidth_efficiency)
+                + KV bytes / (HBM bandwidth x kv_bandwidth_efficiency))
             + all-reduce time + a fixed per-step overhead (kernel launches, scheduling, sampling)
     FLOPs = 2 x layer params x tokens + 2 x lm_head params x sampled rows + attention FLOPs
-    bytes = weights (read once per step) + KV read for every chunk's context + KV written
+    weight bytes: read once per step; KV bytes: read for every chunk's context, plus written
 Attention FLOPs count QK^T and PV: 4 x layers x heads x head_dim per (query, key) pair; a chunk
 of n tokens after s computed ones has n*s + n(n+1)/2 pairs (quadratic for prefill, linear per
-decode token). Power is idle + (TDP - idle) x utilisation, the utilisation being how close the
-step runs to whichever roof binds it.
+decode token). Power is idle + (TDP - idle) x utilisation, the utilisation being the share of the
+step spent at whichever roof binds it (a GPU running its kernels as fast as they go draws about
+TDP; the fixed overhead and all-reduces draw about idle).
+
+A stretch of pure-decode steps (the same sequences, one more context token each per step) is
+priced in closed form: each roof is affine in the step number, so the step time is the max of two
+affine functions plus constants, and a sum of such terms over a range of steps is two arithmetic
+series split where the roofs cross (`CostModel.decode_stretch`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -47,6 +56,16 @@ LLAMA_3_8B = {
 """Llama-3.1-8B's shape (128k context, so long Mooncake prompts fit): the twin's default model."""
 
 
+LLAMA_3_70B = {
+    **LLAMA_3_8B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+}
+"""Llama-3.1/3.3-70B's shape (same vocabulary, context and 8 KV heads as the 8B)."""
+
+
 def default_model() -> ModelConfig:
     return ModelConfig.from_dict(LLAMA_3_8B)
 
@@ -60,6 +79,15 @@ class StepCost:
     @property
     def energy_j(self) -> float:
         return self.duration_s * self.power_w
+
+
+@dataclass(frozen=True, slots=True)
+class StretchCost:
+    """Consecutive steps priced together."""
+
+    num_steps: int
+    duration_s: float
+    energy_j: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,20 +110,40 @@ class CostModel:
     hardware: Hardware
     precision: str = "bf16"
     tp: int = 1
-    compute_efficiency: float = 0.6
-    """Fraction of peak FLOP/s real GEMMs and attention kernels reach."""
+    # Where the factors come from (`tokenfactory bench twin --calibration` prints the check): NVIDIA's
+    # published TensorRT-LLM throughput of one H200 (FP8, offline; twin_bench.ANCHORS). Each anchor
+    # is bound by mostly one roof, so each pins one factor; the decode-step test keeps the result
+    # between the bandwidth bound and twice it.
+    compute_efficiency: float = 0.45
+    """Fraction of peak dense FLOP/s a step's GEMMs and attention reach end to end. From the
+    prefill-bound anchor (Llama-3.1-8B, 2048 in / 128 out: 3,538 output tok/s is 27.6 prompts of
+    2048 tokens a second, about 0.9 PFLOP/s, 46% of the 1,979 TFLOP/s FP8 peak); 0.6 (a GEMM
+    benchmark's figure) put the twin 33% above it."""
     bandwidth_efficiency: float = 0.8
-    """Fraction of peak HBM bandwidth reached by streaming weights and KV."""
+    """Fraction of peak HBM bandwidth reached streaming the weights (large contiguous reads, as
+    memory-copy benchmarks reach 80-90% of peak). The anchor that weights dominate (Llama-3.3-70B,
+    1000 / 1000: 70 GB read per step) agrees within its KV-capacity limit."""
+    kv_bandwidth_efficiency: float = 0.55
+    """Fraction of peak HBM bandwidth reached by attention reading and writing the paged KV cache
+    (scattered blocks, FP8 dequantisation, uneven sequence lengths). From the decode-bound anchor
+    (Llama-3.1-8B, 1000 / 1000: 17,744 tok/s); at the weights' 0.8 the twin ran 42% above it."""
     step_overhead_s: float = 3e-4
-    """Per step: launches, sampling, the scheduler; mostly hidden by CUDA graphs, not entirely."""
+    """Per step: launches, sampling, the scheduler; mostly hidden by CUDA graphs, not entirely
+    (an estimate: the live engine's profile, `twin profile`, measures its own)."""
     activation_reserve: float = 0.1
-    """Fraction of each GPU's memory kept for activations, CUDA context and fragmentation."""
+    """Fraction of the memory left after the weights kept for activations, CUDA context and
+    fragmentation: the KV cache gets the rest, as TensorRT-LLM's kv_cache_free_gpu_mem_fraction
+    (default 0.9) gives it."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_BYTES:
             raise ValueError(f"precision must be one of {', '.join(PRECISION_BYTES)}, got {self.precision!r}")
         if self.tp < 1 or self.model.num_key_value_heads % self.tp and self.tp % self.model.num_key_value_heads:
             raise ValueError(f"tp={self.tp} does not divide the model's {self.model.num_key_value_heads} KV heads")
+        # Above 1 a step could beat its hardware's peak.
+        for name in ("compute_efficiency", "bandwidth_efficiency", "kv_bandwidth_efficiency"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
 
     # --- shape of the model (cached: fixed by the fields, read by every step) ---------------
 
@@ -128,9 +176,9 @@ class CostModel:
         return 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * PRECISION_BYTES[self.precision]
 
     def kv_capacity_tokens(self) -> int:
-        """Tokens of KV the group can hold: (HBM x TP - weights - reserve) / KV bytes per token."""
+        """Tokens of KV the group can hold: (HBM x TP - weights) x (1 - reserve) / KV bytes per token."""
         hbm = self.hardware.hbm_capacity * self.tp
-        free = hbm * (1 - self.activation_reserve) - self.weight_bytes
+        free = (hbm - self.weight_bytes) * (1 - self.activation_reserve)
         if free <= 0:
             raise ValueError(
                 f"{self.weight_bytes / 1e9:.1f} GB of weights do not fit {self.tp} x "
@@ -153,14 +201,51 @@ class CostModel:
             + attention_flops
         ) / tp
         kv_bytes = self.kv_bytes_per_token * (batch.kv_read_tokens + batch.num_tokens)
-        bytes_moved = (self.weight_bytes + kv_bytes) / tp
+        bandwidth = hw.hbm_bandwidth * tp
         compute_s = flops / hw.peak_flops(self.precision)
-        memory_s = bytes_moved / hw.hbm_bandwidth
-        roof_s = max(compute_s / self.compute_efficiency, memory_s / self.bandwidth_efficiency)
+        streaming_s = (self.weight_bytes / self.bandwidth_efficiency + kv_bytes / self.kv_bandwidth_efficiency) / bandwidth
+        roof_s = max(compute_s / self.compute_efficiency, streaming_s)
         duration = roof_s + self._allreduce_s(batch.num_tokens) + self.step_overhead_s
-        utilisation = min(1.0, max(compute_s, memory_s) / duration)
+        utilisation = min(1.0, roof_s / duration)
         power = tp * (hw.idle_w + (hw.tdp_w - hw.idle_w) * utilisation)
         return StepCost(duration, power)
+
+    def decode_stretch(self, first: BatchShape, max_steps: int, time_limit_s: float = math.inf) -> StretchCost:
+        """The pure-decode steps that follow `first` (a decode-only step: one token per sequence),
+        each sequence one token longer per step: as many as end strictly within `time_limit_s`,
+        at most `max_steps`. The same sums as pricing each step with `step`, in O(log steps)."""
+        m, hw, tp, n = self.model, self.hardware, self.tp, first.num_tokens
+        peak = hw.peak_flops(self.precision) * tp
+        attention = 4 * m.num_hidden_layers * m.num_attention_heads * m.head_dim
+        # Step k (k >= 1 after `first`): compute time c0 + c1 k at peak; bytes: the weights plus
+        # KV growing by n tokens a step (weights / bandwidth + kv0 + kv1 k at peak bandwidth).
+        c0 = (2 * self.layer_params * n + 2 * self.lm_head_params * first.num_sampled
+              + attention * first.attention_pairs) / peak
+        c1 = attention * n / peak
+        bandwidth = hw.hbm_bandwidth * tp
+        kv0, kv1 = self.kv_bytes_per_token * (first.kv_read_tokens + n) / bandwidth, self.kv_bytes_per_token * n / bandwidth
+        weights = self.weight_bytes / bandwidth
+        ce, be, ke = self.compute_efficiency, self.bandwidth_efficiency, self.kv_bandwidth_efficiency
+        fixed = self._allreduce_s(n) + self.step_overhead_s
+
+        def roof(steps: int) -> float:
+            return _sum_max_affine(c0 / ce, c1 / ce, weights / be + kv0 / ke, kv1 / ke, 1, steps)
+
+        def duration(steps: int) -> float:
+            return roof(steps) + fixed * steps
+
+        low, high = 0, max(0, max_steps)  # the most steps ending within the limit: binary search
+        if duration(high) >= time_limit_s:
+            while low < high:
+                middle = (low + high + 1) // 2
+                if duration(middle) < time_limit_s:
+                    low = middle
+                else:
+                    high = middle - 1
+        steps = high
+        total = duration(steps)
+        # energy = duration x power = tp x (idle x duration + (tdp - idle) x time at the roof)
+        return StretchCost(steps, total, tp * (hw.idle_w * total + (hw.tdp_w - hw.idle_w) * roof(steps)))
 
     def _allreduce_s(self, num_tokens: int) -> float:
         """Two ring all-reduces of the activations per layer (after attention and after MLP)."""
@@ -175,6 +260,23 @@ class CostModel:
         `decodes` as the context length of each decoding sequence. Every part samples."""
         chunks = [*prefills, *((1, context) for context in decodes)]
         return self.step(shape_of(chunks))
+
+
+def _sum_affine(c0: float, c1: float, first: int, last: int) -> float:
+    """sum of c0 + c1 k for k = first..last (0 for an empty range)."""
+    count = last - first + 1
+    return c0 * count + c1 * (first + last) * count / 2 if count > 0 else 0.0
+
+
+def _sum_max_affine(a0: float, a1: float, b0: float, b1: float, first: int, last: int) -> float:
+    """sum of max(a0 + a1 k, b0 + b1 k) for k = first..last: one series on each side of the crossing."""
+    if a1 == b1:
+        return _sum_affine(max(a0, b0), a1, first, last)
+    if a1 < b1:  # make `a` the one that wins for large k
+        a0, a1, b0, b1 = b0, b1, a0, a1
+    crossing = math.floor((b0 - a0) / (a1 - b1))  # b wins up to here, a after
+    split = min(max(crossing, first - 1), last)
+    return _sum_affine(b0, b1, first, split) + _sum_affine(a0, a1, split + 1, last)
 
 
 def shape_of(chunks: Iterable[tuple[int, int]]) -> BatchShape:

@@ -12,8 +12,13 @@ completions merged with the sorted arrival list:
 
 Routing runs the live pool's own policies (`control.router`) on a `WorkerState` per worker built
 from its scheduler. A `KVAwareRouter` also consults a `KVIndex` fed, after every step, with that
-worker's KV events (worker id = index), and each prompt is hashed once on arrival
-(`kv_cache.prompt_block_hashes`). The other policies read no index, so their runs skip both.
+worker's KV events (worker id = index). Each prompt is hashed once on arrival
+(`workloads.PromptHasher`: the KV cache's own block hashes, each distinct trace block hashed once),
+and the same hashes go to the router and to the worker's KV cache manager.
+
+Closed-loop workloads (`workloads.DynamicWorkload`) add arrivals as the run goes: when a request
+finishes the workload returns its follow-ups (a client's next request, a session's next turn),
+merged with the known arrivals through a heap.
 
 Output lengths follow the trace: every request samples with ignore_eos and max_tokens equal to
 its traced output length.
@@ -23,16 +28,24 @@ per running request), and such steps repeat with nothing new to decide until a r
 blocks run short or a request arrives (the router reads every worker's state then). So after a
 pure-decode step the worker runs the following ones at once through `Scheduler.decode_steps`
 (the scheduler's own bookkeeping, tokens, blocks and KV events), pricing each with the cost
-model as its context grows, and ending strictly before the next arrival; its step completion is
-the last skipped step's. Records, meters and events come out as if every step had been taken
-(`TwinConfig.fast_forward=False` takes them all, to check that).
+model (in closed form when it offers `decode_stretch`, as the roofline does) as its context
+grows, and ending strictly before the next arrival; its step completion is the last skipped
+step's. With a closed-loop workload the next arrival may be a follow-up of a request not finished
+yet: no request finishes before the earliest step completion in the heap, so a skip also ends
+before that plus the workload's least think time. Records, meters and events come out as if
+every step had been taken (`TwinConfig.fast_forward=False` takes them all, to check that).
+
+Power over time: every step's energy and busy time are spread over fixed intervals of simulated
+time (`TwinConfig.power_interval_s`); with the idle power of the time no step ran, that gives the
+fleet's average watts per interval (`SimulationResult.power_w`).
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tokenfactory.control.kv_index import KVIndex
@@ -42,9 +55,9 @@ from tokenfactory.engine.kv_cache import KVCacheManager, prompt_block_hashes
 from tokenfactory.engine.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from tokenfactory.engine.request import Request, SamplingParams
 from tokenfactory.engine.scheduler import Scheduler
-from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost
+from tokenfactory.twin.cost_model import BatchShape, CostModel
 from tokenfactory.twin.metrics import SLO, RequestRecord, Summary, summarize
-from tokenfactory.twin.workloads import TraceRequest, prompt_token_ids
+from tokenfactory.twin.workloads import DynamicWorkload, PromptHasher, TraceRequest, prompt_token_ids
 
 SAMPLED_TOKEN = 1
 """The token every simulated step samples (sampling ignores EOS, so lengths follow the trace)."""
@@ -109,14 +122,26 @@ class TwinConfig:
     slo: SLO = SLO()
     fast_forward: bool = True
     """Skip through pure-decode stretches (same results); False steps every decode one by one."""
+    power_interval_s: float = 60.0
+    """Simulated seconds per sample of the fleet's power (`SimulationResult.power_w`)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.power_interval_s <= 0:
+            raise ValueError(f"need num_workers >= 1 and power_interval_s > 0, got {self.num_workers}, "
+                             f"{self.power_interval_s}")
 
 
 @dataclass
 class SimulationResult:
     summary: Summary
     records: list[RequestRecord]
+    """One per request in arrival order (for a closed-loop workload, in the order they arrived)."""
     workers: list[SimWorker]
     """Their KV managers are left as the run ended (for leak checks)."""
+    power_w: list[float] = field(default_factory=list)
+    """The fleet's mean power (all GPUs, idle ones included, modeled) per `power_interval_s`,
+    from the first arrival to the last finish."""
+    power_interval_s: float = 60.0
 
 
 class Simulator:
@@ -135,6 +160,8 @@ class Simulator:
             for i in range(config.num_workers)
             for kv in [KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)]
         ]
+        self._hasher = (PromptHasher(config.block_size)
+                        if config.enable_prefix_caching or self.index is not None else None)
         self._steps: list[tuple[float, int, int]] = []
         """Heap of step completions: (time, sequence, worker index)."""
         self._seq = 0
@@ -143,56 +170,144 @@ class Simulator:
         self.now = 0.0
         self._next_arrival = math.inf
         """Skipped-ahead steps end before it: the router reads every worker's state then."""
+        self._workload: DynamicWorkload | None = None
+        self._follow_ups: list[tuple[float, int, TraceRequest]] = []
+        """Heap of a closed-loop workload's released requests: (arrival, sequence, request)."""
+        self._traces: dict[str, TraceRequest] = {}
+        """A closed-loop workload's requests under way, by id (told to it when they finish)."""
+        self._finished: list[str] = []
+        """Requests whose last token the step just ended produced."""
+        self._energy_bins: list[float] = []
+        self._busy_bins: list[float] = []
+        """Per power interval: the energy of the steps in it, and their busy seconds (all workers)."""
 
-    def run(self, workload: list[TraceRequest], on_progress: Callable[[float], None] | None = None) -> SimulationResult:
-        """Simulate until every request finished; `on_progress(now)` is called now and then."""
-        records = [RequestRecord(r.arrival_time, r.input_length) for r in workload]
+    def run(
+        self,
+        workload: Sequence[TraceRequest] | DynamicWorkload,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> SimulationResult:
+        """Simulate until every request finished; `on_progress(now)` is called now and then.
+        `workload`: requests sorted by arrival, or a closed-loop workload."""
+        if isinstance(workload, DynamicWorkload):
+            self._workload, arrivals = workload, workload.start()
+        else:
+            arrivals = workload
+        records = [RequestRecord(r.arrival_time, r.input_length) for r in arrivals]
         self._records = {str(i): rec for i, rec in enumerate(records)}
         position, num_events = 0, 0
-        while position < len(workload) or self._steps:
-            self._next_arrival = workload[position].arrival_time if position < len(workload) else math.inf
-            if position < len(workload) and (not self._steps or workload[position].arrival_time <= self._steps[0][0]):
-                self.now = workload[position].arrival_time
-                woken = set()
-                while position < len(workload) and workload[position].arrival_time == self.now:
-                    woken.add(self._arrive(str(position), workload[position]))
-                    position += 1
-                self._next_arrival = workload[position].arrival_time if position < len(workload) else math.inf
-                for index in sorted(w for w in woken if w is not None):
+        # The run makes no reference cycles (a test checks), so the cyclic collector would only
+        # rescan the ever-growing heap of caches and records: a quarter of the run's time.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            while position < len(arrivals) or self._steps or self._follow_ups:
+                next_known = arrivals[position].arrival_time if position < len(arrivals) else math.inf
+                next_follow_up = self._follow_ups[0][0] if self._follow_ups else math.inf
+                if min(next_known, next_follow_up) <= (self._steps[0][0] if self._steps else math.inf):
+                    self.now = min(next_known, next_follow_up)
+                    woken = set()
+                    while position < len(arrivals) and arrivals[position].arrival_time == self.now:
+                        woken.add(self._arrive_tracked(str(position), arrivals[position]))
+                        position += 1
+                    while self._follow_ups and self._follow_ups[0][0] == self.now:
+                        trace = heapq.heappop(self._follow_ups)[2]
+                        request_id = str(len(records))
+                        records.append(record := RequestRecord(trace.arrival_time, trace.input_length))
+                        self._records[request_id] = record
+                        woken.add(self._arrive_tracked(request_id, trace))
+                    self._next_arrival = self._arrival_bound(arrivals, position, several_start=True)
+                    for index in sorted(w for w in woken if w is not None):
+                        self._start_step(self.workers[index])
+                else:
+                    self.now, _, index = heapq.heappop(self._steps)
+                    self._end_step(self.workers[index])
+                    self._release_follow_ups()
+                    self._next_arrival = self._arrival_bound(arrivals, position)
                     self._start_step(self.workers[index])
-            else:
-                self.now, _, index = heapq.heappop(self._steps)
-                self._end_step(self.workers[index])
-                self._start_step(self.workers[index])
-            num_events += 1
-            if on_progress is not None and num_events % 2048 == 0:
-                on_progress(self.now)
+                num_events += 1
+                if on_progress is not None and num_events % 2048 == 0:
+                    on_progress(self.now)
+        finally:
+            if collecting:
+                gc.enable()
         if on_progress is not None:
             on_progress(self.now)
-        return SimulationResult(self._summarize(records), records, self.workers)
+        start = min((r.arrival for r in records), default=0.0)
+        return SimulationResult(
+            self._summarize(records), records, self.workers, self._power(start), self.config.power_interval_s
+        )
+
+    def _arrival_bound(self, arrivals: Sequence[TraceRequest], position: int, several_start: bool = False) -> float:
+        """The earliest time a request may arrive: skipped-ahead steps end before it."""
+        bound = arrivals[position].arrival_time if position < len(arrivals) else math.inf
+        if self._follow_ups:
+            bound = min(bound, self._follow_ups[0][0])
+        if self._workload is not None and self._traces:
+            # No request finishes before the earliest step completion in the heap, so no follow-up
+            # comes sooner. When several workers start at once, the later ones' first steps are
+            # not in the heap yet: then it could come at once (they are woken by arrivals, so their
+            # steps prefill and rarely skip anyway).
+            earliest = self.now if several_start or not self._steps else self._steps[0][0]
+            bound = min(bound, earliest + self._workload.min_think_s)
+        return bound
+
+    def _arrive_tracked(self, request_id: str, trace: TraceRequest) -> int | None:
+        """`_arrive`, remembering a closed-loop workload's request until it finishes."""
+        if self._workload is None:
+            return self._arrive(request_id, trace)
+        self._traces[request_id] = trace
+        index = self._arrive(request_id, trace)
+        if index is None:  # rejected: its client moves on
+            self._follow_up(self._traces.pop(request_id))
+        return index
+
+    def _release_follow_ups(self) -> None:
+        """Tell a closed-loop workload which requests the step just ended finished."""
+        finished, self._finished = self._finished, []
+        if self._workload is None:
+            return
+        for request_id in finished:
+            if self._records[request_id].finish >= 0 and request_id in self._traces:
+                self._follow_up(self._traces.pop(request_id))
+
+    def _follow_up(self, trace: TraceRequest) -> None:
+        assert self._workload is not None
+        for follow_up in self._workload.on_finish(trace, self.now):
+            if follow_up.arrival_time < self.now + self._workload.min_think_s:
+                raise ValueError(f"a follow-up arrives at {follow_up.arrival_time}, before {self.now} + the "
+                                 f"workload's min_think_s")
+            self._seq += 1
+            heapq.heappush(self._follow_ups, (follow_up.arrival_time, self._seq, follow_up))
 
     def _arrive(self, request_id: str, trace: TraceRequest) -> int | None:
         """Hand the request to the router's worker; returns that worker's index."""
+        tokens = prompt_token_ids(trace)
         request = Request(
             request_id,
-            prompt_token_ids(trace),
+            tokens,
             SamplingParams(max_tokens=trace.output_length, ignore_eos=True),
             arrival_time=trace.arrival_time,
         )
-        worker = self.workers[self._route(request)]
+        hashes = self._hasher(trace, tokens) if self._hasher is not None else None
+        worker = self.workers[self._route(request, hashes, trace.session_id)]
         try:
             worker.scheduler.add_request(request)
         except ValueError:  # longer than the context window or the whole KV cache
             self.num_rejected += 1
             del self._records[request_id]
             return None
+        if hashes is not None and self.config.enable_prefix_caching:
+            worker.kv.set_prompt_hashes(request, hashes)
         worker.track_prefill(request)
         return worker.index
 
-    def _route(self, request: Request) -> int:
-        block_size = self.config.block_size
-        hashes = prompt_block_hashes(request.prompt_token_ids, block_size) if self.index is not None else ()
-        route = RouteRequest(hashes, request.num_prompt_tokens, now=self.now)
+    def _route(self, request: Request, hashes: Sequence[int] | None = None, session_id: str | None = None) -> int:
+        """The router's worker for `request`; `hashes`: its prompt's block hashes, if known."""
+        if self.index is None:
+            hashes = ()
+        elif hashes is None:
+            hashes = prompt_block_hashes(request.prompt_token_ids, self.config.block_size)
+        route = RouteRequest(hashes, request.num_prompt_tokens, session_id, now=self.now)
         return self.router.route(route, [w.state() for w in self.workers], self.index)
 
     def _start_step(self, worker: SimWorker) -> None:
@@ -210,23 +325,48 @@ class Simulator:
             num_sampled += start + n == chunk.request.num_tokens
         shape = BatchShape(num_tokens, pairs, kv_read, num_sampled)
         worker.busy, worker.in_flight = True, scheduled
-        end = self._charge(worker, self.now, [self.cost.step(shape)], num_tokens)
+        cost = self.cost.step(shape)
+        end = self._charge(worker, self.now, cost.duration_s, cost.energy_j, 1, num_tokens)
         if self.config.fast_forward and self._is_pure_decode(worker, scheduled, shape):
             end = self._skip_ahead(worker, shape, end)
         self._seq += 1
         heapq.heappush(self._steps, (end, self._seq, worker.index))
 
-    @staticmethod
-    def _charge(worker: SimWorker, start: float, costs: list[StepCost], tokens_per_step: int) -> float:
-        """Count consecutive steps on the worker's meters; returns when the last one ends."""
-        end = start
-        for cost in costs:  # one by one, so sums round as they would step by step
-            end += cost.duration_s
-            worker.busy_s += cost.duration_s
-            worker.energy_j += cost.energy_j
-        worker.num_steps += len(costs)
-        worker.num_tokens_computed += len(costs) * tokens_per_step
-        return end
+    def _charge(
+        self, worker: SimWorker, start: float, duration_s: float, energy_j: float, num_steps: int, tokens_per_step: int
+    ) -> float:
+        """Count `num_steps` consecutive steps, together `duration_s` long from `start`, on the
+        worker's and the fleet's meters; returns when the last one ends."""
+        worker.busy_s += duration_s
+        worker.energy_j += energy_j
+        worker.num_steps += num_steps
+        worker.num_tokens_computed += num_steps * tokens_per_step
+        self._meter_power(start, duration_s, energy_j)
+        return start + duration_s
+
+    def _meter_power(self, start: float, duration_s: float, energy_j: float) -> None:
+        """Spread a span of steps over the power intervals it overlaps, pro rata."""
+        interval = self.config.power_interval_s
+        first, last = int(start // interval), int((start + duration_s) // interval)
+        if last >= len(self._energy_bins):
+            grow = last + 1 - len(self._energy_bins)
+            self._energy_bins.extend([0.0] * grow)
+            self._busy_bins.extend([0.0] * grow)
+        if first == last or duration_s <= 0:
+            self._energy_bins[first] += energy_j
+            self._busy_bins[first] += duration_s
+            return
+        power = energy_j / duration_s
+        for i in range(first, last + 1):
+            overlap = min(start + duration_s, (i + 1) * interval) - max(start, i * interval)
+            self._energy_bins[i] += power * overlap
+            self._busy_bins[i] += overlap
+
+    def _power(self, start: float) -> list[float]:
+        """Fleet watts per interval from `start` to the last finish, idle GPUs included."""
+        end = max((r.finish for r in self._records.values()), default=start)
+        return _fleet_power(self._energy_bins, self._busy_bins, len(self.workers), self.cost, start, end,
+                            self.config.power_interval_s)
 
     def _is_pure_decode(self, worker: SimWorker, scheduled: SchedulerOutput, shape: BatchShape) -> bool:
         """One sampled token per running request, nobody waiting or preempted: the next steps
@@ -247,24 +387,38 @@ class Simulator:
         assert scheduled is not None
         # Steps after this one before its first request finishes (the scheduler has the last word).
         horizon = min(c.request.sampling.max_tokens - c.request.num_output_tokens for c in scheduled.chunks) - 1
-        costs: list[StepCost] = []
-        t, n = end, shape.num_tokens
-        while len(costs) < horizon:
-            shape = BatchShape(n, shape.attention_pairs + n, shape.kv_read_tokens + n, n)
-            cost = self.cost.step(shape)
-            if t + cost.duration_s >= self._next_arrival:
-                break  # an arrival sees the state between steps: take those one by one
-            t += cost.duration_s
-            costs.append(cost)
-        if not costs:
+        steps, duration, energy = self._price_stretch(shape, horizon, self._next_arrival - end)
+        if not steps:
             return end
         outputs = self._complete(worker)
         if any(o.finished for o in outputs):  # the context window ended one early
             worker.skipped_outputs = outputs
             return end
-        done, skipped = worker.scheduler.decode_steps(len(costs), SAMPLED_TOKEN)
+        done, skipped = worker.scheduler.decode_steps(steps, SAMPLED_TOKEN)
         worker.skipped_outputs = outputs + skipped
-        return self._charge(worker, end, costs[:done], n)
+        if not done:
+            return end
+        if done < steps:  # blocks ran short: the next step preempts, one by one
+            _, duration, energy = self._price_stretch(shape, done)
+        return self._charge(worker, end, duration, energy, done, shape.num_tokens)
+
+    def _price_stretch(self, first: BatchShape, max_steps: int, time_limit_s: float = math.inf) -> tuple[int, float, float]:
+        """(steps, seconds, joules) of the pure-decode steps after `first`, at most `max_steps`,
+        ending strictly within `time_limit_s`: in closed form where the cost model offers it
+        (`CostModel.decode_stretch`), else step by step."""
+        stretch = getattr(self.cost, "decode_stretch", None)
+        if stretch is not None:
+            priced = stretch(first, max_steps, time_limit_s)
+            return priced.num_steps, priced.duration_s, priced.energy_j
+        n, shape = first.num_tokens, first
+        steps, duration, energy = 0, 0.0, 0.0
+        while steps < max_steps:
+            shape = BatchShape(n, shape.attention_pairs + n, shape.kv_read_tokens + n, n)
+            cost = self.cost.step(shape)
+            if duration + cost.duration_s >= time_limit_s:
+                break
+            steps, duration, energy = steps + 1, duration + cost.duration_s, energy + cost.energy_j
+        return steps, duration, energy
 
     def _complete(self, worker: SimWorker) -> list[EngineCoreOutput]:
         """Update the scheduler with the step in flight (its KV events are drained at its end)."""
@@ -298,22 +452,133 @@ class Simulator:
             if output.finish_reason is not None:
                 record.finish = now
                 record.num_cached_tokens = output.num_cached_tokens
+                self._finished.append(output.request_id)
         events = worker.kv.take_events()  # drained even unread: the list would grow all run
         if self.index is not None:
             self.index.apply(worker.index, events)
 
     def _summarize(self, records: list[RequestRecord]) -> Summary:
-        cost = self.cost
-        kept = [r for r in self._records.values()]
-        makespan = max((r.finish for r in kept), default=0.0)
-        idle_w = cost.hardware.idle_w * cost.tp
-        energy = sum(w.energy_j + max(0.0, makespan - w.busy_s) * idle_w for w in self.workers)
-        return summarize(
-            kept,
-            num_rejected=self.num_rejected,
-            num_gpus=self.config.num_workers * cost.tp,
-            energy_j=energy,
-            price_per_gpu_hour=cost.hardware.price_per_hour,
-            num_preemptions=sum(w.scheduler.num_preemptions for w in self.workers),
-            slo=self.config.slo,
-        )
+        return _fleet_summary(self.config, list(self._records.values()), _meters(self.workers), self.num_rejected)
+
+
+def _meters(workers: list[SimWorker]) -> list[tuple[float, float, int]]:
+    """(step energy, busy seconds, preemptions) of each worker: all a fleet summary needs of it."""
+    return [(w.energy_j, w.busy_s, w.scheduler.num_preemptions) for w in workers]
+
+
+def _fleet_summary(
+    config: TwinConfig, kept: list[RequestRecord], meters: list[tuple[float, float, int]], num_rejected: int
+) -> Summary:
+    """The summary of `kept` (the requests not rejected); energy adds idle power to the end."""
+    cost = config.cost
+    makespan = max((r.finish for r in kept), default=0.0)
+    idle_w = cost.hardware.idle_w * cost.tp
+    energy = sum(step_j + max(0.0, makespan - busy_s) * idle_w for step_j, busy_s, _ in meters)
+    return summarize(
+        kept,
+        num_rejected=num_rejected,
+        num_gpus=len(meters) * cost.tp,
+        energy_j=energy,
+        price_per_gpu_hour=cost.hardware.price_per_hour,
+        num_preemptions=sum(preemptions for _, _, preemptions in meters),
+        slo=config.slo,
+    )
+
+
+def _fleet_power(
+    energy_bins: list[float], busy_bins: list[float], num_workers: int, cost: CostModel,
+    start: float, end: float, interval: float,
+) -> list[float]:
+    """Mean watts per interval of `num_workers` workers: their steps' energy plus idle power
+    for the time they ran none."""
+    idle_w = cost.hardware.idle_w * cost.tp
+    samples = []
+    for i in range(int(start // interval), int(end // interval) + 1):
+        length = min(end, (i + 1) * interval) - max(start, i * interval)
+        if length <= 0:
+            continue
+        energy, busy = (energy_bins[i], busy_bins[i]) if i < len(energy_bins) else (0.0, 0.0)
+        samples.append((energy + max(0.0, num_workers * length - busy) * idle_w) / length)
+    return samples
+
+
+@dataclass
+class _PodRun:
+    """What one pod's run hands back to the fleet (small enough to cross processes)."""
+
+    records: list[RequestRecord]
+    kept: list[RequestRecord]
+    meters: list[tuple[float, float, int]]
+    num_rejected: int
+    energy_bins: list[float]
+    busy_bins: list[float]
+    workers: list[SimWorker]
+    """Left empty when the pod ran in another process."""
+
+
+_POD_JOB: tuple | None = None
+"""(config, router factory, workload, num_pods) of the pods run in forked processes."""
+
+
+def _run_pod(pod: int, keep_workers: bool = False) -> tuple[int, _PodRun]:
+    assert _POD_JOB is not None
+    config, router, workload, num_pods = _POD_JOB
+    simulator = Simulator(config, router())
+    result = simulator.run(workload[pod::num_pods])
+    return pod, _PodRun(result.records, list(simulator._records.values()), _meters(simulator.workers),
+                        simulator.num_rejected, simulator._energy_bins, simulator._busy_bins,
+                        simulator.workers if keep_workers else [])
+
+
+def simulate_pods(
+    config: TwinConfig,
+    router: Callable[[], Router],
+    workload: Sequence[TraceRequest],
+    num_pods: int,
+    on_pod_done: Callable[[int], None] | None = None,
+    jobs: int = 1,
+) -> SimulationResult:
+    """A fleet of `num_pods` pods of `config.num_workers` workers each, behind a front load
+    balancer that deals the arrivals to the pods in turn (request i to pod i mod num_pods). Each
+    pod is a `Simulator` with its own router (`router()` makes one) and index, as a datacenter's
+    clusters each have their own; pods share nothing, so they run apart (`jobs` processes at once,
+    forked) and the results merge into one fleet's (records back in arrival order; the result's
+    `workers` only when jobs is 1)."""
+    global _POD_JOB
+    if num_pods < 1 or jobs < 1:
+        raise ValueError(f"need num_pods >= 1 and jobs >= 1, got {num_pods}, {jobs}")
+    _POD_JOB = (config, router, workload, num_pods)
+    runs: list[_PodRun | None] = [None] * num_pods
+    try:
+        if jobs == 1:
+            outcomes = (_run_pod(pod, keep_workers=True) for pod in range(num_pods))
+            for pod, run in outcomes:
+                runs[pod] = run
+                if on_pod_done is not None:
+                    on_pod_done(pod)
+        else:
+            import multiprocessing
+
+            with multiprocessing.get_context("fork").Pool(min(jobs, num_pods)) as pool:
+                for done, (pod, run) in enumerate(pool.imap_unordered(_run_pod, range(num_pods))):
+                    runs[pod] = run
+                    if on_pod_done is not None:
+                        on_pod_done(done)
+    finally:
+        _POD_JOB = None
+    pods = [run for run in runs if run is not None]
+    records = [pods[i % num_pods].records[i // num_pods] for i in range(len(workload))]
+    kept = [r for run in pods for r in run.kept]
+    meters = [m for run in pods for m in run.meters]
+    summary = _fleet_summary(config, kept, meters, sum(run.num_rejected for run in pods))
+    size = max(len(run.energy_bins) for run in pods)
+    energy_bins, busy_bins = [0.0] * size, [0.0] * size
+    for run in pods:
+        for i, (energy, busy) in enumerate(zip(run.energy_bins, run.busy_bins)):
+            energy_bins[i] += energy
+            busy_bins[i] += busy
+    start = min((r.arrival for r in records), default=0.0)
+    end = max((r.finish for r in kept), default=start)
+    power = _fleet_power(energy_bins, busy_bins, len(meters), config.cost, start, end, config.power_interval_s)
+    return SimulationResult(summary, records, [w for run in pods for w in run.workers], power,
+                            config.power_interval_s)

@@ -1,8 +1,12 @@
-"""Workloads for the twin: trace replays (Mooncake, Azure) and synthetic Poisson arrivals.
+"""Workloads for the twin: trace replays (Mooncake, Azure), synthetic open-loop arrivals
+(Poisson, gamma for burstiness, a diurnal day), closed-loop clients and agentic sessions.
 
-A workload is a list of `TraceRequest`s sorted by arrival, in simulated seconds. Prompts are
-synthesised from them only when a request arrives (`prompt_token_ids`), so a 12k-request trace
-with 145M prompt tokens never sits in memory at once.
+An open-loop workload is a list of `TraceRequest`s sorted by arrival, in simulated seconds. A
+closed-loop one (`ClosedLoop`, `AgenticSessions`) is a `DynamicWorkload`: it starts some requests
+and, told when one finishes, returns the requests that follow it (a client's next request after its
+think time, a session's next turn once all its sub-agents are done). Prompts are synthesised only
+when a request arrives (`prompt_token_ids`), so a 12k-request trace with 145M prompt tokens never
+sits in memory at once.
 
 Token synthesis keeps prefix reuse physical: a Mooncake hash_id names one 512-token block; its
 tokens are two ids encoding the hash_id followed by a shared filler, so equal hash_ids give
@@ -13,13 +17,19 @@ synthetic) start with two ids unique to the request, so nothing is shared.
 
 from __future__ import annotations
 
+import array
 import csv
 import json
 import math
 import random
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
+
+from tokenfactory.engine.kv_cache import ROOT_HASH, prompt_block_hashes
 
 MOONCAKE_BLOCK_TOKENS = 512
 """Tokens per Mooncake hash_id."""
@@ -44,6 +54,8 @@ class TraceRequest:
     """One id per 512-token prompt block (Mooncake); empty means a unique prompt."""
     uid: int = 0
     """Distinguishes unique prompts."""
+    session_id: str | None = None
+    """The conversation, client or agent it belongs to (reaches the router as RouteRequest.session_id)."""
 
 
 def _leading_ids(value: int) -> list[int]:
@@ -68,6 +80,34 @@ def prompt_token_ids(request: TraceRequest) -> list[int]:
     last_length = request.input_length - MOONCAKE_BLOCK_TOKENS * (len(request.hash_ids) - 1)
     tokens.extend(block_tokens(request.hash_ids[-1], last_length))
     return tokens
+
+
+class PromptHasher:
+    """`prompt_block_hashes(prompt_token_ids(request), block_size)`, hashing each distinct
+    512-token hash_id block once: a block's chained hashes follow from its parent's hash and its
+    hash_id alone, and a trace repeats blocks (the Mooncake conversation trace: 288,500 block
+    references, 182,790 distinct). Prompts without hash_ids are hashed from their tokens."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._blocks: dict[tuple[int, int], array.array] = {}
+        """(parent hash, hash_id) -> the block's chained hashes (machine words: a third of a list's memory)."""
+
+    def __call__(self, request: TraceRequest, tokens: list[int] | None = None) -> list[int]:
+        bs = self.block_size
+        if not request.hash_ids or MOONCAKE_BLOCK_TOKENS % bs:
+            return prompt_block_hashes(tokens if tokens is not None else prompt_token_ids(request), bs)
+        hashes: list[int] = []
+        parent = ROOT_HASH
+        for hash_id in request.hash_ids:
+            block = self._blocks.get((parent, hash_id))
+            if block is None:
+                block = array.array("Q", prompt_block_hashes(block_tokens(hash_id), bs, parent))
+                self._blocks[parent, hash_id] = block
+            hashes.extend(block)
+            parent = block[-1]
+        del hashes[request.input_length // bs :]  # the last hash_id block may be partial
+        return hashes
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,11 +213,44 @@ class LengthDistribution:
     sigma: float = 0.0
     maximum: int = 1 << 20
 
+    def __post_init__(self) -> None:
+        if self.mean < 1 or self.sigma < 0:
+            raise ValueError(f"a length needs mean >= 1 and sigma >= 0, got {self.mean}, {self.sigma}")
+
     def sample(self, rng: random.Random) -> int:
         if self.sigma == 0:
             return self.mean
         mu = math.log(self.mean) - self.sigma**2 / 2  # so that E[length] = mean
         return max(1, min(self.maximum, round(rng.lognormvariate(mu, self.sigma))))
+
+    def sample_many(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        """`count` lengths at once (numpy: a million in milliseconds)."""
+        if self.sigma == 0:
+            return np.full(count, self.mean, dtype=np.int64)
+        mu = math.log(self.mean) - self.sigma**2 / 2
+        return np.clip(np.rint(rng.lognormal(mu, self.sigma, count)), 1, self.maximum).astype(np.int64)
+
+
+def synthetic_workload(
+    rate: float,
+    num_requests: int,
+    input_length: LengthDistribution,
+    output_length: LengthDistribution,
+    burstiness: float = 1.0,
+    seed: int = 0,
+) -> list[TraceRequest]:
+    """`num_requests` unique prompts at `rate` requests/s on average. Gaps between arrivals are
+    gamma distributed with coefficient of variation `burstiness`: 1 is a Poisson process, above 1
+    bursts and lulls (shape 1/burstiness^2), below 1 more regular than Poisson."""
+    if rate <= 0 or burstiness <= 0:
+        raise ValueError(f"rate and burstiness must be positive, got {rate}, {burstiness}")
+    rng = random.Random(seed)
+    shape = 1 / burstiness**2
+    now, requests = 0.0, []
+    for uid in range(num_requests):
+        requests.append(TraceRequest(now, input_length.sample(rng), output_length.sample(rng), uid=uid))
+        now += rng.expovariate(rate) if burstiness == 1 else rng.gammavariate(shape, 1 / (rate * shape))
+    return requests
 
 
 def poisson_workload(
@@ -188,9 +261,216 @@ def poisson_workload(
     seed: int = 0,
 ) -> list[TraceRequest]:
     """`num_requests` unique prompts arriving as a Poisson process of `rate` requests/s."""
-    rng = random.Random(seed)
-    now, requests = 0.0, []
-    for uid in range(num_requests):
-        requests.append(TraceRequest(now, input_length.sample(rng), output_length.sample(rng), uid=uid))
-        now += rng.expovariate(rate)
-    return requests
+    return synthetic_workload(rate, num_requests, input_length, output_length, 1.0, seed)
+
+
+def diurnal_workload(
+    num_requests: int,
+    input_length: LengthDistribution,
+    output_length: LengthDistribution,
+    duration_s: float = 86400.0,
+    peak_to_trough: float = 3.0,
+    seed: int = 0,
+) -> list[TraceRequest]:
+    """A day of traffic: a Poisson process whose rate follows one cosine cycle over `duration_s`,
+    lowest at the start (midnight) and `peak_to_trough` times higher halfway (noon).
+
+    Given the count, the arrival times are independent draws from rate(t) / total, sorted, and
+    drawn by inverting the cumulative rate on a grid: a million requests in about a second."""
+    if num_requests < 1 or duration_s <= 0 or peak_to_trough < 1:
+        raise ValueError("need num_requests >= 1, duration_s > 0 and peak_to_trough >= 1")
+    depth = (peak_to_trough - 1) / (peak_to_trough + 1)  # rate ~ 1 - depth cos(2 pi t / duration)
+    grid = np.linspace(0.0, duration_s, 1 << 16)
+    cumulative = grid - depth * duration_s / (2 * math.pi) * np.sin(2 * math.pi * grid / duration_s)
+    rng = np.random.default_rng(seed)
+    arrivals = np.interp(np.sort(rng.uniform(0.0, duration_s, num_requests)), cumulative, grid)
+    inputs = input_length.sample_many(rng, num_requests)
+    outputs = output_length.sample_many(rng, num_requests)
+    return [
+        TraceRequest(t, i, o, uid=uid)
+        for uid, (t, i, o) in enumerate(zip(arrivals.tolist(), inputs.tolist(), outputs.tolist()))
+    ]
+
+
+class DynamicWorkload(ABC):
+    """Arrivals that depend on the run: some requests come only after others finish."""
+
+    min_think_s: float = 0.0
+    """No follow-up arrives sooner than this after the finish that released it (the simulator
+    skips ahead through decode steps no further than the earliest possible follow-up)."""
+
+    @abstractmethod
+    def start(self) -> list[TraceRequest]:
+        """The requests known from the outset, sorted by arrival."""
+
+    @abstractmethod
+    def on_finish(self, request: TraceRequest, now: float) -> list[TraceRequest]:
+        """`request` finished (or was rejected) at `now`: the requests it releases, arriving at
+        `now + min_think_s` or later."""
+
+
+class ClosedLoop(DynamicWorkload):
+    """`concurrency` clients, each sending its next request `think_s` after its previous one
+    finished, `num_requests` in all: the load of a benchmark client such as AIPerf or an MLPerf
+    offline run (fixed lengths: sigma 0). Prompts are unique."""
+
+    def __init__(
+        self,
+        concurrency: int,
+        num_requests: int,
+        input_length: LengthDistribution,
+        output_length: LengthDistribution,
+        think_s: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if concurrency < 1 or num_requests < 1 or think_s < 0:
+            raise ValueError("need concurrency >= 1, num_requests >= 1 and think_s >= 0")
+        self.concurrency, self.num_requests = concurrency, num_requests
+        self.input_length, self.output_length = input_length, output_length
+        self.min_think_s = think_s
+        self._rng = random.Random(seed)
+        self._sent = 0
+
+    def _next(self, client: int, now: float) -> list[TraceRequest]:
+        if self._sent >= self.num_requests:
+            return []
+        self._sent += 1
+        length, output = self.input_length.sample(self._rng), self.output_length.sample(self._rng)
+        return [TraceRequest(now, length, output, uid=self._sent - 1, session_id=f"client-{client}")]
+
+    def start(self) -> list[TraceRequest]:
+        return [r for client in range(self.concurrency) for r in self._next(client, 0.0)]
+
+    def on_finish(self, request: TraceRequest, now: float) -> list[TraceRequest]:
+        assert request.session_id is not None
+        return self._next(int(request.session_id.removeprefix("client-")), now + self.min_think_s)
+
+
+@dataclass(slots=True)
+class _Session:
+    """One agent's conversation: its context as 512-token blocks, and what is left to do."""
+
+    context: list[int]
+    """hash_ids of the context's blocks (the last one possibly partial)."""
+    length: int
+    """Context tokens so far."""
+    turns_left: int
+    parent: str | None = None
+    waiting_for: int = 0
+    """Sub-agents still running (the session resumes when this reaches 0)."""
+    results: int = 0
+    """Tokens the finished sub-agents return into this context."""
+    fanouts: int = 0
+    """Fan-outs so far (each names its sub-agents apart: "task-3.0-1" is fan-out 0's second)."""
+
+
+@dataclass
+class AgenticSessions(DynamicWorkload):
+    """Agent tasks: each a session of turns over one growing context (the previous prompt, the
+    model's answer and the new tool output or message), so every turn re-reads the last one's
+    prefix; after a turn a task may fan out sub-agents, which start from its context (rounded up
+    to a whole 512-token block) plus their own instruction, run their own turns, and return a
+    result into the task's context; the task's next turn waits for all of them. Tasks arrive as a Poisson process;
+    every turn follows a think time (tool calls, the user). All tasks share a system prompt.
+
+    Prefix reuse is physical: contexts are hash_id blocks like the Mooncake trace's, and a turn's
+    prompt extends the previous turn's (the model's answer counts as context tokens; the KV
+    cache reuses the previous prompt, not the simulated answer tokens)."""
+
+    num_tasks: int
+    task_rate: float
+    """Tasks per second."""
+    turns: LengthDistribution = field(default_factory=lambda: LengthDistribution(6, 0.5, maximum=50))
+    system_prompt_tokens: int = 2048
+    first_prompt: LengthDistribution = field(default_factory=lambda: LengthDistribution(1500, 0.8))
+    tool_output: LengthDistribution = field(default_factory=lambda: LengthDistribution(600, 1.0))
+    """New tokens entering the context before each later turn (tool results, user messages)."""
+    output: LengthDistribution = field(default_factory=lambda: LengthDistribution(250, 0.8))
+    fanout_probability: float = 0.2
+    """Chance that a turn fans out sub-agents."""
+    fanout: LengthDistribution = field(default_factory=lambda: LengthDistribution(3, 0.5, maximum=16))
+    sub_turns: LengthDistribution = field(default_factory=lambda: LengthDistribution(2, 0.5, maximum=20))
+    think_s: float = 2.0
+    """Mean think time between turns (exponential)."""
+    max_context: int = 120_000
+    """A session ends early rather than outgrow the model's context window."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_tasks < 1 or self.task_rate <= 0 or self.think_s < 0:
+            raise ValueError("need num_tasks >= 1, task_rate > 0 and think_s >= 0")
+        if not 0 <= self.fanout_probability <= 1:
+            raise ValueError(f"fanout_probability must be in [0, 1], got {self.fanout_probability}")
+        self._rng = random.Random(self.seed)
+        self._sessions: dict[str, _Session] = {}
+        self._uids = iter(range(1 << 62))
+        self._block_ids = iter(range(1 << 24, 1 << 62))  # past the shared system-prompt blocks
+
+    def _grow(self, session: _Session, tokens: int) -> None:
+        session.length += tokens
+        while len(session.context) * MOONCAKE_BLOCK_TOKENS < session.length:
+            session.context.append(next(self._block_ids))
+
+    def _turn(self, session_id: str, now: float) -> TraceRequest:
+        session = self._sessions[session_id]
+        session.turns_left -= 1
+        blocks = tuple(session.context[: -(-session.length // MOONCAKE_BLOCK_TOKENS)])
+        output = self.output.sample(self._rng)
+        return TraceRequest(now, session.length, output, blocks, next(self._uids), session_id)
+
+    def _new_session(self, session_id: str, parent: str | None, turns: int) -> None:
+        if parent is None:  # a task: the shared system prompt, then its own first message
+            blocks = -(-self.system_prompt_tokens // MOONCAKE_BLOCK_TOKENS)
+            session = _Session(list(range(blocks)), self.system_prompt_tokens, turns)
+            self._grow(session, self.first_prompt.sample(self._rng))
+        else:  # a sub-agent: the parent's context (to a whole block), then its own instruction
+            context = self._sessions[parent]
+            blocks = -(-context.length // MOONCAKE_BLOCK_TOKENS)
+            session = _Session(context.context[:blocks], blocks * MOONCAKE_BLOCK_TOKENS, turns, parent)
+            self._grow(session, self.tool_output.sample(self._rng))
+        self._sessions[session_id] = session
+
+    def start(self) -> list[TraceRequest]:
+        now, requests = 0.0, []
+        for task in range(self.num_tasks):
+            session_id = f"task-{task}"
+            self._new_session(session_id, None, max(1, self.turns.sample(self._rng)))
+            requests.append(self._turn(session_id, now))
+            now += self._rng.expovariate(self.task_rate)
+        return requests
+
+    def _think(self) -> float:
+        return self._rng.expovariate(1 / self.think_s) if self.think_s else 0.0
+
+    def on_finish(self, request: TraceRequest, now: float) -> list[TraceRequest]:
+        session_id = request.session_id
+        assert session_id is not None
+        session = self._sessions[session_id]
+        self._grow(session, request.output_length)
+        # Only tasks fan out (sub-agents of sub-agents would grow without bound).
+        if session.parent is None and session.turns_left > 0 and self._rng.random() < self.fanout_probability:
+            children = max(1, self.fanout.sample(self._rng))
+            session.waiting_for = children
+            session.fanouts += 1
+            released = []
+            for i in range(children):
+                child = f"{session_id}.{session.fanouts - 1}-{i}"
+                self._new_session(child, session_id, max(1, self.sub_turns.sample(self._rng)))
+                released.append(self._turn(child, now + self._think()))
+            return released
+        return self._after_turn(session_id, now)
+
+    def _after_turn(self, session_id: str, now: float) -> list[TraceRequest]:
+        """The session's next turn, or its end (which may resume its parent)."""
+        session = self._sessions[session_id]
+        if session.turns_left > 0 and session.length < self.max_context:
+            self._grow(session, session.results + self.tool_output.sample(self._rng))
+            session.results = 0
+            return [self._turn(session_id, now + self._think())]
+        del self._sessions[session_id]
+        if session.parent is None:
+            return []
+        parent = self._sessions[session.parent]
+        parent.results += min(session.length, self.output.sample(self._rng))  # the sub-agent's report
+        parent.waiting_for -= 1
+        return self._after_turn(session.parent, now) if parent.waiting_for == 0 else []

@@ -1,0 +1,140 @@
+"""`bench fidelity`: the workload, the live replay, and the whole comparison on tiny sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenfactory.bench.fidelity_bench import (
+    Comparison,
+    at_utilisation,
+    ReplayClock,
+    fidelity_workload,
+    live_prompt,
+    replay_live,
+    run_fidelity,
+)
+from tokenfactory.cli import main as cli_main
+from tokenfactory.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenfactory.engine.engine import EngineCore
+from tokenfactory.twin.profile import Profile, StepTimeFit, build_runner
+from tokenfactory.twin.workloads import LengthDistribution, TraceRequest, prompt_token_ids
+
+PROMPTS = LengthDistribution(48, 0.8, maximum=160)
+OUTPUTS = LengthDistribution(8, 0.5, maximum=24)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_the_workload_mixes_unique_and_shared_prompts():
+    workload = fidelity_workload(400, 5.0, PROMPTS, OUTPUTS, shared_fraction=0.5, num_groups=2, seed=1)
+    assert workload == fidelity_workload(400, 5.0, PROMPTS, OUTPUTS, shared_fraction=0.5, num_groups=2, seed=1)
+    arrivals = [r.arrival_time for r in workload]
+    assert arrivals == sorted(arrivals) and arrivals[0] == 0.0
+    assert 1 / 5.0 * 0.85 < arrivals[-1] / (len(arrivals) - 1) < 1 / 5.0 * 1.15
+    shared = [r for r in workload if r.hash_ids]
+    assert 0.4 < len(shared) / len(workload) < 0.6
+    assert {r.hash_ids for r in shared} == {(400,), (401,)}
+    assert all(1 <= r.input_length <= 160 and 1 <= r.output_length <= 24 for r in workload)
+    with pytest.raises(ValueError):
+        fidelity_workload(10, 0.0, PROMPTS, OUTPUTS)
+
+
+def test_live_prompts_share_exactly_what_the_twins_share():
+    workload = fidelity_workload(30, 5.0, PROMPTS, OUTPUTS, seed=2)
+    for a in workload:
+        for b in workload:
+            if a is not b:
+                twin = common_prefix(prompt_token_ids(a), prompt_token_ids(b))
+                live = common_prefix(live_prompt(a, 4096), live_prompt(b, 4096))
+                assert live == twin
+    assert all(max(live_prompt(r, 4096)) < 4096 for r in workload)
+    with pytest.raises(ValueError, match="below the vocabulary"):
+        live_prompt(TraceRequest(0.0, 10, 2, uid=5000), 4096)
+
+
+def test_the_cpu_replay_clock_jumps_over_idle_time():
+    clock = ReplayClock("cpu")
+    clock.wait_until(3.0)
+    assert 3.0 <= clock.now() < 3.5
+    with pytest.raises(KeyError):
+        ReplayClock("sundial")
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_model_dir) -> EngineConfig:
+    return EngineConfig.from_pretrained(tiny_model_dir, cache=CacheConfig(num_blocks=256),
+                                        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8))
+
+
+def test_the_live_replay_waits_for_arrivals_and_records_every_token(tiny_config):
+    runner = build_runner(tiny_config, threads=1)
+    workload = [TraceRequest(0.0, 20, 3, uid=0), TraceRequest(0.5, 30, 4, uid=1)]
+    run = replay_live(EngineCore(tiny_config, runner), runner, workload, clock="wall")
+    first, second = run.records
+    assert 0.0 < first.first_token <= first.finish < 0.5  # served while the second is not there yet
+    assert second.first_token > 0.5 and len(run.wake_late_s) == 1
+    assert [r.num_output_tokens for r in run.records] == [3, 4]
+    assert len(run.shapes) == len(run.step_s) == 2 + 2 + 3  # two prefills, then one decode per token
+    assert run.shapes[0].num_tokens == 20 and run.shapes[-1].num_tokens == 1
+
+
+def test_fidelity_with_a_given_profile_compares_both_sides(tiny_config, tiny_model_dir):
+    per_token = 2 * 4 * 4 * 32 * 4
+    profile = Profile(
+        points=[], fit=StepTimeFit((0.004, 1e-4, 2e-7, 1e-6, 0.0)),
+        model=json.loads((tiny_model_dir / "config.json").read_text()),
+        engine={"dtype": "float32", "clock": "cpu", "kv_cache_bytes": 256 * 16 * per_token},
+    )
+    workload = fidelity_workload(12, 40.0, PROMPTS, OUTPUTS, seed=3)
+    result = run_fidelity(tiny_config, workload, grid=None, profile=profile, clock="cpu")
+    assert result.live.num_finished == result.twin.num_finished == 12
+    assert result.live.output_tokens == result.twin.output_tokens == sum(r.output_length for r in workload)
+    assert [c.name.split(" (")[0] for c in result.comparisons] == [
+        "throughput", "TTFT p50", "TTFT p90", "inter-token latency p50", "inter-token latency p90"]
+    assert all(r.first_token >= r.arrival for r in result.run.records)
+    assert result.slowdown_by_second(min_steps=1) and all(x > 0 for x in result.slowdown_by_second(min_steps=1))
+    with pytest.raises(ValueError, match="clock"):
+        run_fidelity(tiny_config, workload, grid=None, profile=profile, clock="wall")
+
+
+def test_a_comparison_passes_within_ten_percent():
+    assert Comparison("x", 100.0, 109.0).passed and not Comparison("x", 100.0, 89.0).passed
+    assert Comparison("x", 100.0, 89.0).error == pytest.approx(-0.11)
+
+
+def test_bench_fidelity_runs_end_to_end(tiny_model_dir, capsys):
+    args = ["bench", "fidelity", "--model", str(tiny_model_dir), "--quick", "--requests", "10",
+            "--input-mean", "32", "--output-mean", "6", "--num-blocks", "256", "--clock", "cpu"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    for text in ("TTFT p90", "inter-token latency p50", "twin busy", "fitted model prices them", "fidelity goal"):
+        assert text in out
+    assert "PASS" in out or "MISS" in out
+
+
+def test_bench_fidelity_refuses_a_bad_profile(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "profile.json"
+    bad.write_text(json.dumps({"format": "something else"}))
+    assert cli_main(["bench", "fidelity", "--model", str(tiny_model_dir), "--profile", str(bad)]) == 2
+    assert "cannot use the profile" in capsys.readouterr().out
+
+
+def test_arrivals_are_spread_to_the_asked_utilisation():
+    workload = fidelity_workload(50, 1.0, PROMPTS, OUTPUTS, seed=4)
+    work = 20.0  # seconds of engine time the workload needs, whatever its arrival times
+
+    def busy(w: list[TraceRequest]) -> float:
+        return min(1.0, work / (w[-1].arrival_time + 1.0))
+
+    spread = at_utilisation(workload, 0.5, busy)
+    assert busy(spread) == pytest.approx(0.5, rel=0.03)
+    assert [r.input_length for r in spread] == [r.input_length for r in workload]
+    with pytest.raises(ValueError, match="utilisation"):
+        at_utilisation(workload, 1.5, busy)

@@ -1,0 +1,160 @@
+"""`twin profile`: the step-time fit, a real profile of the tiny engine, and the twin running on it."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from tokenfactory.cli import main as cli_main
+from tokenfactory.control.router import RoundRobinRouter
+from tokenfactory.engine.config import CacheConfig, EngineConfig, ModelConfig
+from tokenfactory.twin.cost_model import BatchShape, shape_of
+from tokenfactory.twin.hardware import HARDWARE
+from tokenfactory.twin.profile import (
+    FEATURES,
+    Profile,
+    ProfiledCostModel,
+    ProfileGrid,
+    StepTimeFit,
+    features,
+    fit_step_time,
+    profile_engine,
+)
+from tokenfactory.twin.simulator import Simulator, TwinConfig
+from tokenfactory.twin.workloads import TraceRequest
+
+TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4)
+"""Seconds per step, token, attention pair, KV token read and sampled row."""
+
+
+def grid_shapes() -> list[BatchShape]:
+    prefills = [shape_of([(n, s)]) for n in (16, 64, 256, 512) for s in (0, 512)]
+    decodes = [shape_of([(1, c)] * b) for b in (1, 4, 16, 48) for c in (64, 512)]
+    mixed = [shape_of([(1, 256)] * b + [(n, 0)]) for b, n in ((4, 64), (16, 256))]
+    return prefills + decodes + mixed
+
+
+def exact(shape: BatchShape, coefficients=TRUE) -> float:
+    return sum(c * x for c, x in zip(coefficients, features(shape)))
+
+
+def test_the_fit_recovers_known_coefficients_from_exact_timings():
+    fit = fit_step_time([(s, exact(s)) for s in grid_shapes()])
+    assert fit.coefficients == pytest.approx(TRUE, rel=1e-6)
+    assert fit.rms_relative_error < 1e-9
+
+
+def test_the_fit_stays_close_under_noise():
+    rng = random.Random(0)
+    shapes = grid_shapes()
+    fit = fit_step_time([(s, exact(s) * rng.uniform(0.97, 1.03)) for s in shapes])
+    for shape in shapes:
+        assert fit.predict(shape) == pytest.approx(exact(shape), rel=0.05)
+    assert 0.005 < fit.rms_relative_error < 0.03
+
+
+def test_the_fit_never_returns_a_negative_coefficient():
+    # Timings that fall with attention pairs: plain least squares would give that a negative cost.
+    shapes = grid_shapes()
+    samples = [(s, max(1e-3, exact(s, (0.01, 3e-4, 0, 0, 0)) - 1e-8 * s.attention_pairs)) for s in shapes]
+    fit = fit_step_time(samples)
+    assert all(c >= 0 for c in fit.coefficients)
+    assert fit.coefficients[FEATURES.index("attention_pair")] == 0
+
+
+def test_the_fit_refuses_too_few_or_non_positive_samples():
+    shape = shape_of([(1, 10)])
+    with pytest.raises(ValueError, match="at least 5 samples"):
+        fit_step_time([(shape, 0.01)] * 4)
+    with pytest.raises(ValueError, match="positive"):
+        fit_step_time([(shape, 0.01)] * 4 + [(shape, 0.0)])
+
+
+SMALL_GRID = ProfileGrid(prefill_lengths=(4, 16), prefill_contexts=(0, 16), decode_batches=(1, 3),
+                         decode_contexts=(8, 24), mixed=((2, 8),), warmup=0, repeats=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_model_dir) -> Profile:
+    config = EngineConfig.from_pretrained(tiny_model_dir, cache=CacheConfig(num_blocks=64))
+    return profile_engine(config, SMALL_GRID, threads=1)
+
+
+def test_a_profile_steps_the_engine_through_the_grid_shapes(tiny_profile):
+    shapes = {(p.kind, p.shape) for p in tiny_profile.points}
+    assert len(tiny_profile.points) == SMALL_GRID.num_points
+    assert ("prefill", shape_of([(16, 16)])) in shapes  # 16 new tokens after 16 cached ones
+    assert ("prefill", shape_of([(4, 0)])) in shapes
+    decode_rows = sorted(p.shape.num_tokens for p in tiny_profile.points if p.kind == "decode")
+    assert decode_rows == [1, 1, 3, 3]
+    for point in tiny_profile.points:
+        if point.kind == "decode":  # one token per row, every row samples
+            assert point.shape.num_sampled == point.shape.num_tokens
+    # Three rows decoding at contexts spread evenly up to 8 (their prompts fit one setup step).
+    assert ("decode", shape_of([(1, 3), (1, 5), (1, 8)])) in shapes
+    (mixed,) = [p for p in tiny_profile.points if p.kind == "mixed"]
+    assert (mixed.shape.num_tokens, mixed.shape.num_sampled) == (2 + 8, 3)
+    assert all(p.seconds > 0 and len(p.samples) == 2 for p in tiny_profile.points)
+
+
+def test_a_profile_file_round_trips(tiny_profile, tmp_path):
+    path = tmp_path / "profile.json"
+    tiny_profile.save(path)
+    data = json.loads(path.read_text())
+    assert data["format"] == "tokenfactory-step-profile" and data["fit"]["features"] == list(FEATURES)
+    assert data["engine"]["num_blocks"] == 64 and data["engine"]["threads"] == 1
+    loaded = Profile.load(path)
+    assert loaded.points == tiny_profile.points and loaded.fit == tiny_profile.fit
+    assert loaded.model_config().hidden_size == 256
+    path.write_text(json.dumps({**data, "version": 99}))
+    with pytest.raises(ValueError, match="version 1"):
+        Profile.load(path)
+
+
+def test_twin_profile_command_writes_a_profile(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert cli_main(["twin", "profile", "--model", str(tiny_model_dir), "--quick", "--num-blocks", "64",
+                     "--out", str(out)]) == 0
+    assert "profile written to" in capsys.readouterr().out
+    profile = Profile.load(out)
+    assert len(profile.points) == 11 and all(c >= 0 for c in profile.fit.coefficients)
+
+
+def tiny_model() -> ModelConfig:
+    return ModelConfig("LlamaForCausalLM", 4096, 256, 768, 4, 8, 4, 32, 4096)
+
+
+def cost_model(coefficients=TRUE) -> ProfiledCostModel:
+    per_token = 2 * 4 * 4 * 32 * 4  # float32 K and V over 4 layers of 4 KV heads of 32
+    return ProfiledCostModel(tiny_model(), StepTimeFit(coefficients), 64 * 16 * per_token, per_token)
+
+
+def test_the_profiled_cost_model_prices_steps_by_the_fit():
+    cost = cost_model()
+    shape = shape_of([(1, 100)] * 8 + [(64, 0)])
+    step = cost.step(shape)
+    assert step.duration_s == pytest.approx(exact(shape))
+    cpu = HARDWARE["cpu"]
+    assert cpu.idle_w <= step.power_w <= cpu.tdp_w
+    assert cost.kv_num_blocks(16) == 64 and cost.kv_num_blocks(32) == 32
+    with pytest.raises(ValueError, match="non-negative"):
+        cost_model((1.0, -1.0, 0, 0, 0))
+
+
+def test_the_twin_runs_on_the_profiled_model():
+    cost = cost_model()
+    config = TwinConfig(cost=cost, num_workers=1, num_blocks=64, fast_forward=False)
+    # One request alone: its first token comes after one prefill step, then a decode per token.
+    result = Simulator(config, RoundRobinRouter()).run([TraceRequest(0.0, 40, 5)])
+    (record,) = result.records
+    prefill = exact(shape_of([(40, 0)]))
+    decodes = sum(exact(shape_of([(1, 40 + i)])) for i in range(4))
+    assert record.first_token == pytest.approx(prefill)
+    assert record.finish == pytest.approx(prefill + decodes)
+    # A batch that has to queue: everything finishes, and later arrivals wait behind earlier ones.
+    workload = [TraceRequest(0.001 * i, 30 + 7 * i, 6, uid=i) for i in range(12)]
+    summary = Simulator(TwinConfig(cost=cost, num_workers=1, num_blocks=64), RoundRobinRouter()).run(workload).summary
+    assert summary.num_finished == 12 and summary.output_tokens == 72
+    assert summary.ttft.p90 > summary.ttft.p50 > prefill

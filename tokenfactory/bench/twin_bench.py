@@ -1,0 +1,203 @@
+"""`tokenfactory bench twin`: how fast the digital twin runs, and how close it comes to real GPUs.
+
+- (default) speed: the whole Mooncake conversation trace (12,031 requests, about an hour) on 16
+  simulated H200s serving Llama-3.1-8B behind the KV-aware router. Prints wall and CPU seconds,
+  simulated seconds per wall second, and PASS when the wall time is under 30 s. `--limit N`
+  replays the first N requests only (PASS is then judged on the wall time scaled to the whole
+  trace by simulated time).
+- `--day`: a synthetic day of 1,000,000 requests (diurnal Poisson, 3x from trough to peak) on
+  1,024 simulated H200s: 64 pods of 16 behind a round-robin front balancer, the KV-aware router
+  inside each pod, `--jobs` pods at once (one process each; default 2, the machine's cores).
+  PASS under 10 minutes. `--limit N` runs N requests on a fleet scaled down to the same load per
+  GPU.
+- `--calibration`: the twin's offline throughput (every request queued at once, fixed lengths,
+  as `trtllm-bench throughput` runs) beside NVIDIA's published TensorRT-LLM measurements, and
+  the roofline's decode step time over its HBM-bandwidth bound across batch sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from tokenfactory.control.router import make_router
+from tokenfactory.engine.config import ModelConfig, SchedulerConfig
+from tokenfactory.twin.cost_model import LLAMA_3_8B, LLAMA_3_70B, CostModel, default_model
+from tokenfactory.twin.hardware import get_hardware
+from tokenfactory.twin.simulator import Simulator, TwinConfig, simulate_pods
+from tokenfactory.twin.workloads import (
+    MOONCAKE_TRACE,
+    LengthDistribution,
+    TraceRequest,
+    diurnal_workload,
+    load_mooncake,
+)
+
+TRACE_GOAL_S = 30.0
+DAY_GOAL_S = 600.0
+DAY_REQUESTS = 1_000_000
+DAY_PODS, POD_WORKERS = 64, 16
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """One published measurement of a real GPU, and the setup the twin reproduces."""
+
+    name: str
+    model: dict
+    input_len: int
+    output_len: int
+    num_requests: int
+    published_tokens_per_s: float
+    source: str
+
+
+# NVIDIA TensorRT-LLM documentation, "Performance Overview" (perf-overview.md, the v1.0 tables):
+# `trtllm-bench throughput`, PyTorch backend, ModelOpt FP8 checkpoints, every request queued at
+# once, "Total Output Throughput (tokens/sec)", one H200 SXM 141GB (TP1). The request counts
+# are the ones that page lists per sequence-length pair.
+TRTLLM = "NVIDIA TensorRT-LLM perf overview, H200 SXM TP1 FP8"
+ANCHORS = [
+    Anchor("Llama-3.1-8B 1000/1000", LLAMA_3_8B, 1000, 1000, 3000, 17_744, TRTLLM),
+    Anchor("Llama-3.1-8B 2048/128", LLAMA_3_8B, 2048, 128, 3000, 3_538, TRTLLM),
+    Anchor("Llama-3.3-70B 1000/1000", LLAMA_3_70B, 1000, 1000, 3000, 2_909, TRTLLM),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--day", action="store_true", help="a million-request day on 1,024 simulated GPUs")
+    mode.add_argument("--calibration", action="store_true", help="the twin beside published real-GPU figures")
+    parser.add_argument("--limit", type=int, default=None, help="a quick run: N requests (see the module doc)")
+    parser.add_argument("--trace", default=str(MOONCAKE_TRACE), help="the Mooncake trace (speed mode)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="--day: pods simulated at once, one process each (default: 2 cores)")
+
+
+def main(args: argparse.Namespace) -> int:
+    console = Console()
+    if args.limit is not None and args.limit < 1:
+        console.print("[red]--limit must be at least 1[/red]")
+        return 2
+    if args.calibration:
+        return calibration(console)
+    if args.day:
+        if args.jobs < 1:
+            console.print("[red]--jobs must be at least 1[/red]")
+            return 2
+        return day(console, args.limit or DAY_REQUESTS, args.jobs)
+    return trace_speed(console, args.trace, args.limit)
+
+
+def _verdict(wall_s: float, goal_s: float) -> str:
+    return f"PASS (< {goal_s:.0f} s)" if wall_s < goal_s else f"MISS (>= {goal_s:.0f} s)"
+
+
+def trace_speed(console: Console, path: str, limit: int | None) -> int:
+    try:
+        workload = load_mooncake(path, limit=limit)
+    except FileNotFoundError:
+        console.print(f"[red]trace not found: {path}[/red] (pass --trace FILE)")
+        return 2
+    config = TwinConfig(CostModel(default_model(), get_hardware("h200")), num_workers=16)
+    simulator = Simulator(config, make_router("kv"))
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = simulator.run(workload)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    simulated = result.summary.duration_s
+    console.print(
+        f"Mooncake trace: {len(workload)} requests, 16 x H200, kv router: {simulated:.0f} simulated s in "
+        f"{wall:.1f} wall s ({cpu:.1f} CPU s): {simulated / wall:.0f} simulated s per wall s "
+        f"({simulated / cpu:.0f} per CPU s); prefix hit rate {result.summary.prefix_hit_rate:.1%}"
+    )
+    whole = wall
+    if limit is not None and limit < _trace_length(path):
+        last = workload[-1].arrival_time
+        whole = wall * _trace_span(path) / max(last, 1e-9)
+        console.print(f"scaled to the whole trace by simulated time: about {whole:.0f} wall s")
+    console.print(_verdict(whole, TRACE_GOAL_S))
+    return 0
+
+
+def _trace_length(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+def _trace_span(path: str) -> float:
+    whole = load_mooncake(path)
+    return whole[-1].arrival_time
+
+
+def day(console: Console, num_requests: int, jobs: int = 1) -> int:
+    pods = max(1, round(DAY_PODS * num_requests / DAY_REQUESTS))
+    gpus = pods * POD_WORKERS
+    started = time.perf_counter()
+    workload = diurnal_workload(
+        num_requests, LengthDistribution(1024, 1.0, maximum=32_000), LengthDistribution(256, 1.0, maximum=4096)
+    )
+    generated = time.perf_counter() - started
+    console.print(f"generated {num_requests:,} requests over a day in {generated:.1f} s; "
+                  f"simulating {gpus:,} H200s ({pods} pods of {POD_WORKERS}, kv router in each, "
+                  f"{min(jobs, pods)} at once)")
+    config = TwinConfig(CostModel(default_model(), get_hardware("h200")), num_workers=POD_WORKERS,
+                        power_interval_s=600.0)
+    step = max(1, pods // 8)
+    result = simulate_pods(
+        config, lambda: make_router("kv"), workload, pods,
+        lambda done: console.print(f"  {done + 1}/{pods} pods done at {time.perf_counter() - started:.0f} s")
+        if (done + 1) % step == 0 else None,
+        jobs,
+    )
+    wall = time.perf_counter() - started
+    s = result.summary
+    console.print(
+        f"day: {s.num_finished:,} of {num_requests:,} requests finished ({s.num_rejected} rejected), "
+        f"{s.output_tokens:,} output tokens, TTFT p50/p99 {s.ttft.p50 * 1e3:.0f}/{s.ttft.p99 * 1e3:.0f} ms, "
+        f"fleet power {min(result.power_w) / 1e3:.0f}-{max(result.power_w) / 1e3:.0f} kW (10-min means)"
+    )
+    console.print(
+        f"{s.duration_s:,.0f} simulated s in {wall:.0f} wall s: {s.duration_s / wall:.0f} simulated s per wall s"
+    )
+    console.print(_verdict(wall, DAY_GOAL_S) if num_requests == DAY_REQUESTS else "(a scaled-down run: no verdict)")
+    return 0
+
+
+def offline_throughput(model: CostModel, anchor: Anchor) -> float:
+    """Output tokens/s of one worker given every request at once (fixed lengths)."""
+    config = TwinConfig(
+        model, num_workers=1,
+        scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=1024),
+    )
+    workload = [TraceRequest(0.0, anchor.input_len, anchor.output_len, uid=i) for i in range(anchor.num_requests)]
+    return Simulator(config).run(workload).summary.output_tokens_per_s
+
+
+def calibration(console: Console) -> int:
+    table = Table(title="twin (roofline) vs published real-GPU throughput, offline, output tokens/s")
+    for column in ("setup", "published", "twin", "twin / published", "source"):
+        table.add_column(column, justify="left" if column in ("setup", "source") else "right")
+    h200 = get_hardware("h200")
+    for anchor in ANCHORS:
+        model = CostModel(ModelConfig.from_dict(anchor.model), h200, "fp8")
+        twin = offline_throughput(model, anchor)
+        table.add_row(f"{anchor.name} ({anchor.num_requests} req.)", f"{anchor.published_tokens_per_s:,.0f}",
+                      f"{twin:,.0f}", f"{twin / anchor.published_tokens_per_s:.2f}", anchor.source)
+    console.print(table)
+    bound = Table(title="Llama-3-8B bf16 on H200, decode step (context 2048) over the HBM-bandwidth bound (goal 1x-2x)")
+    for column in ("batch", "step (ms)", "bound (ms)", "ratio"):
+        bound.add_column(column, justify="right")
+    model = CostModel(default_model(), h200)
+    for batch in (1, 8, 32, 64, 128, 256, 512):
+        context = 2048
+        step = model.batch_cost(decodes=[context] * batch).duration_s
+        bytes_moved = model.weight_bytes + model.kv_bytes_per_token * batch * (context + 2)
+        floor = bytes_moved / h200.hbm_bandwidth
+        bound.add_row(str(batch), f"{step * 1e3:.2f}", f"{floor * 1e3:.2f}", f"{step / floor:.2f}")
+    console.print(bound)
+    return 0

@@ -1,0 +1,480 @@
+"""Admission at the gateway: who gets in under load and under the power budget.
+
+- `TierTraffic` is the gateway's own view of each tier: sequences queued (sent to an engine, no
+  token yet) and running, their prompt tokens, tokens generated, and a minute of recent TTFTs and
+  ended requests (for the dashboard's live figures).
+- `shed_decision` (pure) says whether a request of a tier is shed: by power when the governor
+  stopped admitting the tier, by load when a sheddable tier would queue behind too many
+  sequences. A tier is never shed while a lower-priority tier has requests in flight, so a
+  `priority` request is never refused while a `flex` one runs. Shed requests get 503 with
+  Retry-After in the OpenAI error format, and a ledger row with outcome `shed`.
+- `LiveGovernor` runs the pure `control.governor` policy in the gateway every `interval_s`: it
+  reads each worker's power (NVML where present, else the modeled power of the worker's hardware
+  at the utilisation its token rate implies, labelled `modeled`), the tiers' load, the config's
+  scheduled grid events and those the admin API added, and applies the levers: each engine's
+  token budget per step and the tiers admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Gauge
+from pydantic import BaseModel, ConfigDict, Field
+
+from tokenfactory.control.governor import (
+    GovernorConfig,
+    GovernorDecision,
+    GovernorState,
+    GridEvent,
+    PowerSpec,
+    TierLoad,
+    WorkerLimits,
+    WorkerPower,
+    add_event,
+    decide,
+    scheduled_state,
+)
+from tokenfactory.control.tiers import FactoryConfig
+from tokenfactory.gateway.auth import AdminAuth
+from tokenfactory.gateway.errors import APIError, bad_request
+from tokenfactory.meter.ledger import LedgerEntry
+from tokenfactory.meter.power import ModeledPowerSensor, PowerSensor, sensor_for
+from tokenfactory.runtime.client import AsyncEngineClient, Worker
+from tokenfactory.runtime.pool import WorkerPool
+from tokenfactory.runtime.wire import EngineLoad
+from tokenfactory.twin.hardware import Hardware, get_hardware
+
+logger = logging.getLogger(__name__)
+
+WINDOW_S = 60.0
+"""The live figures (TTFT, joules and dollars per token) cover the last minute."""
+
+
+# ---------------------------------------------------------------- the tiers' traffic
+
+
+@dataclass(slots=True)
+class TierCounts:
+    queued: int = 0
+    """Sequences sent to an engine that have no token yet."""
+    running: int = 0
+    """Sequences streaming tokens."""
+    queued_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    """Completion tokens streamed since start."""
+
+    @property
+    def in_flight(self) -> int:
+        return self.queued + self.running
+
+
+@dataclass(slots=True)
+class Flight:
+    """One request between its submission to the engine and its ledger entry."""
+
+    tier: str
+    num_seqs: int
+    prompt_tokens: int
+    submitted: float
+    started: bool = False
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    at: float
+    tier: str
+    tokens: int
+    """Prompt plus completion tokens billed."""
+    computed_tokens: int
+    """Uncached prompt plus completion tokens: what the energy computed."""
+    energy_j: float | None
+    cost_usd: float
+    outcome: str
+
+
+class TierTraffic:
+    """Per tier: what is in flight now, and what happened in the last minute (clock injected)."""
+
+    def __init__(self, tiers: FactoryConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.tiers = tiers
+        self.clock = clock
+        self.counts = {name: TierCounts() for name in tiers.tiers}
+        self._ttfts: deque[tuple[float, str, float]] = deque()  # (at, tier, seconds)
+        self._ended: deque[Ended] = deque()
+
+    def submitted(self, tier: str, num_seqs: int, prompt_tokens: int) -> Flight:
+        c = self.counts[tier]
+        c.queued += num_seqs
+        c.queued_prompt_tokens += prompt_tokens
+        return Flight(tier, num_seqs, prompt_tokens, self.clock())
+
+    def first_token(self, flight: Flight) -> None:
+        if flight.started or flight.done:
+            return
+        flight.started = True
+        c = self.counts[flight.tier]
+        c.queued -= flight.num_seqs
+        c.queued_prompt_tokens -= flight.prompt_tokens
+        c.running += flight.num_seqs
+        now = self.clock()
+        self._ttfts.append((now, flight.tier, now - flight.submitted))
+
+    def generated(self, tier: str, num_tokens: int) -> None:
+        self.counts[tier].generated_tokens += num_tokens
+
+    def ended(self, flight: Flight | None, entry: LedgerEntry) -> None:
+        """A request's ledger entry was written: it leaves the flight counts (if it was in flight)."""
+        if flight is not None and not flight.done:
+            flight.done = True
+            c = self.counts[flight.tier]
+            if flight.started:
+                c.running -= flight.num_seqs
+            else:
+                c.queued -= flight.num_seqs
+                c.queued_prompt_tokens -= flight.prompt_tokens
+        computed = entry.prompt_tokens - entry.cached_tokens + entry.completion_tokens
+        self._ended.append(Ended(self.clock(), entry.tier, entry.prompt_tokens + entry.completion_tokens,
+                                 computed, entry.energy_j, entry.cost_usd, entry.outcome))
+
+    def loads(self) -> list[TierLoad]:
+        """Each tier's demand on the engines, tokens per step: a token per running sequence plus
+        the prompts waiting for their prefill."""
+        return [TierLoad(name, spec.priority, self.counts[name].running + self.counts[name].queued_prompt_tokens)
+                for name, spec in self.tiers.tiers.items()]
+
+    def recent(self) -> tuple[list[tuple[str, float]], list[Ended]]:
+        """The last minute's TTFTs (tier, seconds) and ended requests."""
+        horizon = self.clock() - WINDOW_S
+        while self._ttfts and self._ttfts[0][0] < horizon:
+            self._ttfts.popleft()
+        while self._ended and self._ended[0].at < horizon:
+            self._ended.popleft()
+        return [(tier, s) for _, tier, s in self._ttfts], list(self._ended)
+
+    def start_rate(self) -> float:
+        """Sequences that got their first token per second, over the last minute."""
+        ttfts, _ = self.recent()
+        return len(ttfts) / WINDOW_S
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+# ---------------------------------------------------------------- shedding
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    max_queued: int = 64
+    """A sheddable tier's request is shed when this many sequences of its priority or higher
+    already wait for their first token."""
+    power_retry_after_s: float = 5.0
+    """Retry-After of a request shed by the power budget (the governor decides every second or so;
+    a grid cut lasts longer)."""
+
+    def __post_init__(self) -> None:
+        if self.max_queued < 1 or self.power_retry_after_s <= 0:
+            raise ValueError("max_queued must be >= 1 and power_retry_after_s > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Shed:
+    reason: str
+    """`power` or `load`."""
+    retry_after_s: float
+    message: str
+
+    def error(self) -> APIError:
+        """503 with Retry-After (whole seconds), as OpenAI answers when it is overloaded."""
+        code = "power_budget_exceeded" if self.reason == "power" else "server_overloaded"
+        return APIError(503, self.message, type="service_unavailable_error", code=code,
+                        headers={"Retry-After": str(max(1, math.ceil(self.retry_after_s)))})
+
+
+def shed_decision(tier: str, tiers: FactoryConfig, counts: Mapping[str, TierCounts], power_shed: frozenset[str],
+                  config: AdmissionConfig, start_rate: float = 0.0) -> Shed | None:
+    """Whether a new request of `tier` is shed now, and why. `power_shed`: the tiers the governor
+    stopped admitting; `start_rate`: sequences started per second lately (for Retry-After)."""
+    priority = tiers.tiers[tier].priority
+    if any(counts[name].in_flight for name, spec in tiers.tiers.items() if spec.priority < priority):
+        return None  # the lower tiers give way first
+    if tier in power_shed:
+        return Shed("power", config.power_retry_after_s,
+                    f"The factory is under a power cut and not admitting service_tier `{tier}` now; "
+                    f"retry later or use a higher tier.")
+    ahead = sum(counts[name].queued for name, spec in tiers.tiers.items() if spec.priority >= priority)
+    if tiers.tiers[tier].sheddable and ahead >= config.max_queued:
+        wait = ahead / start_rate if start_rate > 0 else 1.0
+        return Shed("load", min(60.0, max(1.0, wait)),
+                    f"The server is overloaded: {ahead} requests are queued ahead of service_tier `{tier}`; "
+                    f"retry later.")
+    return None
+
+
+# ---------------------------------------------------------------- the live governor
+
+
+@dataclass(frozen=True, slots=True)
+class EventView:
+    """A grid event as the admin API and the dashboard show it."""
+
+    event: GridEvent
+    source: str
+    """`config` (scheduled) or `admin` (added at runtime)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One governor round, for the dashboard's charts."""
+
+    at: float
+    budget_w: float
+    power_w: float
+    tokens_per_s: dict[str, float]
+
+
+def engines_of(worker: Worker) -> list[Worker]:
+    return list(worker.workers) if isinstance(worker, WorkerPool) else [worker]
+
+
+def default_hardware(device: str, name: str | None) -> Hardware:
+    """The power model of a worker on `device` (the same defaults as `meter.power.sensor_for`)."""
+    return get_hardware(name or ("h100" if device.startswith("cuda") else "cpu"))
+
+
+@dataclass(slots=True)
+class _EngineWatch:
+    """The last load seen of one engine, to turn its counters into rates."""
+
+    at: float
+    load: EngineLoad
+
+
+@dataclass(slots=True)
+class LiveGovernor:
+    """The power governor in the gateway: reads power and load, decides, applies the levers."""
+
+    spec: PowerSpec
+    worker: Worker
+    traffic: TierTraffic
+    device: str
+    max_tokens_per_step: int
+    clock: Callable[[], float] = time.time
+    """Wall time: grid events are scheduled in it."""
+    admin_events: tuple[GridEvent, ...] = ()
+    decision: GovernorDecision | None = None
+    power_w: float = 0.0
+    power_source: str = "modeled"
+    cap_w: float | None = None
+    """The static cap of the last round."""
+    history: deque[Sample] = field(default_factory=lambda: deque(maxlen=600))
+    hardware: Hardware = field(init=False)
+    _sensor: PowerSensor | None = field(init=False, default=None)
+    _watch: dict[int, _EngineWatch] = field(init=False, default_factory=dict)
+    _generated: deque[tuple[float, dict[str, int]]] = field(init=False, default_factory=lambda: deque(maxlen=6))
+
+    def __post_init__(self) -> None:
+        self.hardware = default_hardware(self.device, self.spec.hardware)
+        sensor = sensor_for(self.device, self.spec.hardware)
+        self._sensor = sensor if sensor.source == "measured" else None
+
+    @property
+    def shed_tiers(self) -> frozenset[str]:
+        return frozenset(self.decision.shed_tiers) if self.decision is not None else frozenset()
+
+    def applied_budget(self, limit: WorkerLimits) -> int:
+        """The tokens per step a worker gets: the decision's, floored (near zero starves everyone)."""
+        return max(self.spec.min_tokens_per_step, limit.token_budget)
+
+    def add_event(self, event: GridEvent) -> GridEvent:
+        """A grid event from the admin API, stamped as announced now."""
+        state = add_event(GovernorState(events=self.admin_events), event, self.clock())
+        self.admin_events = state.events
+        return state.events[-1]
+
+    def events(self) -> list[EventView]:
+        """Scheduled events near now and admin events, by start time."""
+        now = self.clock()
+        views = [EventView(e, "config") for s in self.spec.grid_events for e in s.events_near(now)]
+        views += [EventView(e, "admin") for e in self.admin_events]
+        return sorted(views, key=lambda v: v.event.start_s)
+
+    def tick(self) -> GovernorDecision:
+        """One round: read, decide, apply. Dead workers get no share."""
+        now = self.clock()
+        self.admin_events = tuple(e for e in self.admin_events if now < e.start_s + e.duration_s + e.ramp_s)
+        engines = engines_of(self.worker)
+        alive = [i for i, e in enumerate(engines) if e.is_alive]
+        hw = self.hardware
+        powers = [WorkerPower(i, hw.idle_w, hw.tdp_w, self.max_tokens_per_step) for i in alive]
+        cap = self.spec.static_cap_w if self.spec.static_cap_w is not None else self.hardware.tdp_w * len(engines)
+        config = GovernorConfig(static_cap_w=cap)
+        state = scheduled_state(self.spec, self.admin_events, now)
+        decision = decide(config, state, powers, self.traffic.loads(), now)
+        for limit in decision.workers:
+            engine = engines[limit.worker_id]
+            if isinstance(engine, AsyncEngineClient):
+                engine.set_token_budget(self.applied_budget(limit))
+        if self._sensor is not None:  # the engines share one device: read it once
+            self.power_w, self.power_source = self._sensor.read().watts, "measured"
+        else:
+            self.power_w = sum(self.modeled_power(i, engines[i].load, now) for i in alive)
+        self.cap_w = config.static_cap_w
+        self.history.append(Sample(now, decision.budget_w, self.power_w, self._token_rates(now)))
+        self.decision = decision
+        return decision
+
+    def modeled_power(self, index: int, load: EngineLoad, now: float) -> float:
+        """The hardware's modeled power at the utilisation the engine's last interval implies: the
+        share of time it stepped x its tokens per step / the maximum."""
+        last = self._watch.get(index)
+        self._watch[index] = _EngineWatch(now, load)
+        utilisation = 0.0
+        if last is not None and now > last.at and load.num_steps > last.load.num_steps:
+            busy = min(1.0, (load.step_seconds - last.load.step_seconds) / (now - last.at))
+            per_step = (load.num_tokens - last.load.num_tokens) / (load.num_steps - last.load.num_steps)
+            utilisation = max(0.0, busy * min(1.0, per_step / self.max_tokens_per_step))
+        return ModeledPowerSensor(self.hardware, utilisation).read().watts
+
+    def _token_rates(self, now: float) -> dict[str, float]:
+        """Completion tokens per second by tier over the last five rounds (tokens come in bursts)."""
+        generated = {tier: counts.generated_tokens for tier, counts in self.traffic.counts.items()}
+        self._generated.append((now, generated))
+        then, before = self._generated[0]
+        dt = now - then
+        return {tier: (n - before.get(tier, 0)) / dt if dt > 0 else 0.0 for tier, n in generated.items()}
+
+
+class GovernorMetrics:
+    """The governor's state in /metrics: budget, fleet power, levers and per-tier queues."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.budget = Gauge("tokenfactory_power_budget_watts", "The governor's fleet power budget now", registry=r)
+        self.power = Gauge("tokenfactory_fleet_power_watts", "Fleet power as the governor reads it", ["source"],
+                           registry=r)
+        self.token_budget = Gauge("tokenfactory_token_budget", "Tokens per step the governor allows a worker",
+                                  ["worker"], registry=r)
+        self.admitted = Gauge("tokenfactory_tier_admitted", "1 while the governor admits the tier, else 0",
+                              ["tier"], registry=r)
+        self.queued = Gauge("tokenfactory_tier_queued_sequences", "Sequences waiting for their first token",
+                            ["tier"], registry=r)
+        self.running = Gauge("tokenfactory_tier_running_sequences", "Sequences streaming tokens", ["tier"],
+                             registry=r)
+
+    def update(self, governor: LiveGovernor) -> None:
+        decision = governor.decision
+        if decision is not None:
+            self.budget.set(decision.budget_w)
+            for limit in decision.workers:
+                self.token_budget.labels(str(limit.worker_id)).set(governor.applied_budget(limit))
+            for tier in governor.traffic.counts:
+                self.admitted.labels(tier).set(0 if tier in decision.shed_tiers else 1)
+        self.power.labels(governor.power_source).set(governor.power_w)
+        for tier, counts in governor.traffic.counts.items():
+            self.queued.labels(tier).set(counts.queued)
+            self.running.labels(tier).set(counts.running)
+
+
+class Admission:
+    """The gateway's admission: traffic by tier, the live governor, and the shedding rule."""
+
+    def __init__(self, tiers: FactoryConfig, worker: Worker, device: str, max_tokens_per_step: int,
+                 config: AdmissionConfig | None = None, clock: Callable[[], float] = time.time,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.tiers = tiers
+        self.config = config or AdmissionConfig()
+        self.traffic = TierTraffic(tiers)
+        self.governor = LiveGovernor(tiers.power, worker, self.traffic, device, max_tokens_per_step, clock)
+        self.metrics = GovernorMetrics(registry) if registry is not None else None
+
+    def check(self, tier: str) -> Shed | None:
+        return shed_decision(tier, self.tiers, self.traffic.counts, self.governor.shed_tiers, self.config,
+                             self.traffic.start_rate())
+
+    def tick(self) -> GovernorDecision:
+        decision = self.governor.tick()
+        if self.metrics is not None:
+            self.metrics.update(self.governor)
+        return decision
+
+    async def run(self) -> None:
+        """Run the governor every `interval_s` until cancelled; a failed round is logged, not fatal."""
+        while True:
+            try:
+                self.tick()
+            except Exception:
+                logger.exception("the power governor's round failed")
+            await asyncio.sleep(self.governor.spec.interval_s)
+
+
+# ---------------------------------------------------------------- the admin API
+
+
+class GridEventRequest(BaseModel):
+    """POST /admin/grid-events: cut `cut_fraction` of the budget for `duration_s`, starting at
+    unix time `start_s` or `start_in_s` seconds from now (default: now)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    cut_fraction: float = Field(ge=0, le=1)
+    duration_s: float = Field(gt=0)
+    start_s: float | None = None
+    start_in_s: float | None = Field(default=None, ge=0)
+    ramp_s: float = Field(default=0.0, ge=0, description="ramp in before the start and out after the end")
+
+
+def event_state(event: GridEvent, now: float) -> str:
+    end = event.start_s + event.duration_s
+    if now >= end + event.ramp_s:
+        return "over"
+    if now >= end:
+        return "ramping out"
+    if now >= event.start_s:
+        return "active"
+    return "ramping in" if event.cut_at(now) > 0 else "upcoming"
+
+
+def event_json(view: EventView, now: float) -> dict:
+    e = view.event
+    return {"object": "grid_event", "name": e.name, "source": view.source, "start_s": e.start_s,
+            "end_s": e.start_s + e.duration_s, "duration_s": e.duration_s, "cut_fraction": e.cut_fraction,
+            "ramp_s": e.ramp_s, "announced_s": e.announced_s if math.isfinite(e.announced_s) else None,
+            "cut_now": round(e.cut_at(now), 6), "state": event_state(e, now)}
+
+
+def add_grid_event_routes(app: FastAPI, admin: AdminAuth, admission: Admission) -> None:
+    """`/admin/grid-events`: add a demand-response cut now or later; list the events near now."""
+    governor = admission.governor
+
+    # Async handlers: they run on the event loop, like the governor's rounds (no thread races).
+    @app.post("/admin/grid-events", dependencies=[Depends(admin)])
+    async def create_grid_event(body: GridEventRequest) -> JSONResponse:
+        if body.start_s is not None and body.start_in_s is not None:
+            raise bad_request("Give start_s (unix time) or start_in_s (seconds from now), not both.",
+                              param="start_s")
+        now = governor.clock()
+        start = body.start_s if body.start_s is not None else now + (body.start_in_s or 0.0)
+        event = governor.add_event(GridEvent(start, body.duration_s, body.cut_fraction, body.ramp_s, name=body.name))
+        admission.tick()  # act on it now, not at the next round
+        return JSONResponse(event_json(EventView(event, "admin"), governor.clock()))
+
+    @app.get("/admin/grid-events", dependencies=[Depends(admin)])
+    async def list_grid_events() -> JSONResponse:
+        now = governor.clock()
+        decision = governor.decision
+        return JSONResponse({"object": "list", "data": [event_json(v, now) for v in governor.events()],
+                             "budget_w": decision.budget_w if decision is not None else None})

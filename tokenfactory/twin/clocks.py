@@ -1,0 +1,136 @@
+"""Clock levels and activity-based power: a wrapper of the roofline cost model.
+
+The roofline (`cost_model.CostModel`) draws nearly TDP for any busy step, since a step spends
+nearly all its time at one roof. Real GPUs do not: a memory-bound decode step keeps HBM busy but
+leaves most SM cycles stalled, and draws well under TDP; a compute-bound prefill draws about TDP
+(POLCA, Patel et al., ASPLOS 2024: the token phase of LLM inference draws markedly less than the
+prompt phase). And a lower SM clock slows compute-bound work about in proportion but memory-bound
+work much less, while the SMs' dynamic power falls about as f^3 (DVFS lowers the voltage with the
+clock, P ~ C V^2 f), which is what DynamoLLM (Stojkovic et al., HPCA 2025) exploits per instance
+and what published H100 frequency sweeps show (energy per decode token falls as the SM clock is
+lowered to about half, then the step time grows).
+
+Assumptions of this model (stated, not measured here):
+- step time at clock f: compute roof / f; memory roof unchanged down to `memory_knee` of the
+  clock, below it growing as knee / f (too few SM cycles left to keep HBM streaming); the fixed
+  per-step overhead and all-reduces unchanged (host and links, not SM-bound);
+- power = idle + (TDP - idle) x min(1, hbm_share x HBM activity + SM activity x f^3), activity =
+  the share of the step spent at that roof: a compute-bound step draws TDP at full clock, a
+  memory-bound one `hbm_share` of the dynamic power (the memory system streaming, at any SM
+  clock) plus what its few SM cycles draw.
+At f = 1 the step time equals `CostModel.step`'s (a test checks), only the power differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost
+
+CLOCK_LEVELS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+"""SM clock as a fraction of its maximum (an H100's 1,980 MHz: about 990 to 1,980 MHz)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityPower:
+    hbm_share: float = 0.35
+    """Share of the dynamic power (TDP - idle) drawn by the memory system streaming at full rate."""
+    sm_exponent: float = 3.0
+    """SM dynamic power at full activity goes as clock^exponent (voltage scaled with the clock)."""
+    memory_knee: float = 0.5
+    """Below this clock fraction the SMs can no longer keep HBM streaming at full rate."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.hbm_share <= 1 or self.sm_exponent < 1 or not 0 < self.memory_knee <= 1:
+            raise ValueError("need hbm_share in [0, 1], sm_exponent >= 1 and memory_knee in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ClockedCostModel:
+    """`base`'s roofline at SM clock fraction `clock`, with activity-based power.
+
+    Quacks like a `CostModel` for the simulator (`step`, `model`, `hardware`, `tp`, `kv_num_blocks`)."""
+
+    base: CostModel
+    clock: float = 1.0
+    power: ActivityPower = field(default_factory=ActivityPower)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.clock <= 1:
+            raise ValueError(f"clock must be a fraction of the maximum in (0, 1], got {self.clock}")
+
+    @property
+    def model(self):  # noqa: ANN201 - the base's ModelConfig
+        return self.base.model
+
+    @property
+    def hardware(self):  # noqa: ANN201 - the base's Hardware
+        return self.base.hardware
+
+    @property
+    def tp(self) -> int:
+        return self.base.tp
+
+    def kv_num_blocks(self, block_size: int) -> int:
+        return self.base.kv_num_blocks(block_size)
+
+    def at(self, clock: float) -> ClockedCostModel:
+        return ClockedCostModel(self.base, clock, self.power)
+
+    def roofs(self, batch: BatchShape) -> tuple[float, float, float]:
+        """(compute seconds, memory seconds, fixed seconds) of a step at full clock: the same
+        terms as `CostModel.step`, efficiencies applied."""
+        b, m, hw, tp = self.base, self.base.model, self.base.hardware, self.base.tp
+        attention_flops = 4 * m.num_hidden_layers * m.num_attention_heads * m.head_dim * batch.attention_pairs
+        flops = (2 * b.layer_params * batch.num_tokens + 2 * b.lm_head_params * batch.num_sampled
+                 + attention_flops) / tp
+        kv_bytes = b.kv_bytes_per_token * (batch.kv_read_tokens + batch.num_tokens)
+        compute_s = flops / hw.peak_flops(b.precision) / b.compute_efficiency
+        memory_s = (b.weight_bytes / b.bandwidth_efficiency + kv_bytes / b.kv_bandwidth_efficiency) / (
+            hw.hbm_bandwidth * tp)
+        return compute_s, memory_s, b._allreduce_s(batch.num_tokens) + b.step_overhead_s
+
+    def step(self, batch: BatchShape) -> StepCost:
+        compute_s, memory_s, fixed_s = self.roofs(batch)
+        f, p = self.clock, self.power
+        compute_s /= f
+        memory_s *= max(1.0, p.memory_knee / f)
+        duration = max(compute_s, memory_s) + fixed_s
+        activity = p.hbm_share * memory_s / duration + compute_s / duration * f ** p.sm_exponent
+        hw = self.base.hardware
+        return StepCost(duration, self.tp * (hw.idle_w + (hw.tdp_w - hw.idle_w) * min(1.0, activity)))
+
+
+# ---------------------------------------------------------------- the energy-aware policy
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """What the clock policy reads of one worker."""
+
+    num_running: int
+    mean_context: float
+    """Mean tokens of context of its running requests."""
+    queued_prefill_tokens: int
+
+
+def decode_shape(num_running: int, context: float, prefill_tokens: int = 0) -> BatchShape:
+    """A step of `num_running` decodes at `context` tokens each plus one prefill chunk."""
+    n, s = max(1, num_running), max(0, int(context))
+    pairs = n * (s + 1) + prefill_tokens * (prefill_tokens + 1) // 2
+    return BatchShape(n + prefill_tokens, pairs, n * (s + 1) + prefill_tokens, n + (1 if prefill_tokens else 0))
+
+
+def pick_clock(cost: ClockedCostModel, load: WorkerLoad, itl_s: float, ttft_s: float, chunk_tokens: int,
+               levels: tuple[float, ...] = CLOCK_LEVELS, headroom: float = 0.5) -> float:
+    """The lowest clock whose predicted step keeps the SLO with `headroom`: a step of the worker's
+    running decodes plus a prefill chunk within `headroom` x the ITL target, and its queued prefill
+    done within `headroom` x the TTFT target. The maximum when none does (pure policy)."""
+    chunk = min(chunk_tokens, load.queued_prefill_tokens)
+    shape = decode_shape(load.num_running, load.mean_context, chunk)
+    for clock in sorted(levels):
+        step_s = cost.at(clock).step(shape).duration_s
+        drain_s = step_s * (load.queued_prefill_tokens / chunk) if chunk else 0.0
+        if step_s <= headroom * itl_s and drain_s <= headroom * ttft_s:
+            return clock
+    return max(levels)

@@ -1,0 +1,559 @@
+"""`tokenfactory twin profile`: measure the live engine's step times and fit the twin's cost model.
+
+The twin prices a step from its `BatchShape`. Here the real `EngineCore` (scheduler, model
+runner, sampler: a step end to end) is driven through a grid of batch shapes on this machine:
+prefill chunks of several lengths after cached contexts of several lengths, decode batches of
+several sizes and context lengths, and decode batches with a prefill chunk riding along. Each
+grid point is stepped after warm-up steps and several times over; its mean time is kept, with
+every sample.
+
+Step time is then fitted as a non-negative sum over the shape's features
+
+    seconds = a + b x tokens + c x attention pairs + d x KV tokens read + e x sampled rows
+
+minimising relative error (a 10 ms decode step matters as much as a 1 s prefill), and
+`ProfiledCostModel` stands in for the roofline: same interface, step time from the fit, power
+still from the hardware's utilisation model.
+
+Contexts are built cheaply through the prefix cache: each row of a decode batch extends its own
+prompt computed once (distinct ones: rows sharing KV memory read faster than unrelated requests
+do), with contexts spread evenly up to the grid's (the runner pads decode rows to the longest), and
+a prefill chunk's context is a prompt cached once. The grid is swept `repeats` times over, so a burst of load from elsewhere on the machine
+spoils one sample of many points (the median drops it) rather than every sample of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tokenfactory.engine.config import DTYPES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenfactory.engine.engine import EngineCore
+from tokenfactory.engine.model_runner import ModelRunner
+from tokenfactory.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from tokenfactory.engine.request import Request, SamplingParams
+from tokenfactory.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
+from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost
+from tokenfactory.twin.hardware import HARDWARE, Hardware
+
+PROFILE_FORMAT = "tokenfactory-step-profile"
+PROFILE_VERSION = 1
+
+FEATURES = ("step", "token", "attention_pair", "kv_read_token", "sampled_row")
+"""What each fitted coefficient costs (seconds per step, per computed token, ...)."""
+
+
+def features(shape: BatchShape) -> tuple[float, ...]:
+    """The fit's regressors, in FEATURES order."""
+    return (1.0, shape.num_tokens, shape.attention_pairs, shape.kv_read_tokens, shape.num_sampled)
+
+
+def step_shape(sched: SchedulerOutput) -> BatchShape:
+    """A scheduled step as the twin prices it (the same sums the simulator makes)."""
+    num_tokens = pairs = kv_read = num_sampled = 0
+    for chunk in sched.chunks:
+        n, start = chunk.num_tokens, chunk.start
+        num_tokens += n
+        pairs += n * start + n * (n + 1) // 2
+        kv_read += start + n
+        num_sampled += chunk.samples
+    return BatchShape(num_tokens, pairs, kv_read, num_sampled)
+
+
+class ShapeRecordingRunner(ModelRunner):
+    """The model runner, remembering the shape of the step it last executed (read before the
+    scheduler updates the requests, so contexts are the step's own)."""
+
+    last_shape: BatchShape | None = None
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.last_shape = step_shape(sched)
+        return super().execute(sched)
+
+
+# --- the fit --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StepTimeFit:
+    """Step seconds as a non-negative combination of `features(shape)`."""
+
+    coefficients: tuple[float, ...]
+    rms_relative_error: float = float("nan")
+    """Of the fit on the points it was fitted to."""
+
+    def predict(self, shape: BatchShape) -> float:
+        return sum(c * x for c, x in zip(self.coefficients, features(shape)))
+
+
+def fit_step_time(samples: Sequence[tuple[BatchShape, float]]) -> StepTimeFit:
+    """Non-negative least squares of relative error over (shape, seconds) samples.
+
+    With five features, trying every subset of them (ordinary least squares on each, keeping the
+    best whose coefficients are all non-negative) is exact and simpler than an active-set solver.
+    """
+    if len(samples) < len(FEATURES):
+        raise ValueError(f"need at least {len(FEATURES)} samples to fit, got {len(samples)}")
+    seconds = np.array([s for _, s in samples], dtype=float)
+    if (seconds <= 0).any():
+        raise ValueError("step times must be positive")
+    # Divide each row by its time: the residuals become relative errors.
+    x = np.array([features(shape) for shape, _ in samples], dtype=float) / seconds[:, None]
+    y = np.ones(len(samples))
+    scale = np.abs(x).max(axis=0)
+    scale[scale == 0] = 1.0  # a feature that is always 0 (no attention pairs) stays at 0
+    x = x / scale
+    best, best_error = np.zeros(len(FEATURES)), np.inf
+    for size in range(1, len(FEATURES) + 1):
+        for subset in itertools.combinations(range(len(FEATURES)), size):
+            cols = list(subset)
+            solution, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if (solution < 0).any():
+                continue
+            error = float(np.sum((x[:, cols] @ solution - y) ** 2))
+            if error < best_error - 1e-15:
+                best, best_error = np.zeros(len(FEATURES)), error
+                best[cols] = solution
+    coefficients = tuple(float(c) for c in best / scale)
+    return StepTimeFit(coefficients, float(np.sqrt(best_error / len(samples))))
+
+
+# --- the profile ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilePoint:
+    """One grid point: the shape of its step and its time over the repeats."""
+
+    kind: str
+    """prefill, decode or mixed."""
+    shape: BatchShape
+    seconds: float
+    """The mean: the twin adds step times up, so it needs their expectation. The median drops
+    the bursts of load from elsewhere that a live run pays as well (7% less on average, on a busy
+    2-core machine, which then makes the twin 7% optimistic)."""
+    samples: tuple[float, ...]
+    """Every repeat's time on the profile's clock (after the warm-up)."""
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    """The batch shapes to measure; the defaults take about a minute on two busy CPU cores."""
+
+    prefill_lengths: tuple[int, ...] = (16, 64, 128, 256, 512)
+    prefill_contexts: tuple[int, ...] = (0, 512)
+    """Tokens already cached before the chunk (multiples of the block size)."""
+    decode_batches: tuple[int, ...] = (1, 4, 8, 16, 32)
+    decode_contexts: tuple[int, ...] = (64, 512)
+    mixed: tuple[tuple[int, int], ...] = ((4, 64), (16, 32), (16, 256), (32, 128))
+    """(decode rows, prefill chunk tokens) stepped together; decodes at the first decode context."""
+    warmup: int = 1
+    repeats: int = 5
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
+        values = [*self.prefill_lengths, *self.decode_batches, *(v for pair in self.mixed for v in pair)]
+        if any(v < 1 for v in values):
+            raise ValueError("prefill lengths, decode batches and mixed sizes must be positive")
+        if any(c < 0 for c in self.prefill_contexts) or any(c < 1 for c in self.decode_contexts):
+            raise ValueError("contexts must be non-negative (prefill) and positive (decode)")
+
+    @property
+    def num_points(self) -> int:
+        decode = len(self.decode_batches) * len(self.decode_contexts)
+        return len(self.prefill_lengths) * len(self.prefill_contexts) + decode + len(self.mixed)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """Limits wide enough that every grid point runs as one step."""
+        rows = max([*self.decode_batches, *(b for b, _ in self.mixed)]) + 1
+        tokens = max([*self.prefill_lengths, *(b + n for b, n in self.mixed), rows])
+        return SchedulerConfig(max_num_batched_tokens=tokens, max_num_seqs=rows)
+
+
+@dataclass
+class Profile:
+    """A profile file's content: measured points, the fit, and what was measured where."""
+
+    points: list[ProfilePoint]
+    fit: StepTimeFit
+    model: dict
+    """The model's config.json, plus `name`."""
+    engine: dict
+    """device, dtype, clock, threads, block_size, num_blocks, kv_cache_bytes."""
+    machine: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "format": PROFILE_FORMAT,
+            "version": PROFILE_VERSION,
+            "machine": self.machine,
+            "model": self.model,
+            "engine": self.engine,
+            "wall_s": self.wall_s,
+            "fit": {
+                "features": list(FEATURES),
+                "coefficients": list(self.fit.coefficients),
+                "rms_relative_error": self.fit.rms_relative_error,
+            },
+            "points": [
+                {"kind": p.kind, **dataclasses.asdict(p.shape), "seconds": p.seconds, "samples": list(p.samples)}
+                for p in self.points
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Profile:
+        if data.get("format") != PROFILE_FORMAT or data.get("version") != PROFILE_VERSION:
+            raise ValueError(f"not a {PROFILE_FORMAT} file of version {PROFILE_VERSION}")
+        try:
+            fit = data["fit"]
+            if list(fit["features"]) != list(FEATURES):
+                raise ValueError(f"the profile's fit uses features {fit['features']}, expected {list(FEATURES)}")
+            points = [
+                ProfilePoint(
+                    p["kind"],
+                    BatchShape(p["num_tokens"], p["attention_pairs"], p["kv_read_tokens"], p["num_sampled"]),
+                    float(p["seconds"]),
+                    tuple(p["samples"]),
+                )
+                for p in data["points"]
+            ]
+            return cls(
+                points,
+                StepTimeFit(tuple(float(c) for c in fit["coefficients"]), float(fit["rms_relative_error"])),
+                data["model"],
+                data["engine"],
+                data.get("machine", {}),
+                float(data.get("wall_s", 0.0)),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed profile: {e!r}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model)
+
+
+class _Prompts:
+    """Prompt tokens in the model's vocabulary: every `fresh` sequence is unique from its first
+    token pair on, so the prefix cache shares exactly what a grid point means to share."""
+
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        self.vocab = vocab_size
+        self.rng = random.Random(seed)
+        self.serial = itertools.count(1)
+
+    def fresh(self, n: int) -> list[int]:
+        k = next(self.serial)
+        head = [k % self.vocab, k // self.vocab % self.vocab]
+        return (head + [self.rng.randrange(self.vocab) for _ in range(max(0, n - 2))])[:n]
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+"""wall: what a client sees. cpu: this thread's CPU time, what a step would take with a core to
+itself (with one torch thread the whole step runs on this thread); steady on a shared machine."""
+
+
+def check_clock(config: EngineConfig, clock: str) -> None:
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    if clock == "cpu" and config.device != "cpu":
+        raise ValueError("the cpu clock times an engine computing on the CPU; use the wall clock on a GPU")
+
+
+class _Driver:
+    """Steps an `EngineCore` on a `ShapeRecordingRunner`, timing each step end to end."""
+
+    def __init__(self, core: EngineCore, runner: ShapeRecordingRunner, clock: Callable[[], float]) -> None:
+        self.core, self.runner, self.clock = core, runner, clock
+        self.ids = itertools.count()
+        self.prompts = _Prompts(core.config.model.vocab_size)
+        self._prefixes: dict[tuple[int, int], list[int]] = {}
+
+    def add(self, prompt: list[int], max_tokens: int) -> Request:
+        request = Request(f"profile-{next(self.ids)}", prompt,
+                          SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        self.core.add_request(request)
+        return request
+
+    def step(self) -> tuple[BatchShape, float]:
+        self.runner.last_shape = None
+        start = self.clock()
+        self.core.step()
+        seconds = self.clock() - start
+        if self.runner.last_shape is None:
+            raise RuntimeError("the engine scheduled nothing: the KV cache is too small for the profile grid")
+        return self.runner.last_shape, seconds
+
+    def drain(self) -> None:
+        while self.core.has_work():
+            self.core.step()
+
+    def cached_prefix(self, length: int, which: int = 0) -> list[int]:
+        """A prompt of `length` tokens whose full blocks sit in the prefix cache (computed the
+        first time it is asked for; the grid's few prefixes stay cached in an ample cache)."""
+        if not length:
+            return []
+        prefix = self._prefixes.get((length, which))
+        if prefix is None:
+            prefix = self._prefixes[length, which] = self.prompts.fresh(length)
+            self.add(prefix, 1)
+            self.drain()
+        return prefix
+
+    def prefill(self, n: int, context: int, warmup: int) -> tuple[BatchShape, float]:
+        """One step prefilling `n` new tokens after `context` cached ones (after `warmup` alike)."""
+        prefix = self.cached_prefix(context)
+        for _ in range(warmup + 1):
+            self.add(prefix + self.prompts.fresh(n), 1)
+            shape, seconds = self.step()
+        return shape, seconds
+
+    def decode(self, batch: int, context: int, warmup: int, prefill: int = 0) -> tuple[BatchShape, float]:
+        """One step decoding `batch` rows with contexts spread evenly up to `context`, with a
+        fresh `prefill`-token prompt riding along if given (after `warmup` steps alike).
+
+        Spread, as in a running batch: the runner pads every decode row to the longest one
+        (30% dearer on this CPU than equal rows of the same total), and a `BatchShape` only
+        carries the total, so the fit must see typical spreads. Row i's prompt extends its own
+        cached prefix: every row reads its own KV memory, as unrelated requests do (rows sharing
+        memory read faster), while only the last block of each prompt is computed per pass."""
+        block = self.core.kv.block_size
+        contexts = [max(1, round(context * (i + 1) / batch)) for i in range(batch)]
+        shared = [(c - 1) // block * block for c in contexts]
+        steps = warmup + 1
+        prefixes = [self.cached_prefix(s, i) for i, s in enumerate(shared)]  # before any row starts
+        rows = [self.add(prefix + self.prompts.fresh(c - s),
+                         steps + batch + 1)  # the first rows may decode while the last prefill
+                for prefix, c, s in zip(prefixes, contexts, shared)]
+        while any(r.num_output_tokens == 0 for r in rows):
+            self.core.step()
+        for _ in range(steps):
+            if prefill:
+                self.add(self.prompts.fresh(prefill), 1)
+            shape, seconds = self.step()
+        self.core.abort([r.request_id for r in rows])
+        self.drain()
+        return shape, seconds
+
+
+def measure(core: EngineCore, runner: ShapeRecordingRunner, grid: ProfileGrid, clock: str = "wall",
+            on_step: Callable[[str], None] = lambda kind: None) -> list[ProfilePoint]:
+    """Step the engine through the grid `repeats` times over; the engine must be idle and use
+    `runner`. Passes over the whole grid, not repeats back to back, so that a burst of load from
+    elsewhere spoils one sample of many points (the median drops it), not every sample of one."""
+    if core.has_work():
+        raise ValueError("the engine must be idle to be profiled")
+    driver = _Driver(core, runner, CLOCKS[clock])
+    w = grid.warmup
+    plan: list[tuple[str, Callable[[], tuple[BatchShape, float]]]] = [
+        *(("prefill", lambda n=n, c=c: driver.prefill(n, c, w))
+          for c in grid.prefill_contexts for n in grid.prefill_lengths),
+        *(("decode", lambda b=b, c=c: driver.decode(b, c, w))
+          for c in grid.decode_contexts for b in grid.decode_batches),
+        *(("mixed", lambda b=b, n=n: driver.decode(b, grid.decode_contexts[0], w, prefill=n))
+          for b, n in grid.mixed),
+    ]
+    shapes: list[BatchShape] = []
+    times: list[list[float]] = [[] for _ in plan]
+    for repeat in range(grid.repeats):
+        for i, (kind, run) in enumerate(plan):
+            shape, seconds = run()
+            if repeat == 0:
+                shapes.append(shape)
+            times[i].append(seconds)
+            on_step(kind)
+    return [
+        ProfilePoint(kind, shape, statistics.fmean(samples), tuple(samples))
+        for (kind, _), shape, samples in zip(plan, shapes, times)
+    ]
+
+
+def build_runner(config: EngineConfig, threads: int) -> ShapeRecordingRunner:
+    """The engine's model runner with torch held to `threads` CPU threads (profile and live run
+    alike: the fit only holds for the threading it was measured with)."""
+    runner = ShapeRecordingRunner(config)
+    torch.set_num_threads(threads)
+    return runner
+
+
+def profile_engine(config: EngineConfig, grid: ProfileGrid = ProfileGrid(), threads: int = 1,
+                   runner: ShapeRecordingRunner | None = None, clock: str = "wall",
+                   on_step: Callable[[str], None] = lambda kind: None) -> Profile:
+    """Measure `config`'s engine on `grid` and fit the step-time model."""
+    check_clock(config, clock)
+    runner = runner or build_runner(config, threads)
+    profile_config = dataclasses.replace(config, scheduler=grid.scheduler_config())
+    core = EngineCore(profile_config, runner)
+    started = time.perf_counter()
+    points = measure(core, runner, grid, clock, on_step)
+    wall = time.perf_counter() - started
+    fit = fit_step_time([(p.shape, p.seconds) for p in points])
+    model = json.loads((Path(config.model_path) / "config.json").read_text())
+    model["name"] = config.name
+    engine = {
+        "device": config.device,
+        "dtype": config.dtype,
+        "clock": clock,
+        "threads": torch.get_num_threads(),
+        "block_size": config.cache.block_size,
+        "num_blocks": runner.num_blocks,
+        "kv_cache_bytes": runner.kv_cache.numel() * runner.kv_cache.element_size(),
+    }
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    return Profile(points, fit, model, engine, machine, wall)
+
+
+# --- the cost model ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfiledCostModel:
+    """The twin's cost model from a profile: step time from the fitted model of this machine's
+    engine; power from the hardware's utilisation model (the roofline's ideal time over the
+    measured time), labelled modeled like the roofline's."""
+
+    model: ModelConfig
+    fit: StepTimeFit
+    kv_cache_bytes: int
+    """The profiled engine's KV cache size: `kv_num_blocks` follows from it."""
+    kv_bytes_per_token: int
+    hardware: Hardware = HARDWARE["cpu"]
+    tp: int = 1
+
+    @classmethod
+    def from_profile(cls, profile: Profile, hardware: Hardware | None = None) -> ProfiledCostModel:
+        model = profile.model_config()
+        itemsize = DTYPES[profile.engine["dtype"]].itemsize
+        per_token = 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim * itemsize
+        return cls(model, profile.fit, int(profile.engine["kv_cache_bytes"]), per_token,
+                   hardware or HARDWARE["cpu"])
+
+    def __post_init__(self) -> None:
+        if len(self.fit.coefficients) != len(FEATURES) or any(c < 0 for c in self.fit.coefficients):
+            raise ValueError(f"a step-time fit needs {len(FEATURES)} non-negative coefficients")
+        if self.tp != 1:
+            raise ValueError("a profile measures one engine: tp must be 1")
+
+    @cached_property
+    def _ideal(self) -> CostModel:
+        """The roofline at full efficiency and no overhead: a step's ideal time, for utilisation."""
+        return CostModel(self.model, self.hardware, compute_efficiency=1.0, bandwidth_efficiency=1.0,
+                         step_overhead_s=0.0, activation_reserve=0.0)
+
+    def step(self, batch: BatchShape) -> StepCost:
+        duration = max(self.fit.predict(batch), 1e-9)
+        utilisation = min(1.0, self._ideal.step(batch).duration_s / duration)
+        hw = self.hardware
+        return StepCost(duration, hw.idle_w + (hw.tdp_w - hw.idle_w) * utilisation)
+
+    def kv_num_blocks(self, block_size: int) -> int:
+        return self.kv_cache_bytes // (self.kv_bytes_per_token * block_size)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The engine to measure (shared with `bench fidelity`)."""
+    p.add_argument("--model", help="checkpoint folder (default: the built-in tiny model)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads, fixed for the whole run (default 1: steadier on a shared machine)")
+    p.add_argument("--block-size", type=int, default=CacheConfig.block_size)
+    p.add_argument("--num-blocks", type=int, default=4096, help="KV cache blocks")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: the engine thread's CPU time, as if it had a core to "
+                        "itself (steady on a busy machine)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p)
+    p.add_argument("--out", type=Path, default=Path("step_profile.json"), help="profile file to write")
+    p.add_argument("--repeats", type=int, default=ProfileGrid.repeats, help="passes over the grid (timed steps per point)")
+    p.add_argument("--warmup", type=int, default=ProfileGrid.warmup, help="untimed steps before each timed one")
+    p.add_argument("--quick", action="store_true", help="a small grid (a few seconds; for smoke tests)")
+
+
+QUICK_GRID = ProfileGrid(prefill_lengths=(8, 32, 64), prefill_contexts=(0, 32), decode_batches=(1, 4),
+                         decode_contexts=(16, 48), mixed=((2, 16),), warmup=1, repeats=2)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    model_dir = args.model or str(ensure_tiny_model())
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    return EngineConfig.from_pretrained(
+        model_dir,
+        served_model_name="" if args.model else TINY_MODEL_NAME,
+        device=args.device,
+        dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
+    )
+
+
+def grid_of(args: argparse.Namespace) -> ProfileGrid:
+    if args.quick:
+        return QUICK_GRID
+    return ProfileGrid(repeats=args.repeats, warmup=args.warmup)
+
+
+def run_profile(config: EngineConfig, grid: ProfileGrid, threads: int,
+                runner: ShapeRecordingRunner | None = None, clock: str = "wall") -> Profile:
+    """Profile with a progress bar on the terminal."""
+    with Progress(TextColumn("profiling {task.description:7}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True) as progress:
+        task = progress.add_task("", total=grid.num_points * grid.repeats)
+        return profile_engine(config, grid, threads, runner, clock,
+                              lambda kind: progress.update(task, advance=1, description=kind))
+
+
+def describe(profile: Profile) -> str:
+    names = ("s/step", "s/token", "s/attention pair", "s/KV token read", "s/sampled row")
+    terms = ", ".join(f"{c:.3g} {n}" for c, n in zip(profile.fit.coefficients, names))
+    return (f"{len(profile.points)} grid points in {profile.wall_s:.1f} s ({profile.engine.get('clock')} clock); "
+            f"step time = {terms} "
+            f"(rms relative error {profile.fit.rms_relative_error:.1%})")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = engine_config(args)
+    profile = run_profile(config, grid_of(args), args.threads, clock=args.clock)
+    profile.save(args.out)
+    print(f"{config.name} on {config.device} ({profile.engine['threads']} threads): {describe(profile)}")
+    print(f"profile written to {args.out}")
+    return 0

@@ -174,9 +174,9 @@ def test_fast_forward_gives_the_same_run_for_closed_loop_and_agentic_workloads()
     from tokenfactory.twin.workloads import AgenticSessions, ClosedLoop
 
     for make in (
-        lambda: ClosedLoop(24, 120, LengthDistribution(700, 0.5), LengthDistribution(60, 0.8), think_s=0.0, seed=1),
+        lambda: ClosedLoop(16, 80, LengthDistribution(700, 0.5), LengthDistribution(60, 0.8), think_s=0.0, seed=1),
         lambda: ClosedLoop(8, 60, LengthDistribution(300), LengthDistribution(40), think_s=0.3, seed=2),
-        lambda: AgenticSessions(12, 2.0, fanout_probability=0.4, think_s=0.5, seed=5),
+        lambda: AgenticSessions(8, 2.0, fanout_probability=0.4, think_s=0.5, seed=5),
     ):
         runs = []
         for fast_forward in (True, False):
@@ -222,12 +222,10 @@ def test_a_run_makes_no_reference_cycles_so_the_collector_can_stay_off():
     from tokenfactory.twin.workloads import AgenticSessions
 
     gc.collect()
-    Simulator(make_config(num_workers=2), make_router("kv")).run(conversations(4, 3))
-    Simulator(make_config(num_workers=2), make_router("kv")).run(AgenticSessions(6, 2.0, seed=1))
     gc.disable()
     try:
         simulator = Simulator(make_config(num_workers=2), make_router("kv"))
-        simulator.run(AgenticSessions(6, 2.0, seed=1))
+        simulator.run(AgenticSessions(4, 2.0, seed=1))
         del simulator
         assert gc.collect() == 0
     finally:

@@ -118,11 +118,11 @@ class CostModel:
     """Fraction of peak dense FLOP/s a step's GEMMs and attention reach end to end. From the
     prefill-bound anchor (Llama-3.1-8B, 2048 in / 128 out: 3,538 output tok/s is 27.6 prompts of
     2048 tokens a second, about 0.9 PFLOP/s, 46% of the 1,979 TFLOP/s FP8 peak); 0.6 (a GEMM
-    benchmark's figure) put the twin 33% above it."""
+    benchmark's figure) put the twin 33% above it. Larger models' larger GEMMs reach more: the
+    twin comes out 30% under the Llama-3.3-70B anchor, which one factor for all sizes cannot fix."""
     bandwidth_efficiency: float = 0.8
     """Fraction of peak HBM bandwidth reached streaming the weights (large contiguous reads, as
-    memory-copy benchmarks reach 80-90% of peak). The anchor that weights dominate (Llama-3.3-70B,
-    1000 / 1000: 70 GB read per step) agrees within its KV-capacity limit."""
+    memory-copy benchmarks reach 80-90% of peak): an estimate no anchor contradicts."""
     kv_bandwidth_efficiency: float = 0.55
     """Fraction of peak HBM bandwidth reached by attention reading and writing the paged KV cache
     (scattered blocks, FP8 dequantisation, uneven sequence lengths). From the decode-bound anchor

@@ -472,6 +472,7 @@ class ProfiledCostModel:
     def _ideal(self) -> CostModel:
         """The roofline at full efficiency and no overhead: a step's ideal time, for utilisation."""
         return CostModel(self.model, self.hardware, compute_efficiency=1.0, bandwidth_efficiency=1.0,
+                         kv_bandwidth_efficiency=1.0,
                          step_overhead_s=0.0, activation_reserve=0.0)
 
     def step(self, batch: BatchShape) -> StepCost:

@@ -80,30 +80,29 @@ def test_tiers_are_assigned_by_seed_and_fraction():
         assign_tiers(3, {"flex": 0.0})
 
 
-def overload(num_requests: int = 400):
-    # About twice what 2 workers can prefill: lower tiers must give way.
-    return poisson_workload(60.0, num_requests, LengthDistribution(1500, 0.5), LengthDistribution(60, 0.5), seed=1)
+def busy(num_requests: int = 300):
+    # About half of what 2 workers can prefill at full power: far more than a 40% cut leaves.
+    return poisson_workload(20.0, num_requests, LengthDistribution(1500, 0.5), LengthDistribution(60, 0.5), seed=1)
 
 
-def power_sim(events=(), clocks=None, use_governor=True, workload=None, num_workers=2):
-    workload = workload or overload()
+def power_sim(events=(), clocks=None, use_governor=True, workload=None, num_workers=2, gpu_caps=False):
+    workload = workload or busy()
     config = TwinConfig(COST, num_workers=num_workers,
                         scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=256))
     tiers = assign_tiers(len(workload), {"flex": 0.3, "default": 0.5, "priority": 0.2}, seed=0)
     cap = num_workers * worker_power(COST, 8192).max_w
-    sim = PowerSimulator(config, make_router("kv"), builtin_config(), GovernorConfig(cap), events, tiers,
+    sim = PowerSimulator(config, make_router("kv"), builtin_config(), GovernorConfig(cap, gpu_power_caps=gpu_caps), events, tiers,
                          clocks=clocks, use_governor=use_governor)
     return sim, sim.run_power(workload), tiers
 
 
 def test_a_grid_cut_keeps_power_under_the_budget_and_sheds_the_lowest_tiers_first():
-    event = GridEvent(start_s=2.0, duration_s=4.0, cut_fraction=0.4, ramp_s=1.0)
+    event = GridEvent(start_s=4.0, duration_s=6.0, cut_fraction=0.4, ramp_s=1.0)
     sim, run, tiers = power_sim((event,))
     _, base, _ = power_sim()
     assert run.max_power_over_budget(event.start_s, event.start_s + event.duration_s) <= 1.0 + 1e-9
     # Without the cut the same load draws more than the cut budget in that window.
-    assert base.max_power_over_budget(event.start_s, event.start_s + event.duration_s) < 1.0
-    assert max(s.power_w for s in base.samples if event.start_s <= s.at < 6.0) > 0.6 * sim.governor.static_cap_w
+    assert max(s.power_w for s in base.samples if event.start_s <= s.at < 10.0) > 0.6 * sim.governor.static_cap_w
     assert run.tiers["flex"].shed > base.tiers["flex"].shed
     assert run.tiers["priority"].shed == 0
     assert run.tiers["priority"].output_tokens == base.tiers["priority"].output_tokens
@@ -116,7 +115,28 @@ def test_a_grid_cut_keeps_power_under_the_budget_and_sheds_the_lowest_tiers_firs
     assert sum(t.requests for t in run.tiers.values()) == len(tiers)
     assert run.tiers["flex"].revenue_usd < base.tiers["flex"].revenue_usd
     assert all(s.budget_w == pytest.approx(0.6 * sim.governor.static_cap_w)
-               for s in run.samples if event.start_s <= s.at < 5.0)
+               for s in run.samples if event.start_s <= s.at < 9.0)
+
+
+def test_gpu_caps_hold_the_budget_with_full_size_steps():
+    event = GridEvent(start_s=4.0, duration_s=6.0, cut_fraction=0.4, ramp_s=1.0)
+    sim, capped, _ = power_sim((event,), gpu_caps=True)
+    _, budgets, _ = power_sim((event,))
+    assert capped.max_power_over_budget(event.start_s, event.start_s + event.duration_s) <= 1.0 + 1e-9
+    assert all(w.scheduler.token_budget == 8192 for w in sim.workers)
+    assert capped.tiers["priority"].shed == 0
+    assert capped.tiers["priority"].slo_attainment >= budgets.tiers["priority"].slo_attainment
+
+
+def test_a_power_cap_lowers_the_clock_until_the_step_fits():
+    prefill = shape_of([(4096, 0)])
+    capped = COST.capped(450.0)
+    assert capped.step(prefill).power_w <= 450.0
+    assert capped.step(prefill).power_w == pytest.approx(450.0, rel=0.01)
+    assert capped.step(prefill).duration_s > COST.step(prefill).duration_s
+    assert COST.capped(900.0).step(prefill) == COST.step(prefill)
+    # Below what the lowest clock draws, the step runs at the lowest clock.
+    assert COST.capped(80.0).step(prefill) == COST.at(0.3).step(prefill)
 
 
 def test_tier_priority_reaches_the_scheduler():

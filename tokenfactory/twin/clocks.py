@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 
 from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost
 
+MIN_CAPPED_CLOCK = 0.3
+"""The lowest clock a power cap drives a GPU to (about an H100's lowest supported SM clock)."""
+
 CLOCK_LEVELS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 """SM clock as a fraction of its maximum (an H100's 1,980 MHz: about 990 to 1,980 MHz)."""
 
@@ -54,10 +57,16 @@ class ClockedCostModel:
     base: CostModel
     clock: float = 1.0
     power: ActivityPower = field(default_factory=ActivityPower)
+    power_cap_w: float | None = None
+    """A power cap on the worker (all its GPUs), as NVML sets one: each step runs at the highest
+    clock up to `clock` whose power fits, as the GPU's firmware lowers its clock under a cap
+    (down to `MIN_CAPPED_CLOCK`; a step that does not fit even there runs there)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.clock <= 1:
             raise ValueError(f"clock must be a fraction of the maximum in (0, 1], got {self.clock}")
+        if self.power_cap_w is not None and self.power_cap_w <= 0:
+            raise ValueError(f"power_cap_w must be positive, got {self.power_cap_w}")
 
     @property
     def model(self):  # noqa: ANN201 - the base's ModelConfig
@@ -75,7 +84,10 @@ class ClockedCostModel:
         return self.base.kv_num_blocks(block_size)
 
     def at(self, clock: float) -> ClockedCostModel:
-        return ClockedCostModel(self.base, clock, self.power)
+        return ClockedCostModel(self.base, clock, self.power, self.power_cap_w)
+
+    def capped(self, power_cap_w: float | None) -> ClockedCostModel:
+        return ClockedCostModel(self.base, self.clock, self.power, power_cap_w)
 
     def roofs(self, batch: BatchShape) -> tuple[float, float, float]:
         """(compute seconds, memory seconds, fixed seconds) of a step at full clock: the same
@@ -91,8 +103,24 @@ class ClockedCostModel:
         return compute_s, memory_s, b._allreduce_s(batch.num_tokens) + b.step_overhead_s
 
     def step(self, batch: BatchShape) -> StepCost:
-        compute_s, memory_s, fixed_s = self.roofs(batch)
-        f, p = self.clock, self.power
+        roofs = self.roofs(batch)
+        cost = self._at_clock(roofs, self.clock)
+        if self.power_cap_w is None or cost.power_w <= self.power_cap_w:
+            return cost
+        low, high = MIN_CAPPED_CLOCK, self.clock  # power rises with the clock: bisect
+        if self._at_clock(roofs, low).power_w > self.power_cap_w:
+            return self._at_clock(roofs, low)
+        for _ in range(12):
+            middle = (low + high) / 2
+            if self._at_clock(roofs, middle).power_w <= self.power_cap_w:
+                low = middle
+            else:
+                high = middle
+        return self._at_clock(roofs, low)
+
+    def _at_clock(self, roofs: tuple[float, float, float], f: float) -> StepCost:
+        compute_s, memory_s, fixed_s = roofs
+        p = self.power
         compute_s /= f
         memory_s *= max(1.0, p.memory_knee / f)
         duration = max(compute_s, memory_s) + fixed_s

@@ -13,6 +13,9 @@ live governor's rounds in simulated time:
   and calls the pure `control.governor.decide`, then applies its token budgets per worker
   (`Scheduler.set_token_budget`, floored at `min_tokens_per_step`) and its shed tiers, as
   `gateway.admission.LiveGovernor` does live;
+- with `GovernorConfig.gpu_power_caps` the decision's per-worker caps are applied instead of the
+  token budgets, as NVML power caps: each step runs at the highest clock whose power fits
+  (`ClockedCostModel.power_cap_w`);
 - optionally, a clock policy (`twin.clocks.pick_clock`) sets each worker's SM clock for its load
   at the same rounds (energy-aware operation); each worker's steps are priced at its own clock.
 
@@ -45,7 +48,7 @@ from tokenfactory.control.router import Router
 from tokenfactory.control.tiers import FactoryConfig, TokenUsage, price_usage
 from tokenfactory.engine.request import Request, SamplingParams
 from tokenfactory.gateway.admission import AdmissionConfig, TierCounts, shed_decision
-from tokenfactory.twin.clocks import ClockedCostModel, WorkerLoad, pick_clock
+from tokenfactory.twin.clocks import ClockedCostModel, WorkerLoad, decode_shape, pick_clock
 from tokenfactory.twin.cost_model import shape_of
 from tokenfactory.twin.simulator import SimulationResult, Simulator, SimWorker, TwinConfig
 from tokenfactory.twin.workloads import TraceRequest, prompt_token_ids
@@ -65,16 +68,24 @@ def assign_tiers(count: int, fractions: Mapping[str, float], seed: int = 0) -> l
     return random.Random(seed).choices(names, weights, k=count)
 
 
+CALIBRATION_CONTEXTS = (0, 1024, 4096, 16384)
+"""Context lengths (tokens already computed) of the steps `worker_power` prices: attention over a
+long context adds compute, so such steps reach full power at fewer new tokens."""
+
+
 def worker_power(cost: ClockedCostModel, max_tokens: int) -> WorkerPower:
-    """The governor's linear model of one worker, calibrated from the cost model (see the module doc)."""
+    """The governor's linear model of one worker, calibrated from the cost model (see the module
+    doc): prefill chunks and decode batches of every power-of-two size up to `max_tokens`, after
+    each of `CALIBRATION_CONTEXTS`."""
     floor = cost.step(shape_of([(1, 0)])).power_w
-    chunks = sorted({2 ** k for k in range(int(math.log2(max(1, max_tokens))) + 1)} | {max_tokens})
-    powers = {t: cost.step(shape_of([(t, 0)])).power_w for t in chunks}
-    top = max(powers.values())
+    sizes = sorted({2 ** k for k in range(int(math.log2(max(1, max_tokens))) + 1)} | {max_tokens})
+    points = [(t, cost.step(shape).power_w) for t in sizes for context in CALIBRATION_CONTEXTS
+              for shape in (shape_of([(t, context)]), decode_shape(t, context))]
+    top = max(p for _, p in points)
     if top <= floor:
         return WorkerPower(0, floor, floor, max_tokens)
     # The line from (0, floor) to (T, top) lies above every (t, power) for T = min of t x rise / gain.
-    saturation = min(t * (top - floor) / (p - floor) for t, p in powers.items() if p > floor)
+    saturation = min(t * (top - floor) / (p - floor) for t, p in points if p > floor)
     return WorkerPower(0, floor, top, max(1, min(max_tokens, math.floor(saturation))))
 
 
@@ -164,8 +175,9 @@ class PowerSimulator(Simulator):
         self.clocks = clocks
         self.use_governor = use_governor
         self.max_tokens = config.scheduler.max_num_batched_tokens
-        self.powers = [worker_power(config.cost, self.max_tokens)] * len(self.workers)
-        self._step_s = config.cost.step(shape_of([(self.powers[0].max_tokens_per_step, 0)])).duration_s
+        power = worker_power(config.cost, self.max_tokens)
+        self.powers = [replace(power, worker_id=i) for i in range(len(self.workers))]
+        self._step_s = config.cost.step(shape_of([(power.max_tokens_per_step, 0)])).duration_s
         """A full-power step's duration (the demand's time scale)."""
         self.worker_cost = [config.cost] * len(self.workers)
         self.counts = {name: TierCounts() for name in tiers.tiers}
@@ -192,13 +204,18 @@ class PowerSimulator(Simulator):
 
     def _tick(self, at: float) -> None:
         if self.use_governor:
-            loads = [TierLoad(name, spec.priority, self._demand(name, at)) for name in self.tiers.tiers
-                     for spec in [self.tiers.tiers[name]]]
-            powers = [WorkerPower(i, p.idle_w, p.max_w, p.max_tokens_per_step) for i, p in enumerate(self.powers)]
-            decision = decide(self.governor, self.state, powers, loads, at)
-            for limit, worker, power in zip(decision.workers, self.workers, powers):
-                # Given its full power a worker needs no cap; below it, the decision's tokens.
+            loads = [TierLoad(name, spec.priority, self._demand(name, at)) for name, spec in self.tiers.tiers.items()]
+            decision = decide(self.governor, self.state, self.powers, loads, at)
+            for limit, worker, power in zip(decision.workers, self.workers, self.powers):
+                # Given its full power a worker needs no limit; below it, the decision's tokens per
+                # step, or with GPU caps on, its power share as the cap (the GPU lowers its clock to
+                # fit, so the steps keep their size).
                 full = limit.power_w >= power.max_w - 1e-9
+                if limit.gpu_cap_w is not None:
+                    cost = self.worker_cost[worker.index]
+                    self.worker_cost[worker.index] = cost.capped(None if full else limit.gpu_cap_w)
+                    worker.scheduler.set_token_budget(self.max_tokens)
+                    continue
                 budget = self.max_tokens if full else max(self.min_tokens_per_step, limit.token_budget)
                 worker.scheduler.set_token_budget(budget)
             self.shed_tiers = frozenset(decision.shed_tiers)

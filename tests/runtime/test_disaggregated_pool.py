@@ -76,3 +76,23 @@ def test_split_requests_stream_the_tokens_of_whole_ones(tiny_model_dir):
             await pool.shutdown()
 
     asyncio.run(asyncio.wait_for(run(), 120))
+
+
+def test_each_pool_keeps_its_own_round_robin_turn(tiny_model_dir):
+    """Alternating prefill and decode routing must rotate through both pools, not pin one pair."""
+    config = EngineConfig.from_pretrained(tiny_model_dir, max_model_len=512,
+                                          cache=CacheConfig(block_size=16, num_blocks=128))
+    prompts = [ids(i, 40) for i in range(4)]
+
+    async def run():
+        pool = WorkerPool.local_disaggregated(config, num_prefill=2, num_decode=2, router="round_robin",
+                                              disagg=DisaggConfig(min_prompt_tokens=16))
+        await pool.start()
+        try:
+            await asyncio.gather(*(stream(pool, f"r{i}", p) for i, p in enumerate(prompts)))
+            assert pool.num_split == 4
+            return dict(pool.routed_counts)
+        finally:
+            await pool.shutdown()
+
+    assert asyncio.run(asyncio.wait_for(run(), 120)) == {0: 2, 1: 2, 2: 2, 3: 2}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import logging
 import time
@@ -108,6 +109,9 @@ class WorkerPool:
         """Requests served through the prefill/decode split since start."""
         self.block_size = block_size
         self.router = make_router(router) if isinstance(router, str) else router
+        self.prefill_router = copy.deepcopy(self.router)
+        """The prefill pool's own instance of the policy: one shared instance would keep one
+        round-robin turn (or one load ledger) over two pools, sending every split to the same pair."""
         self.index: PrefixIndex = index if index is not None else KVIndex()
         self._clock = clock
         self.max_migrations = max_migrations
@@ -285,7 +289,7 @@ class WorkerPool:
         decode_id: WorkerId,
     ) -> AsyncIterator[EngineCoreOutput]:
         """Prefill on a prefill worker, then decode on `decode_id` from the moved KV."""
-        routed = self._route(list(prompt_token_ids), range(self.num_prefill))
+        routed = self._route(list(prompt_token_ids), range(self.num_prefill), router=self.prefill_router)
         self._routed[request_id] = routed
         prefill_worker: KVWorker = self.workers[routed.worker_id]
         first, handle = await prefill_worker.prefill(request_id, prompt_token_ids, params, priority)
@@ -307,13 +311,14 @@ class WorkerPool:
         return (first.finish_reason == "length" and params.max_tokens > 1
                 and num_prompt_tokens + 1 < self.info.context_len)
 
-    def _route(self, prompt_token_ids: list[int], candidates: range, session_id: str | None = None) -> _Routed:
+    def _route(self, prompt_token_ids: list[int], candidates: range, session_id: str | None = None,
+               router: Router | None = None) -> _Routed:
         hashes = prompt_block_hashes(prompt_token_ids, self.block_size)
         request = RouteRequest(hashes, len(prompt_token_ids), session_id=session_id, now=self._clock())
         states = self.worker_states()
         overlap = self.index.overlap(hashes, request.now)  # before routing records the choice
         try:
-            worker_id = self.router.route(request, [states[i] for i in candidates], self.index)
+            worker_id = (router or self.router).route(request, [states[i] for i in candidates], self.index)
         except NoWorkerError as e:
             raise EngineDeadError(self.dead_reason or str(e)) from None
         self.routed_counts[worker_id] += 1

@@ -15,7 +15,15 @@ import pytest
 import uvicorn
 
 from tests.gateway.live_server import free_port
-from tokenfactory.agents.swarm import RESULT_SCHEMA, AgentConfig, Endpoint, Swarm, endpoint_client
+from tokenfactory.agents.local_tools import ToolBox
+from tokenfactory.agents.swarm import (
+    RESULT_SCHEMA,
+    AgentConfig,
+    AgentReport,
+    Endpoint,
+    Swarm,
+    endpoint_client,
+)
 from tokenfactory.cli import main
 from tokenfactory.control.router import RoundRobinRouter
 from tokenfactory.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -99,6 +107,26 @@ def test_a_swarm_works_its_tasks_to_structured_results(factory, tmp_path: Path):
     totals = report.totals()
     assert totals.requests == sum(a.turns + sum(s.turns for s in a.subagents) for a in report.agents)
     assert 0 < totals.cached_tokens < totals.prompt_tokens
+
+
+def test_spawned_subagents_work_concurrently_in_sessions_of_their_own(factory):
+    url, _ = factory
+    config = AgentConfig(model=MODEL, max_turns=3, subagent_turns=2, max_tokens=64)
+    parent = AgentReport("split the work", "parent-session")
+
+    async def run():
+        async with endpoint_client(f"{url}/v1", None) as client:
+            swarm = Swarm(Endpoint(client), config)
+            box = ToolBox(swarm.tools(parent))
+            return await box.call("spawn_subagents", json.dumps({"tasks": ["add 1 and 2", "multiply 3 by 4"]}))
+
+    answers = json.loads(asyncio.run(run()))
+    assert [a["task"] for a in answers] == ["add 1 and 2", "multiply 3 by 4"]
+    assert len(parent.subagents) == 2
+    assert len({sub.session_id for sub in parent.subagents} | {parent.session_id}) == 3
+    for sub, answer in zip(sorted(parent.subagents, key=lambda s: s.task), answers):
+        assert sub.is_subagent and sub.turns == 2 and sub.tool_calls == 1 and sub.error is None
+        assert answer["answer"] == sub.result["answer"]
 
 
 def test_an_endpoint_error_ends_the_agent_not_the_swarm(factory):

@@ -24,8 +24,10 @@ def test_bench_agents_compares_kv_affinity_with_round_robin(tiny_model_dir, caps
             "--manifest-lines", "4", "--num-blocks", "256"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    runs = [line for line in lines if line.startswith(("kv + session affinity: ", "round robin: ")) and "requests" in line]
+    runs = [line for line in lines
+            if line.startswith(("kv + session affinity: ", "round robin: ")) and "requests" in line]
     assert len(runs) == 2
     assert all(int(line.split(": ")[1].split()[0]) >= 4 for line in runs)  # 2 agents x 2 turns, plus sub-agents
     assert lines[-3].startswith("prefix-cache hits, kv + affinity / round robin:")
-    assert lines[-2].startswith("goal >= 70% of prompt tokens cached") and lines[-1].startswith("goal >= 2x round robin")
+    assert lines[-2].startswith("goal >= 70% of prompt tokens cached")
+    assert lines[-1].startswith("goal >= 2x round robin")

@@ -34,7 +34,8 @@ DEFAULT_TASKS = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"OpenAI-compatible endpoint (default: {DEFAULT_BASE_URL})")
+    p.add_argument("--base-url", default=DEFAULT_BASE_URL,
+                   help=f"OpenAI-compatible endpoint (default: {DEFAULT_BASE_URL})")
     p.add_argument("--api-key", help="bearer key for the endpoint")
     p.add_argument("--model", help="model name (default: the endpoint's first model)")
     p.add_argument("--agents", type=int, default=8, help="agents working at once")

@@ -229,7 +229,7 @@ class Swarm:
         if parent is not None:
             parent.subagents.append(report)
         max_turns = self.config.max_turns if parent is None else self.config.subagent_turns
-        toolbox = ToolBox(self._tools(report if parent is None else None))
+        toolbox = ToolBox(self.tools(report if parent is None else None))
         messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT},
                                           {"role": "user", "content": task}]
         start = time.perf_counter()
@@ -243,7 +243,7 @@ class Swarm:
         report.latency_s = time.perf_counter() - start
         return report
 
-    def _tools(self, spawner: AgentReport | None) -> list[Tool]:
+    def tools(self, spawner: AgentReport | None) -> list[Tool]:
         """The same three tools for every agent, so every prompt starts alike; only top-level agents'
         spawn tool works (`spawner` is the agent whose sub-agents it starts)."""
         run_subtask = None if spawner is None else (lambda task: self._subagent_answer(task, spawner))

@@ -61,8 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per turn")
     p.add_argument("--manifest-lines", type=int, default=96,
                    help="lines of each agent's working document (about 21 tokens each)")
-    p.add_argument("--num-blocks", type=int, default=2048,
-                   help="KV blocks of 16 tokens per worker (default: room for a quarter of the swarm's contexts)")
+    p.add_argument("--num-blocks", type=int, default=1856,
+                   help="KV blocks of 16 tokens per worker (default: a quarter of the swarm's last-turn contexts, "
+                        "8 x ~3,400 tokens, plus the shared prefix, with about 5%% to spare)")
     p.add_argument("--max-num-batched-tokens", type=int, default=32768,
                    help="each engine's tokens per step; large, so that the live governor, which compares the "
                         "queued prompt tokens with the workers' tokens per step, does not shed the swarm's burst")

@@ -173,3 +173,13 @@ def test_admin_events_add_to_the_scheduled_ones():
 def test_a_bad_grid_event_in_the_config_says_what_is_wrong(event, problem):
     with pytest.raises(ConfigError, match=problem):
         parse_factory_config(power_config(f"    - {event}\n"))
+
+
+def test_no_tier_is_refused_for_power_while_the_fleet_at_full_tilt_fits_the_budget():
+    """A burst of queued prompts far above the step budgets sheds nothing when power cannot bind."""
+    workers = [WorkerPower(i, idle_w=100.0, max_w=700.0, max_tokens_per_step=1024) for i in range(4)]
+    loads = [TierLoad("priority", 2, 1e6), TierLoad("default", 1, 1e6), TierLoad("flex", 0, 1e6)]
+    decision = decide(GovernorConfig(static_cap_w=2800.0), GovernorState(), workers, loads, now=0.0)
+    assert decision.admitted_tiers == {"priority", "default", "flex"} and decision.shed_tiers == ()
+    cut = decide(GovernorConfig(static_cap_w=2799.0), GovernorState(), workers, loads, now=0.0)
+    assert cut.shed_tiers == ("flex", "default")

@@ -220,3 +220,13 @@ def test_registry_names_every_policy():
     assert isinstance(make_router("kv", decode_weight=2.0), KVAwareRouter)
     with pytest.raises(ValueError, match="unknown router"):
         make_router("telepathy")
+
+
+def test_session_table_forgets_the_least_recently_routed_session_first():
+    router = RoundRobinRouter(session_affinity=True, max_sessions=2)
+    workers = idle_workers(3)
+    first = router.route(request_with_prefix(1, session_id="a"), workers)
+    router.route(request_with_prefix(2, session_id="b"), workers)
+    assert router.route(request_with_prefix(3, session_id="a"), workers) == first  # "a" is now the newest
+    router.route(request_with_prefix(4, session_id="c"), workers)  # forgets "b", keeps "a"
+    assert set(router._sessions) == {"a", "c"}

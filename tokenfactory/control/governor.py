@@ -176,6 +176,10 @@ def decide(config: GovernorConfig, state: GovernorState, workers: list[WorkerPow
     for w in workers:
         cap = max(config.min_gpu_cap_w, shares[w.worker_id]) if config.gpu_power_caps else None
         limits.append(WorkerLimits(w.worker_id, shares[w.worker_id], token_budget(w, shares[w.worker_id]), cap))
+    if budget >= sum(w.max_w for w in workers):
+        # Power does not bind: the fleet at full tilt fits the budget, so no tier is refused for
+        # power (a burst's queued prompts are the load-shedding rule's business, not this one's).
+        return GovernorDecision(budget, tuple(limits), frozenset(t.tier for t in loads))
     admitted, shed = admit_tiers(loads, sum(limit.token_budget for limit in limits))
     return GovernorDecision(budget, tuple(limits), admitted, shed)
 

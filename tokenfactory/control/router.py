@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import random
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,12 +100,14 @@ class Choice:
 class Router(ABC):
     """The shared frame: filter alive workers, honour affinity, ask `_choose`, record the decision."""
 
-    def __init__(self, session_affinity: bool = False, max_waiting: int = 16) -> None:
+    def __init__(self, session_affinity: bool = False, max_waiting: int = 16, max_sessions: int = 65536) -> None:
         self.session_affinity = session_affinity
         self.max_waiting = max_waiting
         """A worker with this many requests waiting counts as overloaded (affinity gives way)."""
+        self.max_sessions = max_sessions
+        """Sessions remembered, least recently routed forgotten first (a server runs for months)."""
         self.metrics = RouterMetrics()
-        self._sessions: dict[str, WorkerId] = {}
+        self._sessions: OrderedDict[str, WorkerId] = OrderedDict()
 
     def route(
         self, request: RouteRequest, workers: Sequence[WorkerState], index: PrefixIndex | None = None
@@ -144,6 +147,9 @@ class Router(ABC):
         self.metrics.predicted_overlap_tokens += chosen.cached_tokens
         if request.session_id is not None:
             self._sessions[request.session_id] = chosen.worker.worker_id
+            self._sessions.move_to_end(request.session_id)
+            if len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
         if index is not None:
             index.record_routed(chosen.worker.worker_id, request.block_hashes, request.now)
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import uvicorn
 
-from tokenfactory.bench import constrained_bench, decode_bench, engine_bench, fidelity_bench, overhead_bench, routing_bench, serve_bench
-from tokenfactory.agents import cli as agents_cli
-from tokenfactory.bench import agents_bench
 from tokenfactory.control.disagg import DisaggConfig
 from tokenfactory.control.router import ROUTERS, Router, make_router
 from tokenfactory.engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
@@ -18,12 +16,6 @@ from tokenfactory.gateway.admission import AdmissionConfig
 from tokenfactory.gateway.app import build_app
 from tokenfactory.meter import cli as meter_cli
 from tokenfactory.meter.db import describe
-from tokenfactory.twin import cli as twin_cli
-from tokenfactory.twin import profile as twin_profile
-from tokenfactory.bench import disagg_bench
-from tokenfactory.bench import twin_bench
-from tokenfactory.bench import power_bench
-from tokenfactory.twin import plan as twin_plan
 from tokenfactory.runtime.pool import WorkerPool
 
 
@@ -111,7 +103,50 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+LAZY_COMMANDS: tuple[tuple[tuple[str, ...], str, str, str, str], ...] = (
+    # (command path, module, its add-arguments function, its entry point, help)
+    (("agents",), "tokenfactory.agents.cli", "add_arguments", "main",
+     "a swarm of tool-calling agents against an OpenAI-compatible endpoint"),
+    (("bench", "engine"), "tokenfactory.bench.engine_bench", "add_arguments", "main",
+     "our engine against transformers generate, same run"),
+    (("bench", "serve"), "tokenfactory.bench.serve_bench", "add_arguments", "main",
+     "N concurrent HTTP streams against the engine alone, same run"),
+    (("bench", "decode"), "tokenfactory.bench.decode_bench", "add_arguments", "main",
+     "decode tokens/s as a fraction of the memory-bandwidth bound"),
+    (("bench", "routing"), "tokenfactory.bench.routing_bench", "add_arguments", "main",
+     "routers on a trace in the twin, against a shared-cache bound"),
+    (("bench", "disagg"), "tokenfactory.bench.disagg_bench", "add_arguments", "main",
+     "aggregated vs every prefill:decode split in the twin, same GPUs"),
+    (("bench", "overhead"), "tokenfactory.bench.overhead_bench", "add_arguments", "main",
+     "what the gateway, the router and KV transfer add per request"),
+    (("bench", "constrained"), "tokenfactory.bench.constrained_bench", "add_arguments", "main",
+     "grammar-constrained against free decoding, same run"),
+    (("bench", "agents"), "tokenfactory.bench.agents_bench", "add_arguments", "main",
+     "an agent swarm on 4 live workers: kv + session affinity against round robin, prefix-cache hits"),
+    (("bench", "twin"), "tokenfactory.bench.twin_bench", "add_arguments", "main",
+     "the twin's speed (Mooncake trace, --day) and --calibration vs real GPUs"),
+    (("bench", "fidelity"), "tokenfactory.bench.fidelity_bench", "add_arguments", "main",
+     "the twin, calibrated by a profile, against the live engine"),
+    (("bench", "power"), "tokenfactory.bench.power_bench", "add_arguments", "main",
+     "tiers and the power governor under a grid cut in the twin"),
+    (("bench", "energy"), "tokenfactory.bench.power_bench", "add_energy_arguments", "main_energy",
+     "energy-aware clock levels vs always-maximum in the twin"),
+    (("twin", "replay"), "tokenfactory.twin.cli", "add_replay_arguments", "replay_main",
+     "replay a trace on simulated hardware with the real scheduler"),
+    (("twin", "profile"), "tokenfactory.twin.profile", "add_arguments", "main",
+     "measure this machine's engine step times and fit the twin's cost model"),
+    (("plan",), "tokenfactory.twin.plan", "add_arguments", "main",
+     "search factory configurations in the twin under SLOs and a budget"),
+)
+"""Commands whose modules load only when chosen: a benchmark pulls in torch, the engine and the
+grammar library, which `serve`'s gateway process and `keys` never need (seconds at every start)."""
+
+GROUP_HELP = {"bench": "benchmarks", "twin": "the digital twin"}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command tree; of the lazy commands only the one `argv` names is imported."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="tokenfactory", description="An open token factory.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API")
@@ -122,62 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     usage = commands.add_parser("usage", help="tokens, requests and cost from the ledger")
     meter_cli.add_usage_arguments(usage)
     usage.set_defaults(func=meter_cli.usage_main)
-    agents = commands.add_parser("agents", help="a swarm of tool-calling agents against an OpenAI-compatible endpoint")
-    agents_cli.add_arguments(agents)
-    agents.set_defaults(func=agents_cli.main)
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    bench_engine = bench.add_parser("engine", help="our engine against transformers generate, same run")
-    engine_bench.add_arguments(bench_engine)
-    bench_engine.set_defaults(func=engine_bench.main)
-    bench_serve = bench.add_parser("serve", help="N concurrent HTTP streams against the engine alone, same run")
-    serve_bench.add_arguments(bench_serve)
-    bench_serve.set_defaults(func=serve_bench.main)
-    bench_decode = bench.add_parser("decode", help="decode tokens/s as a fraction of the memory-bandwidth bound")
-    decode_bench.add_arguments(bench_decode)
-    bench_decode.set_defaults(func=decode_bench.main)
-    bench_routing = bench.add_parser("routing", help="routers on a trace in the twin, against a shared-cache bound")
-    routing_bench.add_arguments(bench_routing)
-    bench_routing.set_defaults(func=routing_bench.main)
-    bench_disagg = bench.add_parser("disagg", help="aggregated vs every prefill:decode split in the twin, same GPUs")
-    disagg_bench.add_arguments(bench_disagg)
-    bench_disagg.set_defaults(func=disagg_bench.main)
-    bench_overhead = bench.add_parser("overhead", help="what the gateway, the router and KV transfer add per request")
-    overhead_bench.add_arguments(bench_overhead)
-    bench_overhead.set_defaults(func=overhead_bench.main)
-    bench_constrained = bench.add_parser("constrained", help="grammar-constrained against free decoding, same run")
-    constrained_bench.add_arguments(bench_constrained)
-    bench_constrained.set_defaults(func=constrained_bench.main)
-    bench_agents = bench.add_parser("agents", help="an agent swarm on 4 live workers: kv + session affinity "
-                                                   "against round robin, prefix-cache hits")
-    agents_bench.add_arguments(bench_agents)
-    bench_agents.set_defaults(func=agents_bench.main)
-    bench_twin = bench.add_parser("twin", help="the twin's speed (Mooncake trace, --day) and --calibration vs real GPUs")
-    twin_bench.add_arguments(bench_twin)
-    bench_twin.set_defaults(func=twin_bench.main)
-    bench_fidelity = bench.add_parser("fidelity", help="the twin, calibrated by a profile, against the live engine")
-    fidelity_bench.add_arguments(bench_fidelity)
-    bench_fidelity.set_defaults(func=fidelity_bench.main)
-    bench_power = bench.add_parser("power", help="tiers and the power governor under a grid cut in the twin")
-    power_bench.add_arguments(bench_power)
-    bench_power.set_defaults(func=power_bench.main)
-    bench_energy = bench.add_parser("energy", help="energy-aware clock levels vs always-maximum in the twin")
-    power_bench.add_energy_arguments(bench_energy)
-    bench_energy.set_defaults(func=power_bench.main_energy)
-    twin = commands.add_parser("twin", help="the digital twin").add_subparsers(dest="twin", required=True)
-    twin_replay = twin.add_parser("replay", help="replay a trace on simulated hardware with the real scheduler")
-    twin_cli.add_replay_arguments(twin_replay)
-    twin_replay.set_defaults(func=twin_cli.replay_main)
-    profile = twin.add_parser("profile", help="measure this machine's engine step times and fit the twin's cost model")
-    twin_profile.add_arguments(profile)
-    profile.set_defaults(func=twin_profile.main)
-    plan = commands.add_parser("plan", help="search factory configurations in the twin under SLOs and a budget")
-    twin_plan.add_arguments(plan)
-    plan.set_defaults(func=twin_plan.main)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, module, add_arguments, entry, help_text in LAZY_COMMANDS:
+        parent = commands
+        if len(path) == 2:
+            if path[0] not in groups:
+                groups[path[0]] = commands.add_parser(path[0], help=GROUP_HELP[path[0]]).add_subparsers(
+                    dest=path[0], required=True)
+            parent = groups[path[0]]
+        sub = parent.add_parser(path[-1], help=help_text)
+        if tuple(argv[:len(path)]) == path:
+            loaded = importlib.import_module(module)
+            getattr(loaded, add_arguments)(sub)
+            sub.set_defaults(func=getattr(loaded, entry))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     return args.func(args)
 
 

@@ -9,7 +9,7 @@ from tokenfactory.twin.hardware import get_hardware
 
 
 def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(["bench", "twin", *argv])
+    args = build_parser(["bench", "twin"]).parse_args(["bench", "twin", *argv])
     return args.func(args)
 
 

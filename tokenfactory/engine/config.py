@@ -11,7 +11,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -174,7 +177,8 @@ class SchedulerConfig:
             raise ConfigError("max_num_seqs must be at least 1")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+"""Compute dtypes by name, with their bytes per element (torch loads only where tensors are made)."""
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,9 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        return getattr(torch, self.dtype)
 
     @property
     def context_len(self) -> int:

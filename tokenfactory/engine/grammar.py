@@ -18,11 +18,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
-import llguidance.torch
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from tokenfactory.engine.request import Request
 from tokenfactory.engine.tokenizer import Tokenizer
@@ -117,6 +118,8 @@ class GrammarMasks:
     def apply(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
         """Set every token a constrained row's grammar forbids to -inf, in place; rows without a
         grammar are untouched. logits [num_rows, vocab]."""
+        import torch  # here, not at the top: the gateway checks grammars without loading torch
+
         rows = [row for row, r in enumerate(requests) if r.sampling.grammar is not None]
         if not rows:
             self._settle()
@@ -154,6 +157,8 @@ class GrammarMasks:
 
     def _fill(self, requests: Sequence[Request]) -> torch.Tensor:
         """The allowed-token bitmasks of `requests`: int32 [rows, words]."""
+        import llguidance.torch
+
         start = time.perf_counter()
         matchers = [(self._matcher(req), i) for i, req in enumerate(requests)]
         bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), self.vocab_size)
@@ -208,6 +213,8 @@ _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """int32 [rows, words], bit j of word w = token 32 w + j -> bool [rows, vocab_size]."""
+    import torch
+
     shifts = _BIT_SHIFTS.get(bitmask.device)
     if shifts is None:
         shifts = _BIT_SHIFTS[bitmask.device] = torch.arange(32, dtype=torch.int32, device=bitmask.device)

@@ -14,8 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 TINY_MODEL_NAME = "tokenfactory-tiny"
 TINY_MODEL_VERSION = 1
@@ -92,6 +94,8 @@ def tiny_model_config(vocab_size: int, eos_token_ids: list[int], bos_token_id: i
 
 def tiny_model_weights(config: dict) -> dict[str, torch.Tensor]:
     """Deterministic random weights with Hugging Face Llama parameter names."""
+    import torch  # only when the weights are made: a gateway process never needs torch
+
     gen = torch.Generator().manual_seed(WEIGHTS_SEED)
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     q_out = config["num_attention_heads"] * config["head_dim"]
@@ -118,6 +122,8 @@ def tiny_model_weights(config: dict) -> dict[str, torch.Tensor]:
 
 
 def _write_checkpoint(folder: Path) -> None:
+    from safetensors.torch import save_file
+
     tokenizer = json.loads((TINY_ASSETS_DIR / "tokenizer.json").read_text())
     ids = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
     vocab_size = max(len(tokenizer["model"]["vocab"]), max(ids.values()) + 1)

@@ -29,7 +29,6 @@ from tokenfactory.engine.kv_cache import KVEvent
 from tokenfactory.engine.outputs import EngineCoreOutput
 from tokenfactory.engine.request import SamplingParams
 from tokenfactory.meter.energy import EnergyBook
-from tokenfactory.runtime.engine_process import run_engine_process
 from tokenfactory.runtime.wire import (
     Abort,
     AddRequest,
@@ -43,6 +42,13 @@ from tokenfactory.runtime.wire import (
     encoder,
     from_engine_decoder,
 )
+
+
+def _engine_process_main(config: EngineConfig, inbox_addr: str, outbox_addr: str) -> None:
+    """The engine process's entry point, imported there: the gateway never loads torch."""
+    from tokenfactory.runtime.engine_process import run_engine_process
+
+    run_engine_process(config, inbox_addr, outbox_addr)
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +178,7 @@ class AsyncEngineClient:
         self._receiver.bind(outbox_addr)
         ctx = multiprocessing.get_context("spawn")
         self._process = ctx.Process(
-            target=run_engine_process,
+            target=_engine_process_main,
             args=(self.config, inbox_addr, outbox_addr),
             name="tokenfactory-engine",
             daemon=True,

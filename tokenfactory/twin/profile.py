@@ -457,7 +457,7 @@ class ProfiledCostModel:
     @classmethod
     def from_profile(cls, profile: Profile, hardware: Hardware | None = None) -> ProfiledCostModel:
         model = profile.model_config()
-        itemsize = DTYPES[profile.engine["dtype"]].itemsize
+        itemsize = DTYPES[profile.engine["dtype"]]
         per_token = 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim * itemsize
         return cls(model, profile.fit, int(profile.engine["kv_cache_bytes"]), per_token,
                    hardware or HARDWARE["cpu"])

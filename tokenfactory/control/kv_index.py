@@ -10,7 +10,8 @@ Two indexes answer the same questions:
   the last event received.
 - `ApproximateIndex` hears no events; it remembers where it sent each request's blocks and
   forgets them after a time-to-live, for workers that publish no events.
-Both are plain dicts from block hash to workers, so a lookup is O(blocks of the request).
+Both are plain dicts and sets, so a lookup is O(blocks of the request) per worker, and stops at
+that worker's first miss.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ class KVIndex:
         self.pending_ttl_s = pending_ttl_s
         self._holders: dict[int, set[WorkerId]] = {}
         self._blocks_of: dict[WorkerId, set[int]] = {}
-        self._pending: dict[int, dict[WorkerId, float]] = {}
-        """Block hash -> worker -> when the routed-but-unconfirmed copy stops counting."""
+        self._pending: dict[WorkerId, dict[int, float]] = {}
+        """Worker -> block hash -> when the routed-but-unconfirmed copy stops counting. Kept per
+        worker, like `_blocks_of`, so an event or a routing touches one worker's maps only."""
         self._routed_since_prune = 0
 
     def apply(self, worker_id: WorkerId, events: Iterable[KVEvent]) -> None:
@@ -89,33 +91,42 @@ class KVIndex:
             else:
                 raise ValueError(f"unknown KV event kind {event.kind!r}")
 
-    def _store(self, worker_id: WorkerId, block_hashes: Iterable[int]) -> None:
-        blocks = self._blocks_of.setdefault(worker_id, set())
+    def _store(self, worker_id: WorkerId, block_hashes: Sequence[int]) -> None:
+        blocks = self._blocks_of.get(worker_id)
+        if blocks is None:
+            blocks = self._blocks_of[worker_id] = set()
+        holders_map = self._holders
         for block_hash in block_hashes:
-            self._holders.setdefault(block_hash, set()).add(worker_id)
-            blocks.add(block_hash)
-            self._drop_pending(block_hash, worker_id)  # confirmed: the event now speaks for it
+            holders = holders_map.get(block_hash)
+            if holders is None:
+                holders_map[block_hash] = {worker_id}
+            else:
+                holders.add(worker_id)
+        blocks.update(block_hashes)
+        self._drop_pending(worker_id, block_hashes)  # confirmed: the event now speaks for them
 
-    def _remove(self, worker_id: WorkerId, block_hashes: Iterable[int]) -> None:
-        blocks = self._blocks_of.get(worker_id, set())
+    def _remove(self, worker_id: WorkerId, block_hashes: Sequence[int]) -> None:
+        blocks = self._blocks_of.get(worker_id)
+        if blocks is not None:
+            blocks.difference_update(block_hashes)
+        self._drop_pending(worker_id, block_hashes)
+        holders_map = self._holders
         for block_hash in block_hashes:
-            blocks.discard(block_hash)
-            self._drop_pending(block_hash, worker_id)
-            holders = self._holders.get(block_hash)
+            holders = holders_map.get(block_hash)
             if holders is not None:
                 holders.discard(worker_id)
                 if not holders:
-                    del self._holders[block_hash]
+                    del holders_map[block_hash]
 
     def remove_worker(self, worker_id: WorkerId) -> None:
         self._remove(worker_id, list(self._blocks_of.pop(worker_id, ())))
-        for block_hash in [h for h, workers in self._pending.items() if worker_id in workers]:
-            self._drop_pending(block_hash, worker_id)
+        self._pending.pop(worker_id, None)
 
-    def _drop_pending(self, block_hash: int, worker_id: WorkerId) -> None:
-        pending = self._pending.get(block_hash)
-        if pending is not None and pending.pop(worker_id, None) is not None and not pending:
-            del self._pending[block_hash]
+    def _drop_pending(self, worker_id: WorkerId, block_hashes: Sequence[int]) -> None:
+        pending = self._pending.get(worker_id)
+        if pending:
+            for block_hash in [h for h in block_hashes if h in pending]:
+                del pending[block_hash]
 
     def num_blocks(self, worker_id: WorkerId) -> int:
         """Cached blocks the index believes `worker_id` holds."""
@@ -127,29 +138,38 @@ class KVIndex:
         return copies / len(self._holders) if self._holders else 0.0
 
     def overlap(self, block_hashes: Sequence[int], now: float = 0.0) -> dict[WorkerId, int]:
-        return leading_overlap(self._holders_at(h, now) for h in block_hashes)
-
-    def _holders_at(self, block_hash: int, now: float) -> set[WorkerId] | None:
-        held = self._holders.get(block_hash)
-        pending = self._pending.get(block_hash)
-        if not pending:
-            return held
-        live = {w for w, until in pending.items() if until > now}
-        return live | held if held else live
+        # A worker's count is its own leading run (what `leading_overlap` computes), so each
+        # worker is walked on its own maps and stops at its first miss.
+        counts: dict[WorkerId, int] = {}
+        no_pending: dict[int, float] = {}
+        for worker_id in self._blocks_of.keys() | self._pending.keys():
+            held = self._blocks_of.get(worker_id, ())
+            pending = self._pending.get(worker_id) or no_pending
+            depth = 0
+            for block_hash in block_hashes:
+                if block_hash not in held and pending.get(block_hash, now) <= now:
+                    break
+                depth += 1
+            if depth:
+                counts[worker_id] = depth
+        return counts
 
     def record_routed(self, worker_id: WorkerId, block_hashes: Sequence[int], now: float) -> None:
         """The blocks count as `worker_id`'s until its events confirm them (or the TTL passes)."""
         until = now + self.pending_ttl_s
+        held = self._blocks_of.get(worker_id, ())
+        pending = self._pending.get(worker_id)
+        if pending is None:
+            pending = self._pending[worker_id] = {}
         for block_hash in block_hashes:
-            held = self._holders.get(block_hash)
-            if held is None or worker_id not in held:
-                self._pending.setdefault(block_hash, {})[worker_id] = until
+            if block_hash not in held:
+                pending[block_hash] = until
         self._routed_since_prune += 1
         if self._routed_since_prune >= 1024:  # bound the memory of never-confirmed entries
             self._routed_since_prune = 0
-            for block_hash, pending in list(self._pending.items()):
-                for w in [w for w, t in pending.items() if t <= now]:
-                    self._drop_pending(block_hash, w)
+            for pending in self._pending.values():
+                for block_hash in [h for h, t in pending.items() if t <= now]:
+                    del pending[block_hash]
 
 
 class ApproximateIndex:

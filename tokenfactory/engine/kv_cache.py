@@ -68,10 +68,10 @@ def _extend_block_hashes(
         packed = array.array("B", struct.pack(f"<{len(packed)}I", *packed))
     data, stride = packed.tobytes(), 4 * block_size
     digest = (hashes[-1] if hashes else root).to_bytes(8, "little")
-    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+    blake2b, from_bytes, append = hashlib.blake2b, int.from_bytes, hashes.append
     for offset in range(0, len(data), stride):
         digest = blake2b(digest + data[offset : offset + stride], digest_size=8).digest()
-        hashes.append(from_bytes(digest, "little"))
+        append(from_bytes(digest, "little"))
 
 
 class KVEvent(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
@@ -220,11 +220,28 @@ class KVCacheManager:
             state.num_cached_blocks = len(hits)
         if admitting and self.enable_prefix_caching:
             self._mark_inflight(state, len(hits))
-        evicted: list[int] = []
-        for _ in range(max(num_needed, 0)):
-            state.block_ids.append(self._take_free_block(evicted))
-        if evicted:
-            self._events.append(KVEvent("removed", evicted, block_size=self.block_size))
+        if num_needed > 0:
+            evicted: list[int] = []
+            state.block_ids.extend(self._take_free_blocks(num_needed, evicted))
+            if evicted:
+                self._events.append(KVEvent("removed", evicted, block_size=self.block_size))
+        return True
+
+    def append_decode_blocks(self, requests: Sequence[Request]) -> bool:
+        """One more block for each of `requests`, in order: the same blocks and events as
+        `allocate_slots(request, 1)` for each, when each has just filled its last block.
+        All or nothing: False, changing nothing, when fewer blocks are free."""
+        if len(requests) > self.num_free_blocks:
+            return False
+        states, bs = self._requests, self.block_size
+        for request in requests:
+            state = states[request.request_id]
+            if not state.block_ids or request.num_computed_tokens != len(state.block_ids) * bs:
+                raise ValueError(f"request {request.request_id} has not filled its last block")
+            evicted: list[int] = []
+            state.block_ids.extend(self._take_free_blocks(1, evicted))
+            if evicted:
+                self._events.append(KVEvent("removed", evicted, block_size=bs))
         return True
 
     def cache_blocks(self, request: Request) -> None:
@@ -243,16 +260,19 @@ class KVCacheManager:
         _extend_block_hashes(state.hashes, request.all_token_ids, bs, num_full)
         self._clear_inflight(state, num_full)
         run_start: int | None = None  # first block of the current chain of new entries
+        hashes, block_ids = state.hashes, state.block_ids
+        hash_to_block, block_hashes = self._hash_to_block, self._block_hashes
         for i in range(state.num_cached_blocks, num_full):
-            block_hash, block = state.hashes[i], state.block_ids[i]
-            if block_hash in self._hash_to_block:  # the same prefix computed twice
+            block_hash, block = hashes[i], block_ids[i]
+            if block_hash in hash_to_block:  # the same prefix computed twice
                 if run_start is not None:
-                    self._emit_stored(state.hashes, request.all_token_ids, run_start, i)
+                    self._emit_stored(hashes, request.all_token_ids, run_start, i)
                 run_start = None
                 continue
-            self._hash_to_block[block_hash] = block
-            self._block_hashes[block] = block_hash
-            run_start = i if run_start is None else run_start
+            hash_to_block[block_hash] = block
+            block_hashes[block] = block_hash
+            if run_start is None:
+                run_start = i
         if run_start is not None:
             self._emit_stored(state.hashes, request.all_token_ids, run_start, num_full)
         state.num_cached_blocks = num_full
@@ -264,13 +284,14 @@ class KVCacheManager:
         if state is None:
             return
         self._clear_inflight(state, len(state.hashes))
+        ref_counts, block_hashes, fresh, evictable = self._ref_counts, self._block_hashes, self._fresh, self._evictable
         for block in reversed(state.block_ids):
-            self._ref_counts[block] -= 1
-            if self._ref_counts[block] == 0:
-                if self._block_hashes[block] is None:
-                    self._fresh.append(block)
+            count = ref_counts[block] = ref_counts[block] - 1
+            if count == 0:
+                if block_hashes[block] is None:
+                    fresh.append(block)
                 else:
-                    self._evictable[block] = None  # most recently used at the end
+                    evictable[block] = None  # most recently used at the end
         if request.is_finished:
             del self._requests[request.request_id]
         else:
@@ -307,19 +328,20 @@ class KVCacheManager:
     def _mark_inflight(self, state: _RequestBlocks, start: int) -> None:
         """On admission: the request will compute its known full blocks from `start` on."""
         state.inflight = range(start, len(state.hashes))
-        for i in state.inflight:
-            h = state.hashes[i]
-            self._inflight[h] = self._inflight.get(h, 0) + 1
+        inflight = self._inflight
+        for h in state.hashes[start:]:
+            inflight[h] = inflight.get(h, 0) + 1
 
     def _clear_inflight(self, state: _RequestBlocks, end: int) -> None:
         """The request's blocks before `end` are computed (or abandoned): no longer in flight."""
         done = range(state.inflight.start, min(end, state.inflight.stop))
-        for i in done:
-            h = state.hashes[i]
-            if self._inflight[h] == 1:
-                del self._inflight[h]
+        inflight = self._inflight
+        for h in state.hashes[done.start : done.stop]:
+            count = inflight[h]
+            if count == 1:
+                del inflight[h]
             else:
-                self._inflight[h] -= 1
+                inflight[h] = count - 1
         state.inflight = range(max(done.stop, state.inflight.start), state.inflight.stop)
 
     def _count_cached(self, hashes: list[int], start: int, stop: int) -> int:
@@ -342,20 +364,31 @@ class KVCacheManager:
             blocks.append(block)
         return blocks
 
-    def _take_free_block(self, evicted: list[int]) -> int:
-        """A free block with ref count 1: a fresh one, or else the least recently used cached one."""
-        if self._fresh:
-            block = self._fresh.pop()
-        else:
-            block, _ = self._evictable.popitem(last=False)
-            block_hash = self._block_hashes[block]
-            assert block_hash is not None
-            del self._hash_to_block[block_hash]
-            self._block_hashes[block] = None
-            evicted.append(block_hash)
-            self._generation += 1
-        self._ref_counts[block] = 1
-        return block
+    def _take_free_blocks(self, count: int, evicted: list[int]) -> list[int]:
+        """`count` free blocks with ref count 1: fresh ones first (block ids in the order
+        `_fresh.pop()` yields them), then the least recently used cached ones, appending the
+        evicted hashes to `evicted`. The caller has checked that enough are free."""
+        fresh = self._fresh
+        split = max(len(fresh) - count, 0)
+        blocks = fresh[split:]
+        del fresh[split:]
+        blocks.reverse()
+        num_evicting = count - len(blocks)
+        if num_evicting > 0:
+            popitem, block_hashes, hash_to_block = self._evictable.popitem, self._block_hashes, self._hash_to_block
+            victims = [popitem(last=False)[0] for _ in range(num_evicting)]
+            victim_hashes = [block_hashes[block] for block in victims]
+            assert None not in victim_hashes
+            for block, block_hash in zip(victims, victim_hashes):
+                del hash_to_block[block_hash]
+                block_hashes[block] = None
+            evicted.extend(victim_hashes)
+            self._generation += num_evicting
+            blocks.extend(victims)
+        ref_counts = self._ref_counts
+        for block in blocks:
+            ref_counts[block] = 1
+        return blocks
 
     def _emit_stored(self, hashes: list[int], token_ids: list[int], start: int, end: int) -> None:
         bs = self.block_size

@@ -341,20 +341,23 @@ class Scheduler:
         ):
             raise ValueError("decode_steps needs a pure-decode state: nothing waiting, one token per running request")
         num_steps = min([max_steps, *(self._steps_until_stop(r, token_id) for r in running)])
-        block_size = self.kv.block_size
-        tables = [self.kv.block_ids(r.request_id) for r in running]  # live views
+        kv = self.kv
+        block_size = kv.block_size
+        tables = [kv.block_ids(r.request_id) for r in running]  # live views
+        needing = [r for r, table in zip(running, tables) if r.num_computed_tokens + 1 > len(table) * block_size]
         done = 0
         while done < num_steps:
-            needing = [r for r, table in zip(running, tables) if r.num_computed_tokens + 1 > len(table) * block_size]
-            if len(needing) > self.kv.num_free_blocks:
-                break  # the real step would preempt here: leave it to schedule()
-            for request in needing:  # as _schedule_running: in serving order, one token each
-                allocated = self.kv.allocate_slots(request, 1)
-                assert allocated
-            for request in running:  # as update_from_output
+            # as _schedule_running: in serving order, one token each; False: the real step
+            # would preempt here, so leave it to schedule()
+            if needing and not kv.append_decode_blocks(needing):
+                break
+            needing = []
+            for request, table in zip(running, tables):  # as update_from_output
                 request.num_computed_tokens += 1
                 if request.num_computed_tokens % block_size == 0:  # a block just filled
-                    self.kv.cache_blocks(request)
+                    kv.cache_blocks(request)
+                    if request.num_computed_tokens == len(table) * block_size:
+                        needing.append(request)  # its next token starts a new block
                 request.append_output_token(token_id)
             done += 1
         if done == 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,7 +169,16 @@ def connect(db: str | Path, purpose: str = "") -> Database:
 def _open_sqlite(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")  # outside any transaction: SQLite refuses it inside one
+    # Outside any transaction (SQLite refuses it inside one). Switching a fresh file to WAL takes an
+    # exclusive lock without waiting on the busy timeout, so processes opening it together retry.
+    for attempt in range(200):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == 199:
+                raise
+            time.sleep(0.01)
     conn.execute("PRAGMA synchronous=FULL")
     return conn
 

@@ -46,12 +46,11 @@ from tokenfactory.control.governor import (
 )
 from tokenfactory.control.router import Router
 from tokenfactory.control.tiers import FactoryConfig, TokenUsage, price_usage
-from tokenfactory.engine.request import Request, SamplingParams
 from tokenfactory.gateway.admission import AdmissionConfig, TierCounts, shed_decision
 from tokenfactory.twin.clocks import ClockedCostModel, WorkerLoad, decode_shape, pick_clock
 from tokenfactory.twin.cost_model import shape_of
 from tokenfactory.twin.simulator import SimulationResult, Simulator, SimWorker, TwinConfig
-from tokenfactory.twin.workloads import TraceRequest, prompt_token_ids
+from tokenfactory.twin.workloads import TraceRequest
 
 DEMAND_WINDOW_S = 10.0
 """A tier's arriving prompt tokens count toward its demand over this many seconds."""
@@ -267,26 +266,15 @@ class PowerSimulator(Simulator):
             self.shed_ids.add(request_id)
             del self._records[request_id]
             return None
-        tokens = prompt_token_ids(trace)
-        request = Request(request_id, tokens, SamplingParams(max_tokens=trace.output_length, ignore_eos=True),
-                          priority=self.tiers.tiers[tier].priority, arrival_time=trace.arrival_time)
-        hashes = self._hasher(trace, tokens) if self._hasher is not None else None
-        worker = self.workers[self._route(request, hashes, trace.session_id)]
-        try:
-            worker.scheduler.add_request(request)
-        except ValueError:  # longer than the context window or the whole KV cache
-            self.num_rejected += 1
-            del self._records[request_id]
+        index = super()._arrive(request_id, trace, self.tiers.tiers[tier].priority)
+        if index is None:
             return None
-        if hashes is not None and self.config.enable_prefix_caching:
-            worker.kv.set_prompt_hashes(request, hashes)
-        worker.track_prefill(request)
         self._tier_by_id[request_id] = tier
         counts = self.counts[tier]
         counts.queued += 1
-        counts.queued_prompt_tokens += len(tokens)
-        self._queued[worker.index][request_id] = len(tokens)
-        return worker.index
+        counts.queued_prompt_tokens += trace.input_length
+        self._queued[index][request_id] = trace.input_length
+        return index
 
     def _start_step(self, worker: SimWorker) -> None:
         self.cost = self.worker_cost[worker.index]  # each worker's steps at its own clock

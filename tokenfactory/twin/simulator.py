@@ -279,13 +279,15 @@ class Simulator:
             self._seq += 1
             heapq.heappush(self._follow_ups, (follow_up.arrival_time, self._seq, follow_up))
 
-    def _arrive(self, request_id: str, trace: TraceRequest) -> int | None:
-        """Hand the request to the router's worker; returns that worker's index."""
+    def _arrive(self, request_id: str, trace: TraceRequest, priority: int = 0) -> int | None:
+        """Hand the request to the router's worker; returns that worker's index. `priority`: the
+        scheduling priority of its tier (the power simulator's tiers)."""
         tokens = prompt_token_ids(trace)
         request = Request(
             request_id,
             tokens,
             SamplingParams(max_tokens=trace.output_length, ignore_eos=True),
+            priority=priority,
             arrival_time=trace.arrival_time,
         )
         hashes = self._hasher(trace, tokens) if self._hasher is not None else None

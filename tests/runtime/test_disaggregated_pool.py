@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import random
 
+from tests.runtime.pool_waits import all_blocks_free
+
 from tokenfactory.control.disagg import DisaggConfig
 from tokenfactory.engine.config import CacheConfig, EngineConfig
 from tokenfactory.engine.engine import EngineCore
@@ -38,14 +40,6 @@ async def stream(pool: WorkerPool, request_id: str, prompt: list[int], params: S
     return tokens, outs[-1].finish_reason, max(out.num_cached_tokens for out in outs)
 
 
-async def wait_all_free(pool: WorkerPool) -> bool:
-    for _ in range(100):
-        if all(w.load.num_free_blocks == w.load.num_total_blocks for w in pool.workers):
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
 def test_split_requests_stream_the_tokens_of_whole_ones(tiny_model_dir):
     config = EngineConfig.from_pretrained(tiny_model_dir, max_model_len=512,
                                           cache=CacheConfig(block_size=16, num_blocks=128))
@@ -71,7 +65,7 @@ def test_split_requests_stream_the_tokens_of_whole_ones(tiny_model_dir):
             assert m[0] == expected[3] and pool.num_split == 2
             one = await stream(pool, "d", first, SamplingParams(max_tokens=1, temperature=0.0))
             assert one[:2] == (expected[0][:1], "length")
-            assert await wait_all_free(pool)  # no blocks left behind on either side
+            assert await all_blocks_free(pool)  # no blocks left behind on either side
         finally:
             await pool.shutdown()
 

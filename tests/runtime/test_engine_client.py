@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.loop_thread import LoopThread
-
 from tokenfactory.engine.config import CacheConfig, EngineConfig
 from tokenfactory.engine.kv_cache import prompt_block_hashes
 from tokenfactory.engine.request import SamplingParams
@@ -23,13 +21,6 @@ CONTEXT_LEN = 256
 def engine_config(model_dir: Path) -> EngineConfig:
     return EngineConfig.from_pretrained(model_dir, max_model_len=CONTEXT_LEN,
                                         cache=CacheConfig(block_size=16, num_blocks=64))
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = LoopThread()
-    yield loop
-    loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from tests.gateway.live_server import free_port, wait_until_up
-from tests.loop_thread import LoopThread
+from tests.runtime.pool_waits import all_blocks_free
 
 from tokenfactory.control.router import KVAwareRouter, RoundRobinRouter
 from tokenfactory.engine.config import CacheConfig, EngineConfig
@@ -22,13 +21,6 @@ from tokenfactory.runtime.pool import WorkerPool
 
 BLOCK = 16
 SHARED_PREFIX = [(7 * i) % 3000 + 10 for i in range(6 * BLOCK)]  # 6 full blocks
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = LoopThread()
-    yield loop
-    loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +53,6 @@ async def routed_one_by_one(pool: WorkerPool, tag: str, count: int) -> tuple[lis
         workers.append(worker_id)
         cached.append(outputs[-1].num_cached_tokens)
     return workers, cached
-
-
-async def all_blocks_free(pool: WorkerPool, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if all(w.load.num_free_blocks == w.load.num_total_blocks for w in pool.workers):
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 def test_kv_router_keeps_a_shared_prefix_on_the_worker_that_holds_it(pool, loop):

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from tokenfactory.agents.swarm import AgentConfig, Endpoint, Swarm, SwarmReport, Totals, endpoint_client
-from tokenfactory.bench.serve_bench import _wait_healthy, free_port
+from tokenfactory.bench.serve_bench import free_port, wait_healthy
 from tokenfactory.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
 
 CITIES = ("Lyon", "Porto", "Gdansk", "Ghent", "Turin", "Bergen", "Cork", "Brno", "Split", "Tartu")
@@ -131,7 +131,7 @@ def run_factory(label: str, router: str, affinity: bool, args: argparse.Namespac
     try:
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_healthy(url, server, timeout_s=300)
+            wait_healthy(url, server, timeout_s=300)
         except RuntimeError as e:
             raise RuntimeError(f"{e}; its output ends:\n{log.read_text()[-2000:]}") from None
         print(f"{label}: swarm running ...", flush=True)

@@ -161,14 +161,7 @@ def replay_live(core: EngineCore, runner: ShapeRecordingRunner, workload: list[T
         outputs = core.step()
         ended = replay.now()
         for output in outputs:
-            record = run.records[int(output.request_id)]
-            if record.first_token < 0:
-                record.first_token = ended
-            record.num_output_tokens += len(output.new_token_ids)
-            record.last_token = ended
-            if output.finish_reason is not None:
-                record.finish = ended
-                record.num_cached_tokens = output.num_cached_tokens
+            run.records[int(output.request_id)].observe(output, ended)
         if runner.last_shape is None:
             continue  # nothing fitted the cache this step
         run.shapes.append(runner.last_shape)

@@ -21,7 +21,7 @@ import time
 import httpx
 import msgspec
 
-from tokenfactory.bench.serve_bench import _start_server, _wait_healthy, free_port
+from tokenfactory.bench.serve_bench import free_port, start_server, wait_healthy
 from tokenfactory.control.kv_index import KVIndex
 from tokenfactory.control.router import KVAwareRouter, RouteRequest, WorkerState
 from tokenfactory.engine.config import CacheConfig, EngineConfig
@@ -86,11 +86,11 @@ async def ttft_direct(config: EngineConfig, prompts: list[list[int]]) -> list[fl
 
 def ttft_served(model_dir: str, name: str, model: str, prompts: list[list[int]]) -> list[float]:
     port = free_port()
-    args = argparse.Namespace(concurrency=1, max_num_batched_tokens=2048)
-    server = _start_server(model_dir, name, port, args, extra=["--workers", "2", "--router", "kv"])
+    server = start_server(model_dir, name, port, max_num_seqs=1, max_num_batched_tokens=2048,
+                          extra=["--workers", "2", "--router", "kv"])
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, server)
+        wait_healthy(url, server)
         times = []
         with httpx.Client(base_url=url, timeout=60) as client:
             for prompt in [prompts[0]] + prompts:

@@ -69,10 +69,10 @@ def main(args: argparse.Namespace) -> int:
           f"({alone_steps} steps, {1000 * alone_step_s / alone_steps:.1f} ms/step)", flush=True)
 
     port = free_port()
-    server = _start_server(model_dir, name, port, args)
+    server = start_server(model_dir, name, port, args.concurrency, args.max_num_batched_tokens)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, server)
+        wait_healthy(url, server)
         served_s, timings, steps, step_s = asyncio.run(run_served(url, config.name, prompts, args.output_len))
     finally:
         server.terminate()
@@ -135,11 +135,11 @@ async def _stream_one(client: httpx.AsyncClient, model: str, prompt: list[int], 
     return timing
 
 
-def _start_server(model_dir: str, name: str, port: int, args: argparse.Namespace,
-                  extra: list[str] | None = None) -> subprocess.Popen:
+def start_server(model_dir: str, name: str, port: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 extra: list[str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tokenfactory.cli", "serve", "--model", model_dir, "--port", str(port),
-           "--max-num-seqs", str(max(args.concurrency, 1)),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+           "--max-num-seqs", str(max(max_num_seqs, 1)),
+           "--max-num-batched-tokens", str(max_num_batched_tokens)]
     if name:
         cmd += ["--served-model-name", name]
     cmd += extra or []
@@ -149,7 +149,7 @@ def _start_server(model_dir: str, name: str, port: int, args: argparse.Namespace
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
+def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:

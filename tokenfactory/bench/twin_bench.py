@@ -100,10 +100,11 @@ def _verdict(wall_s: float, goal_s: float) -> str:
 
 def trace_speed(console: Console, path: str, limit: int | None) -> int:
     try:
-        workload = load_mooncake(path, limit=limit)
+        trace = load_mooncake(path)
     except FileNotFoundError:
         console.print(f"[red]trace not found: {path}[/red] (pass --trace FILE)")
         return 2
+    workload = trace[:limit]  # the trace's times start at its first request, so a prefix keeps them
     config = TwinConfig(CostModel(default_model(), get_hardware("h200")), num_workers=16)
     simulator = Simulator(config, make_router("kv"))
     wall, cpu = time.perf_counter(), time.process_time()
@@ -116,22 +117,11 @@ def trace_speed(console: Console, path: str, limit: int | None) -> int:
         f"({simulated / cpu:.0f} per CPU s); prefix hit rate {result.summary.prefix_hit_rate:.1%}"
     )
     whole = wall
-    if limit is not None and limit < _trace_length(path):
-        last = workload[-1].arrival_time
-        whole = wall * _trace_span(path) / max(last, 1e-9)
+    if len(workload) < len(trace):
+        whole = wall * trace[-1].arrival_time / max(workload[-1].arrival_time, 1e-9)
         console.print(f"scaled to the whole trace by simulated time: about {whole:.0f} wall s")
     console.print(_verdict(whole, TRACE_GOAL_S))
     return 0
-
-
-def _trace_length(path: str) -> int:
-    with open(path) as f:
-        return sum(1 for _ in f)
-
-
-def _trace_span(path: str) -> float:
-    whole = load_mooncake(path)
-    return whole[-1].arrival_time
 
 
 def day(console: Console, num_requests: int, jobs: int = 1) -> int:

@@ -45,11 +45,19 @@ class GridEvent:
         if self.duration_s <= 0 or self.ramp_s < 0:
             raise ValueError("a grid event needs duration_s > 0 and ramp_s >= 0")
 
+    @property
+    def end_s(self) -> float:
+        return self.start_s + self.duration_s
+
+    def over(self, now: float) -> bool:
+        """Whether the event has ramped out and can no longer cut anything."""
+        return now >= self.end_s + self.ramp_s
+
     def cut_at(self, now: float) -> float:
         """The fraction of the budget this event removes at `now`."""
-        end = self.start_s + self.duration_s
+        end = self.end_s
         ramp_in_from = max(self.start_s - self.ramp_s, self.announced_s)
-        if now < ramp_in_from or now >= end + self.ramp_s:
+        if now < ramp_in_from or self.over(now):
             return 0.0
         if now < self.start_s:
             return self.cut_fraction * (now - ramp_in_from) / (self.start_s - ramp_in_from)

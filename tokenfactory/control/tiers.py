@@ -236,7 +236,8 @@ class RateLimiter:
     def record(self, key_id: str, tier: str, num_tokens: int, now: float) -> None:
         spec = self.config.tiers[tier]
         w = self._window(key_id, tier, spec, now)
-        w.tokens.append((now, num_tokens))
+        if num_tokens:  # a zero entry would only date the window's Retry-After too early
+            w.tokens.append((now, num_tokens))
         w.quota_used += num_tokens
 
     # A restarted gateway reads back from its ledger what the previous one counted (the ledger

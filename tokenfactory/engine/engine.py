@@ -81,9 +81,8 @@ class EngineCore:
     def prefill_only(self, request: Request) -> None:
         """Queue a request to compute its prompt and sample its first token only; its KV is then
         kept for `export_kv` (unless that token ended it: EOS or a stop token)."""
-        self._check_request(request)
         request.sampling = dataclasses.replace(request.sampling, max_tokens=1)
-        self.scheduler.add_request(request)
+        self.add_request(request)
         self._prefill_only.add(request.request_id)
 
     def export_kv(self, request_id: str) -> KVTransfer:

@@ -221,10 +221,7 @@ class KVCacheManager:
         if admitting and self.enable_prefix_caching:
             self._mark_inflight(state, len(hits))
         if num_needed > 0:
-            evicted: list[int] = []
-            state.block_ids.extend(self._take_free_blocks(num_needed, evicted))
-            if evicted:
-                self._events.append(KVEvent("removed", evicted, block_size=self.block_size))
+            state.block_ids.extend(self._take_free_blocks(num_needed))
         return True
 
     def append_decode_blocks(self, requests: Sequence[Request]) -> bool:
@@ -238,10 +235,7 @@ class KVCacheManager:
             state = states[request.request_id]
             if not state.block_ids or request.num_computed_tokens != len(state.block_ids) * bs:
                 raise ValueError(f"request {request.request_id} has not filled its last block")
-            evicted: list[int] = []
-            state.block_ids.extend(self._take_free_blocks(1, evicted))
-            if evicted:
-                self._events.append(KVEvent("removed", evicted, block_size=bs))
+            state.block_ids.extend(self._take_free_blocks(1))
         return True
 
     def cache_blocks(self, request: Request) -> None:
@@ -364,10 +358,10 @@ class KVCacheManager:
             blocks.append(block)
         return blocks
 
-    def _take_free_blocks(self, count: int, evicted: list[int]) -> list[int]:
+    def _take_free_blocks(self, count: int) -> list[int]:
         """`count` free blocks with ref count 1: fresh ones first (block ids in the order
-        `_fresh.pop()` yields them), then the least recently used cached ones, appending the
-        evicted hashes to `evicted`. The caller has checked that enough are free."""
+        `_fresh.pop()` yields them), then the least recently used cached ones, whose eviction
+        is recorded as one "removed" event. The caller has checked that enough are free."""
         fresh = self._fresh
         split = max(len(fresh) - count, 0)
         blocks = fresh[split:]
@@ -382,7 +376,7 @@ class KVCacheManager:
             for block, block_hash in zip(victims, victim_hashes):
                 del hash_to_block[block_hash]
                 block_hashes[block] = None
-            evicted.extend(victim_hashes)
+            self._events.append(KVEvent("removed", victim_hashes, block_size=self.block_size))
             self._generation += num_evicting
             blocks.extend(victims)
         ref_counts = self._ref_counts

@@ -95,6 +95,9 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         """Queue a request; raises ValueError for one that could never run."""
         self._check_admissible(request)
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         self._requests[request.request_id] = request
         self._push_waiting(request)
@@ -113,9 +116,7 @@ class Scheduler:
         num_cached -= num_cached % self.kv.block_size
         if (num_cached < min_cached_tokens or len(self._running) >= self.config.max_num_seqs
                 or not self.kv.allocate_slots(request, num_computed_tokens - num_cached, num_cached)):
-            request.status = RequestStatus.WAITING
-            self._requests[request.request_id] = request
-            self._push_waiting(request)
+            self._enqueue(request)
             return None
         request.status = RequestStatus.RUNNING
         request.num_computed_tokens = num_computed_tokens

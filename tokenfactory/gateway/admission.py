@@ -48,11 +48,11 @@ from tokenfactory.control.tiers import FactoryConfig
 from tokenfactory.gateway.auth import AdminAuth
 from tokenfactory.gateway.errors import APIError, bad_request
 from tokenfactory.meter.ledger import LedgerEntry
-from tokenfactory.meter.power import ModeledPowerSensor, PowerSensor, sensor_for
+from tokenfactory.meter.power import ModeledPowerSensor, PowerSensor, default_hardware, sensor_for
 from tokenfactory.runtime.client import AsyncEngineClient, Worker
 from tokenfactory.runtime.pool import WorkerPool
 from tokenfactory.runtime.wire import EngineLoad
-from tokenfactory.twin.hardware import Hardware, get_hardware
+from tokenfactory.twin.hardware import Hardware
 
 logger = logging.getLogger(__name__)
 
@@ -153,19 +153,23 @@ class TierTraffic:
         return [TierLoad(name, spec.priority, self.counts[name].running + self.counts[name].queued_prompt_tokens)
                 for name, spec in self.tiers.tiers.items()]
 
-    def recent(self) -> tuple[list[tuple[str, float]], list[Ended]]:
-        """The last minute's TTFTs (tier, seconds) and ended requests."""
+    def _forget_old(self) -> None:
         horizon = self.clock() - WINDOW_S
         while self._ttfts and self._ttfts[0][0] < horizon:
             self._ttfts.popleft()
         while self._ended and self._ended[0].at < horizon:
             self._ended.popleft()
+
+    def recent(self) -> tuple[list[tuple[str, float]], list[Ended]]:
+        """The last minute's TTFTs (tier, seconds) and ended requests."""
+        self._forget_old()
         return [(tier, s) for _, tier, s in self._ttfts], list(self._ended)
 
     def start_rate(self) -> float:
-        """Sequences that got their first token per second, over the last minute."""
-        ttfts, _ = self.recent()
-        return len(ttfts) / WINDOW_S
+        """Sequences that got their first token per second, over the last minute (asked on every
+        admission check, so it counts without copying the window)."""
+        self._forget_old()
+        return len(self._ttfts) / WINDOW_S
 
 
 def median(values: list[float]) -> float | None:
@@ -249,11 +253,6 @@ def engines_of(worker: Worker) -> list[Worker]:
     return list(worker.workers) if isinstance(worker, WorkerPool) else [worker]
 
 
-def default_hardware(device: str, name: str | None) -> Hardware:
-    """The power model of a worker on `device` (the same defaults as `meter.power.sensor_for`)."""
-    return get_hardware(name or ("h100" if device.startswith("cuda") else "cpu"))
-
-
 @dataclass(slots=True)
 class _EngineWatch:
     """The last load seen of one engine, to turn its counters into rates."""
@@ -314,7 +313,7 @@ class LiveGovernor:
     def tick(self) -> GovernorDecision:
         """One round: read, decide, apply. Dead workers get no share."""
         now = self.clock()
-        self.admin_events = tuple(e for e in self.admin_events if now < e.start_s + e.duration_s + e.ramp_s)
+        self.admin_events = tuple(e for e in self.admin_events if not e.over(now))
         engines = engines_of(self.worker)
         alive = [i for i, e in enumerate(engines) if e.is_alive]
         hw = self.hardware
@@ -438,10 +437,9 @@ class GridEventRequest(BaseModel):
 
 
 def event_state(event: GridEvent, now: float) -> str:
-    end = event.start_s + event.duration_s
-    if now >= end + event.ramp_s:
+    if event.over(now):
         return "over"
-    if now >= end:
+    if now >= event.end_s:
         return "ramping out"
     if now >= event.start_s:
         return "active"
@@ -451,7 +449,7 @@ def event_state(event: GridEvent, now: float) -> str:
 def event_json(view: EventView, now: float) -> dict:
     e = view.event
     return {"object": "grid_event", "name": e.name, "source": view.source, "start_s": e.start_s,
-            "end_s": e.start_s + e.duration_s, "duration_s": e.duration_s, "cut_fraction": e.cut_fraction,
+            "end_s": e.end_s, "duration_s": e.duration_s, "cut_fraction": e.cut_fraction,
             "ramp_s": e.ramp_s, "announced_s": e.announced_s if math.isfinite(e.announced_s) else None,
             "cut_now": round(e.cut_at(now), 6), "state": event_state(e, now)}
 

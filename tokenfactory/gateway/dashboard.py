@@ -89,7 +89,7 @@ def dashboard_data(admission: Admission, model: str, electricity_usd_per_kwh: fl
 def _recent(view: EventView, now: float) -> bool:
     """Events that ended within the day or start within it."""
     e = view.event
-    return e.start_s - 86400 <= now <= e.start_s + e.duration_s + e.ramp_s + 86400
+    return e.start_s - 86400 <= now <= e.end_s + e.ramp_s + 86400
 
 
 def add_dashboard_routes(app: FastAPI, admission: Admission, model: str, electricity_usd_per_kwh: float) -> None:

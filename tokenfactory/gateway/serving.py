@@ -461,8 +461,12 @@ def _delta_message(event: Event) -> DeltaMessage:
 
 
 def _token_usage(seqs: list[SequenceSpec], totals: list[ChoiceTotals]) -> TokenUsage:
-    usage = _usage(seqs, totals)
-    return TokenUsage(usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens)
+    """Prompt tokens count once per prompt (its n choices share it), cached as the least any saw."""
+    prompt_tokens, cached = {}, {}
+    for s, t in zip(seqs, totals, strict=True):
+        prompt_tokens[s.prompt_index] = len(s.prompt_token_ids)
+        cached[s.prompt_index] = min(cached.get(s.prompt_index, t.num_cached_tokens), t.num_cached_tokens)
+    return TokenUsage(sum(prompt_tokens.values()), sum(cached.values()), sum(t.num_tokens for t in totals))
 
 
 @contextlib.contextmanager
@@ -482,20 +486,14 @@ def _ledger_guard(
 
 
 def _usage(seqs: list[SequenceSpec], totals: list[ChoiceTotals], account: RequestAccount | None = None) -> Usage:
-    """Prompt tokens count once per prompt (its n choices share it), cached as the least any saw;
-    with the request's `account`, the cost and energy its ledger entry recorded."""
-    prompt_tokens, cached = {}, {}
-    for s, t in zip(seqs, totals, strict=True):
-        prompt_tokens[s.prompt_index] = len(s.prompt_token_ids)
-        cached[s.prompt_index] = min(cached.get(s.prompt_index, t.num_cached_tokens), t.num_cached_tokens)
-    num_prompt = sum(prompt_tokens.values())
-    num_completion = sum(t.num_tokens for t in totals)
+    """The response's usage; with the request's `account`, the cost and energy its ledger entry recorded."""
+    usage = _token_usage(seqs, totals)
     entry = account.entry if account is not None else None
     return Usage(
-        prompt_tokens=num_prompt,
-        completion_tokens=num_completion,
-        total_tokens=num_prompt + num_completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())),
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
         cost_usd=entry.cost_usd if entry is not None else None,
         energy_j=entry.energy_j if entry is not None else None,
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,12 +118,9 @@ class TierEnergy:
 
 def energy_by_tier(path: str | Path, since: float = 0.0) -> list[TierEnergy]:
     """Energy and computed tokens per tier from the ledger, over rows that carry energy."""
-    conn = connect(path)
-    try:
+    with closing(connect(path)) as conn:
         rows = conn.execute(
             "SELECT tier, COUNT(*), SUM(prompt_tokens - cached_tokens + completion_tokens), SUM(energy_j) "
             "FROM usage WHERE created_at >= ? AND energy_j IS NOT NULL GROUP BY tier ORDER BY tier", (since,),
         ).fetchall()
-    finally:
-        conn.close()
     return [TierEnergy(tier, n, int(tokens or 0), float(joules or 0.0)) for tier, n, tokens, joules in rows]

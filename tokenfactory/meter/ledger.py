@@ -22,6 +22,7 @@ import math
 import queue
 import threading
 from concurrent.futures import Future
+from contextlib import closing
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -134,26 +135,20 @@ class Ledger:
 
 
 def read_entries(db: str | Path, since: float = 0.0) -> list[LedgerEntry]:
-    conn = connect(db)
-    try:
+    with closing(connect(db)) as conn:
         rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM usage WHERE created_at >= ? ORDER BY created_at",
                             (since,)).fetchall()
-    finally:
-        conn.close()
     return [LedgerEntry(*row) for row in rows]
 
 
 def summarize(db: str | Path, by: str = "tenant", since: float = 0.0) -> list[UsageTotals]:
     """Requests, tokens and cost per tenant / tier / model / key / outcome since a unix time."""
     column = GROUPINGS[by]
-    conn = connect(db)
-    try:
+    with closing(connect(db)) as conn:
         rows = conn.execute(
             f"SELECT {column}, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
             f"SUM(cost_usd) FROM usage WHERE created_at >= ? GROUP BY {column} ORDER BY {column}", (since,),
         ).fetchall()
-    finally:
-        conn.close()
     # PostgreSQL sums BIGINT columns into NUMERIC (Decimal): the totals are ints on both backends.
     return [UsageTotals(group, int(n), int(prompt), int(cached), int(completion), float(cost))
             for group, n, prompt, cached, completion, cost in rows]
@@ -167,8 +162,7 @@ def restore_limits(limiter: RateLimiter, db: str | Path, now: float) -> None:
     duration), its admission when it arrived; a shed request was never admitted. Rows of tiers the
     config no longer sells are skipped.
     """
-    conn = connect(db)
-    try:
+    with closing(connect(db)) as conn:
         for tier, spec in limiter.config.tiers.items():
             if spec.token_quota is None:
                 continue
@@ -183,8 +177,6 @@ def restore_limits(limiter: RateLimiter, db: str | Path, now: float) -> None:
             "SELECT key_id, tier, created_at, created_at + duration_s, prompt_tokens + completion_tokens FROM usage "
             "WHERE created_at + duration_s > ? AND outcome <> ? ORDER BY created_at", (now - limiter.WINDOW_S, "shed"),
         ).fetchall()
-    finally:
-        conn.close()
     for key_id, tier, admitted_at, ended_at, tokens in recent:
         if tier in limiter.config.tiers:
             limiter.restore_request(key_id, tier, admitted_at, ended_at, int(tokens), now)

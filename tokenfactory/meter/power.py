@@ -99,13 +99,17 @@ def cuda_index(device: str) -> int:
     return int(index) if index else 0
 
 
+def default_hardware(device: str, hardware: str | None = None) -> Hardware:
+    """The power model of an engine on `device`: `hardware` where configured, else the catalog's
+    `cpu` entry on the CPU and `h100` on a GPU."""
+    return get_hardware(hardware or ("h100" if device.startswith("cuda") else "cpu"))
+
+
 def sensor_for(device: str, hardware: str | None = None) -> PowerSensor:
     """The sensor of an engine on `device` (`cpu`, `cuda[:N]`): NVML on a CUDA device where it
-    answers, else the model of `hardware` (default: the catalog's `cpu` entry on the CPU, `h100`
-    on a GPU whose kind was not configured)."""
+    answers, else the model of `default_hardware`."""
     if device.startswith("cuda"):
         nvml = load_nvml()
         if nvml is not None:
             return NvmlPowerSensor(nvml, cuda_index(device))
-        return ModeledPowerSensor(get_hardware(hardware or "h100"), device=device)
-    return ModeledPowerSensor(get_hardware(hardware or "cpu"), device=device)
+    return ModeledPowerSensor(default_hardware(device, hardware), device=device)

@@ -25,9 +25,13 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from tokenfactory.engine.config import ModelConfig
 from tokenfactory.twin.hardware import Hardware
+
+if TYPE_CHECKING:
+    from tokenfactory.engine.outputs import SchedulerOutput
 
 PRECISION_BYTES = {"bf16": 2, "fp8": 1}
 """Bytes per weight and per KV value; fp8 means fp8 weights and an fp8 KV cache."""
@@ -277,6 +281,19 @@ def _sum_max_affine(a0: float, a1: float, b0: float, b1: float, first: int, last
     crossing = math.floor((b0 - a0) / (a1 - b1))  # b wins up to here, a after
     split = min(max(crossing, first - 1), last)
     return _sum_affine(b0, b1, first, split) + _sum_affine(a0, a1, split + 1, last)
+
+
+def step_shape(sched: SchedulerOutput) -> BatchShape:
+    """A scheduled step as the twin prices it (read before the scheduler updates the requests,
+    so contexts are the step's own)."""
+    num_tokens = pairs = kv_read = num_sampled = 0
+    for chunk in sched.chunks:
+        n, start = chunk.num_tokens, chunk.request.num_computed_tokens
+        num_tokens += n
+        pairs += n * start + n * (n + 1) // 2
+        kv_read += start + n
+        num_sampled += start + n == chunk.request.num_tokens
+    return BatchShape(num_tokens, pairs, kv_read, num_sampled)
 
 
 def shape_of(chunks: Iterable[tuple[int, int]]) -> BatchShape:

@@ -176,25 +176,6 @@ class DisaggregatedSimulator(Simulator):
             self.num_split += 1
         return index
 
-    def _admit(self, worker: SimWorker, request: Request, hashes: list[int] | None) -> int | None:
-        try:
-            worker.scheduler.add_request(request)
-        except ValueError:  # longer than the context window or the whole KV cache
-            return self._reject(request.request_id)
-        self._give_hashes(worker, request, hashes)
-        worker.track_prefill(request)
-        return worker.index
-
-    def _give_hashes(self, worker: SimWorker, request: Request, hashes: list[int] | None) -> None:
-        """Hand the prompt's block hashes, computed once on arrival, to the worker's cache."""
-        if hashes is not None and self.config.enable_prefix_caching:
-            worker.kv.set_prompt_hashes(request, hashes)
-
-    def _reject(self, request_id: str) -> None:
-        self.num_rejected += 1
-        del self._records[request_id]
-        return None
-
     def _route_among(self, route: RouteRequest, candidates: range, router: Router) -> int:
         states = [self._state(self.workers[i]) for i in candidates]
         return router.route(route, states, self.index)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenfactory.engine.outputs import EngineCoreOutput
 
 
 @dataclass(slots=True)
@@ -31,6 +35,18 @@ class RequestRecord:
     @property
     def e2e(self) -> float:
         return self.finish - self.arrival
+
+    def observe(self, output: EngineCoreOutput, now: float) -> bool:
+        """Fold one engine step's output for this request in at `now`; True once it finished."""
+        if self.first_token < 0:
+            self.first_token = now
+        self.num_output_tokens += len(output.new_token_ids)
+        self.last_token = now
+        if output.finish_reason is None:
+            return False
+        self.finish = now
+        self.num_cached_tokens = output.num_cached_tokens
+        return True
 
 
 @dataclass(frozen=True, slots=True)

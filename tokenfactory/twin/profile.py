@@ -48,7 +48,7 @@ from tokenfactory.engine.model_runner import ModelRunner
 from tokenfactory.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenfactory.engine.request import Request, SamplingParams
 from tokenfactory.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
-from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost
+from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost, step_shape
 from tokenfactory.twin.hardware import HARDWARE, Hardware
 
 PROFILE_FORMAT = "tokenfactory-step-profile"
@@ -61,18 +61,6 @@ FEATURES = ("step", "token", "attention_pair", "kv_read_token", "sampled_row")
 def features(shape: BatchShape) -> tuple[float, ...]:
     """The fit's regressors, in FEATURES order."""
     return (1.0, shape.num_tokens, shape.attention_pairs, shape.kv_read_tokens, shape.num_sampled)
-
-
-def step_shape(sched: SchedulerOutput) -> BatchShape:
-    """A scheduled step as the twin prices it (the same sums the simulator makes)."""
-    num_tokens = pairs = kv_read = num_sampled = 0
-    for chunk in sched.chunks:
-        n, start = chunk.num_tokens, chunk.start
-        num_tokens += n
-        pairs += n * start + n * (n + 1) // 2
-        kv_read += start + n
-        num_sampled += chunk.samples
-    return BatchShape(num_tokens, pairs, kv_read, num_sampled)
 
 
 class ShapeRecordingRunner(ModelRunner):

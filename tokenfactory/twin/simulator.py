@@ -55,7 +55,7 @@ from tokenfactory.engine.kv_cache import KVCacheManager, prompt_block_hashes
 from tokenfactory.engine.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from tokenfactory.engine.request import Request, SamplingParams
 from tokenfactory.engine.scheduler import Scheduler
-from tokenfactory.twin.cost_model import BatchShape, CostModel
+from tokenfactory.twin.cost_model import BatchShape, CostModel, step_shape
 from tokenfactory.twin.metrics import SLO, RequestRecord, Summary, summarize
 from tokenfactory.twin.workloads import DynamicWorkload, PromptHasher, TraceRequest, prompt_token_ids
 
@@ -234,7 +234,7 @@ class Simulator:
             on_progress(self.now)
         start = min((r.arrival for r in records), default=0.0)
         return SimulationResult(
-            self._summarize(records), records, self.workers, self._power(start), self.config.power_interval_s
+            self._summarize(), records, self.workers, self._power(start), self.config.power_interval_s
         )
 
     def _arrival_bound(self, arrivals: Sequence[TraceRequest], position: int, several_start: bool = False) -> float:
@@ -291,17 +291,26 @@ class Simulator:
             arrival_time=trace.arrival_time,
         )
         hashes = self._hasher(trace, tokens) if self._hasher is not None else None
-        worker = self.workers[self._route(request, hashes, trace.session_id)]
+        return self._admit(self.workers[self._route(request, hashes, trace.session_id)], request, hashes)
+
+    def _admit(self, worker: SimWorker, request: Request, hashes: list[int] | None) -> int | None:
+        """Add `request` to `worker`; returns its index, or None when it can never fit."""
         try:
             worker.scheduler.add_request(request)
         except ValueError:  # longer than the context window or the whole KV cache
-            self.num_rejected += 1
-            del self._records[request_id]
-            return None
-        if hashes is not None and self.config.enable_prefix_caching:
-            worker.kv.set_prompt_hashes(request, hashes)
+            return self._reject(request.request_id)
+        self._give_hashes(worker, request, hashes)
         worker.track_prefill(request)
         return worker.index
+
+    def _give_hashes(self, worker: SimWorker, request: Request, hashes: list[int] | None) -> None:
+        """Hand the prompt's block hashes, computed once on arrival, to the worker's cache."""
+        if hashes is not None and self.config.enable_prefix_caching:
+            worker.kv.set_prompt_hashes(request, hashes)
+
+    def _reject(self, request_id: str) -> None:
+        self.num_rejected += 1
+        del self._records[request_id]
 
     def _route(self, request: Request, hashes: Sequence[int] | None = None, session_id: str | None = None) -> int:
         """The router's worker for `request`; `hashes`: its prompt's block hashes, if known."""
@@ -318,17 +327,10 @@ class Simulator:
         scheduled = worker.scheduler.schedule()
         if scheduled.is_empty:
             return  # nothing fits now; the next arrival wakes it again
-        num_tokens = pairs = kv_read = num_sampled = 0
-        for chunk in scheduled.chunks:
-            n, start = chunk.num_tokens, chunk.request.num_computed_tokens
-            num_tokens += n
-            pairs += n * start + n * (n + 1) // 2
-            kv_read += start + n
-            num_sampled += start + n == chunk.request.num_tokens
-        shape = BatchShape(num_tokens, pairs, kv_read, num_sampled)
+        shape = step_shape(scheduled)
         worker.busy, worker.in_flight = True, scheduled
         cost = self.cost.step(shape)
-        end = self._charge(worker, self.now, cost.duration_s, cost.energy_j, 1, num_tokens)
+        end = self._charge(worker, self.now, cost.duration_s, cost.energy_j, 1, shape.num_tokens)
         if self.config.fast_forward and self._is_pure_decode(worker, scheduled, shape):
             end = self._skip_ahead(worker, shape, end)
         self._seq += 1
@@ -446,20 +448,14 @@ class Simulator:
         worker.busy = False
         now = self.now
         for output in outputs:
-            record = self._records[output.request_id]
-            if record.first_token < 0:
-                record.first_token = now
-            record.num_output_tokens += len(output.new_token_ids)
-            record.last_token = now
-            if output.finish_reason is not None:
-                record.finish = now
-                record.num_cached_tokens = output.num_cached_tokens
+            if self._records[output.request_id].observe(output, now):
                 self._finished.append(output.request_id)
         events = worker.kv.take_events()  # drained even unread: the list would grow all run
         if self.index is not None:
             self.index.apply(worker.index, events)
 
-    def _summarize(self, records: list[RequestRecord]) -> Summary:
+    def _summarize(self) -> Summary:
+        """The requests not rejected (`records` keeps rejected ones too, never started)."""
         return _fleet_summary(self.config, list(self._records.values()), _meters(self.workers), self.num_rejected)
 
 

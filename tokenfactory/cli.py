@@ -5,18 +5,22 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 import uvicorn
+from pydantic import ValidationError
 
 from tokenfactory.control.disagg import DisaggConfig
-from tokenfactory.control.router import ROUTERS, Router, make_router
+from tokenfactory.control.router import ROUTERS, make_router
+from tokenfactory.control.tiers import TINY_PATH, ModelSpec
 from tokenfactory.engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
-from tokenfactory.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
+from tokenfactory.engine.tiny import ensure_tiny_model
 from tokenfactory.gateway.admission import AdmissionConfig
 from tokenfactory.gateway.app import build_app
 from tokenfactory.meter import cli as meter_cli
 from tokenfactory.meter.db import describe
-from tokenfactory.runtime.pool import WorkerPool
+from tokenfactory.runtime.client import AsyncEngineClient, Worker
+from tokenfactory.runtime.pool import ServedModel, WorkerPool
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,52 +55,122 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="disaggregated serving: prefill-only engine processes (with --decode-workers; "
                         "replaces --workers)")
     p.add_argument("--decode-workers", type=int, default=0, help="disaggregated serving: decode engine processes")
-    p.add_argument("--disagg-min-prompt-tokens", type=int, default=DisaggConfig.min_prompt_tokens,
+    p.add_argument("--disagg-min-prompt-tokens", type=int, default=DisaggConfig().min_prompt_tokens,
                    help="shorter prompts are served whole on a decode worker")
+    p.add_argument("--transport", choices=("local", "ray"), default="local",
+                   help="local: engine processes on this machine; ray: each worker a Ray actor, KV moved through "
+                        "the object store (joins the cluster RAY_ADDRESS names, else starts a local Ray)")
 
 
-def serve_config(args: argparse.Namespace) -> EngineConfig:
-    model_dir = args.model or str(ensure_tiny_model())
-    name = args.served_model_name or ("" if args.model else TINY_MODEL_NAME)
+MODEL_FLAGS = ("model", "served_model_name", "device", "dtype", "max_model_len", "max_num_seqs",
+               "max_num_batched_tokens", "block_size", "num_blocks", "seed", "workers", "router",
+               "session_affinity", "prefill_workers", "decode_workers", "disagg_min_prompt_tokens", "transport")
+"""`serve`'s flags that describe the one model it serves; a factory config's `models` replaces them."""
+
+
+def flags_model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The factory of one model that `serve`'s flags describe."""
+    pool = ({"prefill_workers": args.prefill_workers, "decode_workers": args.decode_workers}
+            if args.prefill_workers or args.decode_workers else {"workers": args.workers})
+    try:
+        return ModelSpec(
+            name=args.served_model_name,
+            # An absolute path: a folder named like the built-in model is still a folder.
+            path=str(Path(args.model).resolve()) if args.model else TINY_PATH,
+            router=args.router, session_affinity=args.session_affinity, transport=args.transport,
+            disagg_min_prompt_tokens=args.disagg_min_prompt_tokens, device=args.device, dtype=args.dtype,
+            seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+            num_blocks=args.num_blocks, **pool,
+        )
+    except ValidationError as e:
+        raise SystemExit(f"tokenfactory: {validation_problems(e)}") from None
+
+
+def validation_problems(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'serve'}: {err['msg']}" for err in e.errors())
+
+
+def model_engine_config(spec: ModelSpec, base_dir: Path | None = None) -> EngineConfig:
+    """The engine config of one served model; a relative checkpoint path is relative to `base_dir`."""
+    model_dir = ensure_tiny_model() if spec.path == TINY_PATH else Path(spec.path).expanduser()
+    if base_dir is not None and not model_dir.is_absolute():
+        model_dir = base_dir / model_dir
     return EngineConfig.from_pretrained(
         model_dir,
-        served_model_name=name,
-        device=args.device,
-        dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
-        seed=args.seed,
-        max_model_len=args.max_model_len,
-        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens),
+        served_model_name=spec.served_name,
+        device=spec.device,
+        dtype=spec.dtype or ("float32" if spec.device == "cpu" else "bfloat16"),
+        seed=spec.seed,
+        max_model_len=spec.max_model_len,
+        cache=CacheConfig(block_size=spec.block_size, num_blocks=spec.num_blocks),
+        scheduler=SchedulerConfig(max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens),
     )
 
 
-def serve_router(args: argparse.Namespace) -> Router:
-    return make_router(args.router, session_affinity=args.session_affinity)
+def model_worker(spec: ModelSpec, config: EngineConfig) -> Worker:
+    """The model's own workers: one engine process (no routing, no hashing of prompts), or a pool
+    behind its router, aggregated or split into prefill and decode workers."""
+    router = make_router(spec.router, session_affinity=spec.session_affinity)
+    make_worker = ray_worker_class() if spec.transport == "ray" else AsyncEngineClient
+    if spec.prefill_workers:
+        return WorkerPool.local_disaggregated(config, spec.prefill_workers, spec.decode_workers, router=router,
+                                              restart_interval_s=1.0, make_worker=make_worker,
+                                              disagg=DisaggConfig(min_prompt_tokens=spec.disagg_min_prompt_tokens))
+    if spec.workers > 1:
+        return WorkerPool.local(config, spec.workers, router=router, restart_interval_s=1.0, make_worker=make_worker)
+    return make_worker(config)
+
+
+def ray_worker_class() -> type[AsyncEngineClient]:
+    """`RayEngineClient`, with Ray initialised. Imported here: Ray is an optional extra, and slow to import."""
+    try:
+        from tokenfactory.runtime.ray_worker import RayEngineClient, ensure_ray
+    except ImportError as e:
+        raise SystemExit(f"tokenfactory: the ray transport needs Ray ({e}): pip install 'tokenfactory[ray]'") from None
+    ensure_ray()
+    return RayEngineClient
+
+
+def serve_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine config `serve`'s flags describe."""
+    return model_engine_config(flags_model_spec(args))
+
+
+def served_model_specs(args: argparse.Namespace, models: list[ModelSpec]) -> tuple[list[ModelSpec], Path | None]:
+    """The models to serve and the folder their relative paths start from: the factory config's
+    `models` (then no per-model flag may be given: it would be silently ignored), else the flags'."""
+    if not models:
+        return [flags_model_spec(args)], None
+    defaults = argparse.ArgumentParser()
+    add_serve_arguments(defaults)
+    given = [f for f in MODEL_FLAGS if getattr(args, f) != getattr(defaults.parse_args([]), f)]
+    if given:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise SystemExit(f"tokenfactory: {args.factory_config} lists the models to serve; {flags} would describe "
+                         f"another: set it in the config's `models` instead")
+    return models, args.factory_config.parent
 
 
 def serve(args: argparse.Namespace) -> int:
-    config = serve_config(args)
-    if args.workers < 1:
-        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
     if args.max_queued < 1:
         raise SystemExit(f"--max-queued must be >= 1, got {args.max_queued}")
-    # One worker keeps the plain client: no routing, no hashing of prompts.
-    if args.prefill_workers or args.decode_workers:
-        pool = WorkerPool.local_disaggregated(
-            config, args.prefill_workers, args.decode_workers, router=serve_router(args), restart_interval_s=1.0,
-            disagg=DisaggConfig(min_prompt_tokens=args.disagg_min_prompt_tokens))
-        args.workers = args.prefill_workers + args.decode_workers
-    else:
-        pool = (WorkerPool.local(config, args.workers, router=serve_router(args), restart_interval_s=1.0)
-                if args.workers > 1 else None)
     tiers = meter_cli.load_factory_config(args.factory_config)
+    specs, base_dir = served_model_specs(args, tiers.models)
+    try:
+        tiers.check_priced_models([spec.served_name for spec in specs])
+        configs = [model_engine_config(spec, base_dir) for spec in specs]
+    except ValueError as e:  # a checkpoint that is not there, a price for a model not served
+        raise SystemExit(f"tokenfactory: {e}") from None
+    models = [ServedModel(config, model_worker(spec, config)) for spec, config in zip(specs, configs, strict=True)]
     db = None if args.no_db else meter_cli.db_path(args)
-    app = build_app(config, api_keys=args.api_key, worker=pool, tiers=tiers, db_path=db, admin_key=args.admin_key,
+    app = build_app(models, api_keys=args.api_key, tiers=tiers, db_path=db, admin_key=args.admin_key,
                     admission=AdmissionConfig(max_queued=args.max_queued))
-    workers = f" with {args.workers} workers ({args.router} router)" if pool else ""
-    print(f"tokenfactory: serving {config.name!r} from {config.model_path} on {config.device}{workers} "
-          f"at http://{args.host}:{args.port}/v1; tiers {', '.join(tiers.tiers)}; "
+    served = "; ".join(
+        f"{c.name!r} from {c.model_path} on {c.device}"
+        + (f" with {spec.num_workers} workers ({spec.router} router)" if spec.num_workers > 1 else "")
+        for spec, c in zip(specs, configs, strict=True))
+    print(f"tokenfactory: serving {served} at http://{args.host}:{args.port}/v1; tiers {', '.join(tiers.tiers)}; "
           f"ledger {describe(db) if db else 'off'}", flush=True)
     # uvicorn turns Ctrl-C/SIGTERM into a graceful exit, whose lifespan shutdown stops the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)

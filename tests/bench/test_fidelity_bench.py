@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -80,15 +81,25 @@ def test_the_live_replay_waits_for_arrivals_and_records_every_token(tiny_config)
     first, second = run.records
     assert 0.0 < first.first_token <= first.finish < 0.5  # served while the second is not there yet
     assert second.first_token > 0.5 and len(run.wake_late_s) == 1
+    assert run.arrived_idle == {0, 1}
     assert [r.num_output_tokens for r in run.records] == [3, 4]
     assert len(run.shapes) == len(run.step_s) == 2 + 2 + 3  # two prefills, then one decode per token
     assert run.shapes[0].num_tokens == 20 and run.shapes[-1].num_tokens == 1
 
 
+def test_requests_arriving_behind_work_are_told_from_those_finding_the_engine_idle(tiny_config):
+    runner = build_runner(tiny_config, threads=1)
+    # The second arrives a millisecond in, while the first's prefill runs; the third long after.
+    workload = [TraceRequest(0.0, 40, 2, uid=0), TraceRequest(1e-3, 30, 2, uid=1), TraceRequest(5.0, 20, 2, uid=2)]
+    run = replay_live(EngineCore(tiny_config, runner), runner, workload, clock="cpu")
+    assert run.arrived_idle == {0, 2}
+    assert run.records[1].first_token > run.records[0].first_token
+
+
 def test_fidelity_with_a_given_profile_compares_both_sides(tiny_config, tiny_model_dir):
     per_token = 2 * 4 * 4 * 32 * 4
     profile = Profile(
-        points=[], fit=StepTimeFit((0.004, 1e-4, 2e-7, 1e-6, 0.0)),
+        points=[], fit=StepTimeFit((0.004, 1e-4, 2e-7, 1e-6, 0.0, 5e-4)),
         model=json.loads((tiny_model_dir / "config.json").read_text()),
         engine={"dtype": "float32", "clock": "cpu", "kv_cache_bytes": 256 * 16 * per_token},
     )
@@ -100,6 +111,10 @@ def test_fidelity_with_a_given_profile_compares_both_sides(tiny_config, tiny_mod
         "throughput", "TTFT p50", "TTFT p90", "inter-token latency p50", "inter-token latency p90"]
     assert all(r.first_token >= r.arrival for r in result.run.records)
     assert result.slowdown_by_second(min_steps=1) and all(x > 0 for x in result.slowdown_by_second(min_steps=1))
+    assert result.step_model_error_where(lambda shape: True) == result.step_model_error
+    assert math.isnan(result.step_model_error_where(lambda shape: False))  # no such steps
+    ratios = result.ttft_ratios(arrived_idle=True) + result.ttft_ratios(arrived_idle=False)
+    assert len(ratios) == 12 and all(r > 0 for r in ratios)
     with pytest.raises(ValueError, match="clock"):
         run_fidelity(tiny_config, workload, grid=None, profile=profile, clock="wall")
 

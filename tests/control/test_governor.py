@@ -18,6 +18,7 @@ from tokenfactory.control.governor import (
     budget_at,
     decide,
     scheduled_state,
+    tier_demand,
 )
 from tokenfactory.control.tiers import ConfigError, parse_factory_config
 
@@ -66,6 +67,14 @@ def test_an_event_announced_late_ramps_from_its_announcement():
     assert budget_at(CONFIG, state, T14 - 61) == 2800.0  # nothing before anyone knew
     assert budget_at(CONFIG, state, T14 - 30) == pytest.approx(2800 * (1 - 0.125))
     assert budget_at(CONFIG, state, T14) == pytest.approx(2100.0)
+
+
+def test_a_tiers_demand_spreads_its_queued_prompts_over_the_steps_in_its_ttft_target():
+    # 4 sequences decoding, 6,000 prompt tokens queued, a 2 s TTFT target at 50 ms steps: 40 steps
+    assert tier_demand(4, 6000, ttft_s=2.0, step_s=0.05) == pytest.approx(4 + 150)
+    assert tier_demand(4, 6000, ttft_s=2.0, step_s=0.05, arriving_tokens_per_step=400) == 404  # arrivals, if more
+    assert tier_demand(4, 6000, ttft_s=0.01, step_s=0.05) == 6004  # a target shorter than a step: all due now
+    assert tier_demand(4, 6000, ttft_s=2.0, step_s=None) == 6004  # no step time seen yet: all due now
 
 
 def test_tiers_are_shed_lowest_first_as_the_budget_falls():

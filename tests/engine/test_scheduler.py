@@ -225,6 +225,73 @@ def test_waiting_queue_serves_priority_then_arrival():
     assert order == ["old-high", "new-high", "old-low"]
 
 
+def decoding(scheduler: Scheduler, runner: KVCheckingRunner, priorities: dict[str, int]) -> None:
+    """Start one short request per priority and step until all of them decode."""
+    for i, (rid, priority) in enumerate(priorities.items()):
+        scheduler.add_request(make_request(rid, 4, max_tokens=20, arrival=i, priority=priority))
+    while any(scheduler._requests[rid].num_output_tokens == 0 for rid in priorities):
+        step(scheduler, runner)
+
+
+def test_under_a_short_budget_a_waiting_higher_tier_prompt_goes_before_lower_tier_decodes():
+    scheduler = make_scheduler()
+    runner = KVCheckingRunner()
+    decoding(scheduler, runner, {"low0": 0, "low1": 0})
+    tables = {rid: list(scheduler.kv.block_ids(rid)) for rid in ("low0", "low1")}
+    scheduler.set_token_budget(4)
+    scheduler.add_request(make_request("high", 10, max_tokens=2, arrival=5, priority=2))
+    chunks = [step(scheduler, runner)[0].num_scheduled_tokens for _ in range(4)]
+    # its prompt takes the budget; the decodes skip those steps and resume with what is left
+    assert chunks == [{"high": 4}, {"high": 4}, {"high": 2, "low0": 1, "low1": 1}, {"high": 1, "low0": 1, "low1": 1}]
+    assert scheduler.num_preemptions == 0
+    assert all(scheduler.kv.block_ids(rid)[: len(t)] == t for rid, t in tables.items())  # they kept their blocks
+    run_all(scheduler, runner)
+    assert_no_leaks(scheduler)
+
+
+def test_under_a_short_budget_equal_priorities_serve_running_requests_first():
+    scheduler = make_scheduler()
+    runner = KVCheckingRunner()
+    decoding(scheduler, runner, {"a": 1, "b": 1})
+    scheduler.set_token_budget(4)
+    scheduler.add_request(make_request("new", 10, max_tokens=2, arrival=5, priority=1))
+    chunks = [step(scheduler, runner)[0].num_scheduled_tokens for _ in range(3)]
+    assert chunks == [{"a": 1, "b": 1, "new": 2}, {"a": 1, "b": 1, "new": 2}, {"a": 1, "b": 1, "new": 2}]
+
+
+def test_a_waiting_request_goes_before_running_ones_of_lower_tiers_only():
+    # running: high (2), low (0); waiting: mid (1), a second low (0), a second high (2)
+    scheduler = make_scheduler()
+    runner = KVCheckingRunner()
+    decoding(scheduler, runner, {"high": 2, "low": 0})
+    scheduler.set_token_budget(6)
+    scheduler.add_request(make_request("mid", 8, arrival=5, priority=1))
+    scheduler.add_request(make_request("low-new", 8, arrival=6, priority=0))
+    first, _ = step(scheduler, runner)
+    assert list(first.num_scheduled_tokens.items()) == [("high", 1), ("mid", 5)]  # low skips, low-new waits
+    scheduler.add_request(make_request("high-new", 8, arrival=7, priority=2))
+    second, _ = step(scheduler, runner)
+    assert list(second.num_scheduled_tokens.items()) == [("high", 1), ("high-new", 5)]  # mid, a running one, skips too
+    scheduler.set_token_budget(64)
+    third, _ = step(scheduler, runner)
+    # with room again: running in tier order, then the waiting low (running low first at its tier)
+    assert list(third.num_scheduled_tokens.items()) == [("high", 1), ("high-new", 3), ("mid", 3), ("low", 1),
+                                                        ("low-new", 8)]
+    run_all(scheduler, runner)
+    assert_no_leaks(scheduler)
+
+
+def test_a_higher_tier_prompt_that_cannot_start_does_not_stop_lower_tier_decodes():
+    scheduler = make_scheduler(max_num_seqs=2)  # full: the prompt waits for a sequence slot, not for blocks
+    runner = KVCheckingRunner()
+    decoding(scheduler, runner, {"low0": 0, "low1": 0})
+    scheduler.set_token_budget(4)
+    scheduler.add_request(make_request("high", 10, arrival=5, priority=2))
+    scheduled, _ = step(scheduler, runner)
+    assert scheduled.num_scheduled_tokens == {"low0": 1, "low1": 1}
+    assert not scheduled.preempted_ids
+
+
 @pytest.mark.parametrize(
     ("sampling", "script", "expected", "finish", "stop_reason"),
     [

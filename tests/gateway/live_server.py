@@ -16,6 +16,7 @@ from tokenfactory.bench.serve_bench import free_port
 from tokenfactory.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenfactory.gateway.app import build_app
 from tokenfactory.runtime.client import AsyncEngineClient
+from tokenfactory.runtime.pool import ServedModel
 
 MODEL_NAME = "tiny"
 CONTEXT_LEN = 512
@@ -47,12 +48,15 @@ def wait_until_up(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
 class LiveServer:
     """Serve `config` on a free loopback port until `stop()`."""
 
-    def __init__(self, config: EngineConfig, api_keys: Sequence[str] = (), **app_options: Any) -> None:
-        """`app_options` go to `build_app` (tiers, db_path, admin_key, clock)."""
-        self.model = config.name
+    def __init__(self, config: EngineConfig | Sequence[ServedModel], api_keys: Sequence[str] = (),
+                 **app_options: Any) -> None:
+        """`config`: one model on a fresh engine process, or several served models with their own
+        workers (`model` and `worker` are then the first one's). `app_options` go to `build_app`
+        (tiers, db_path, admin_key, clock)."""
+        models = [ServedModel(config, AsyncEngineClient(config))] if isinstance(config, EngineConfig) else config
+        self.model, self.worker = models[0].name, models[0].worker
         self.api_key = api_keys[0] if api_keys else "unused"
-        self.worker = AsyncEngineClient(config)
-        self.app = build_app(config, api_keys=api_keys, worker=self.worker, **app_options)
+        self.app = build_app(models, api_keys=api_keys, **app_options)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(

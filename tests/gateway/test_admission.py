@@ -89,6 +89,22 @@ def test_traffic_counts_follow_a_request_from_queue_to_ledger():
     assert [tier for tier, _ in ttfts] == ["flex"] and ended[-1].computed_tokens == 14
 
 
+def test_live_demand_is_tokens_per_step_not_the_whole_backlog(tiny_model_dir):
+    traffic = TierTraffic(TIERS)  # default: a 2 s TTFT target
+    traffic.submitted("default", num_seqs=8, prompt_tokens=4000)
+    config = gateway_config(tiny_model_dir)
+    governor = LiveGovernor(builtin_config().power, AsyncEngineClient(config), traffic, "cpu", 64)
+    governor.observe_steps([EngineLoad(num_steps=100, step_seconds=4.0)])  # 40 ms a step since start
+    governor.observe_steps([EngineLoad(num_steps=100, step_seconds=4.0)])  # no step this round: kept
+    assert governor.step_s == pytest.approx(0.04)
+    demand = {t.tier: t.demand_tokens_per_step for t in traffic.loads(governor.step_s)}
+    assert demand["default"] == pytest.approx(4000 / 50)  # its backlog over the 50 steps of its TTFT target
+    governor.observe_steps([EngineLoad(num_steps=110, step_seconds=5.0)])  # slower steps lately: 100 ms
+    assert governor.step_s == pytest.approx(0.1)
+    governor.observe_steps([EngineLoad(num_steps=3, step_seconds=0.1)])  # a restarted engine: skipped
+    assert governor.step_s == pytest.approx(0.1)
+
+
 def test_the_scheduler_takes_a_lower_token_budget_at_runtime():
     scheduler = make_scheduler(max_num_batched_tokens=64)
     assert scheduler.set_token_budget(10_000) == 64 and scheduler.set_token_budget(0) == 1
@@ -196,7 +212,7 @@ def test_a_power_cut_sheds_lower_tiers_with_503_and_records_them(governed, black
     assert resp.status_code == 503
     assert resp.headers["Retry-After"] == "5" and resp.json()["error"]["code"] == "power_budget_exceeded"
     wait_for(lambda: any(r.outcome == "shed" and r.tier == "flex" for r in read_entries(governed.db)))
-    assert metric(governed, "tokenfactory_requests_total", tier="flex", outcome="shed") >= 1
+    assert metric(governed, "tokenfactory_requests_total", model=governed.model, tier="flex", outcome="shed") >= 1
     assert metric(governed, "tokenfactory_tier_admitted", tier="flex") == 0
     assert metric(governed, "tokenfactory_power_budget_watts") == 0.0
     # The token-budget lever: the engine now schedules the floor, and says so in its load reports.

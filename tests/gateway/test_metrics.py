@@ -41,18 +41,18 @@ def test_metrics_count_requests_tokens_latency_revenue_and_energy_by_tier(metere
     assert row.energy_j is not None and row.energy_j > 0  # both choices' steps, attributed by tokens
 
     m = samples(metered)
-    flex = frozenset({("tier", "flex")})
-    assert m[("tokenfactory_requests_total", frozenset({("tier", "flex"), ("outcome", "completed")}))] == 1
-    assert m[("tokenfactory_tokens_total", frozenset({("tier", "flex"), ("kind", "completion")}))] == 10
+    flex = frozenset({("model", MODEL_NAME), ("tier", "flex")})
+    assert m[("tokenfactory_requests_total", flex | {("outcome", "completed")})] == 1
+    assert m[("tokenfactory_tokens_total", flex | {("kind", "completion")})] == 10
     assert m[("tokenfactory_request_duration_seconds_count", flex)] == 1
     assert m[("tokenfactory_time_to_first_token_seconds_count", flex)] == 1
     assert m[("tokenfactory_revenue_usd_total", flex)] == pytest.approx(row.cost_usd)
     assert m[("tokenfactory_request_energy_joules_total", flex)] == pytest.approx(row.energy_j)
     assert m[("tokenfactory_energy_cost_usd_total", flex)] > 0
-    worker = frozenset({("worker", "0")})
+    worker = frozenset({("model", MODEL_NAME), ("worker", "0")})
     assert m[("tokenfactory_requests_running", worker)] == 0
     assert 0 <= m[("tokenfactory_kv_cache_usage_ratio", worker)] <= 1
-    modeled = frozenset({("worker", "0"), ("source", "modeled")})  # no GPU here: the CPU is modeled
+    modeled = worker | {("source", "modeled")}  # no GPU here: the CPU is modeled
     assert m[("tokenfactory_power_watts", modeled)] > 0
     assert m[("tokenfactory_step_energy_joules", modeled)] >= row.energy_j * 0.999
     assert 0 <= m[("tokenfactory_prefix_cache_hit_rate", frozenset())] <= 1

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import random
 
+from tests.runtime.greedy_reference import served_whole
 from tests.runtime.pool_waits import all_blocks_free
 
 from tokenfactory.control.disagg import DisaggConfig
 from tokenfactory.engine.config import CacheConfig, EngineConfig
-from tokenfactory.engine.engine import EngineCore
-from tokenfactory.engine.request import Request, SamplingParams
+from tokenfactory.engine.request import SamplingParams
 from tokenfactory.runtime.pool import WorkerPool
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -20,17 +20,6 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 def ids(seed: int, length: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(10, 3000) for _ in range(length)]
-
-
-def served_whole(config: EngineConfig, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    core = EngineCore(config)
-    for i, prompt in enumerate(prompts):
-        core.add_request(Request(str(i), prompt, params))
-    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    while core.has_work():
-        for out in core.step():
-            tokens[out.request_id].extend(out.new_token_ids)
-    return [tokens[str(i)] for i in range(len(prompts))]
 
 
 async def stream(pool: WorkerPool, request_id: str, prompt: list[int], params: SamplingParams = GREEDY):

@@ -137,3 +137,21 @@ def test_kv_events_reach_subscribers(client, loop):
     loop.run(collect(client, "events", prompt, greedy(2)))
     stored = [h for e in events if e.kind == "stored" for h in e.block_hashes]
     assert prompt_block_hashes(prompt, 16)[:2] == stored[:2]
+
+def test_prompt_hashes_sent_with_a_request_are_used_not_recomputed(client, loop):
+    """A pool hashes each prompt to route it and sends the hashes along: the engine takes them as its
+    own (its KV events name the blocks by them) instead of hashing the prompt again."""
+    events = []
+    client.subscribe_kv_events(events.extend)
+    prompt = list(range(300, 340))  # 2 full blocks of 16, the last token in a third
+    given = [11, 22]  # not what hashing gives: only the sent hashes can produce these
+    assert prompt_block_hashes(prompt, 16) != given
+    outs = loop.run(collect_with_hashes(client, "hashed", prompt, greedy(2), given))
+    assert sum(len(o.new_token_ids) for o in outs) == 2
+    stored = [h for e in events if e.kind == "stored" for h in e.block_hashes]
+    assert stored[:2] == given
+
+
+async def collect_with_hashes(client, request_id: str, prompt: list[int], params: SamplingParams,
+                              prompt_hashes: list[int]) -> list:
+    return [out async for out in client.generate(request_id, prompt, params, prompt_hashes=prompt_hashes)]

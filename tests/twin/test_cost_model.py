@@ -89,7 +89,8 @@ def test_bad_settings_are_refused(h200):
 
 
 def test_shape_of_counts_attention_pairs():
-    assert shape_of([(3, 0)]) == BatchShape(num_tokens=3, attention_pairs=6, kv_read_tokens=3, num_sampled=1)
+    assert shape_of([(3, 0)]) == BatchShape(num_tokens=3, attention_pairs=6, kv_read_tokens=3, num_sampled=1,
+                                            num_prefill_chunks=1)
     assert shape_of([(1, 10), (1, 20)]) == BatchShape(2, 11 + 21, 32, 2)
 
 

@@ -25,12 +25,12 @@ from tokenfactory.twin.profile import (
 from tokenfactory.twin.simulator import Simulator, TwinConfig
 from tokenfactory.twin.workloads import TraceRequest
 
-TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4)
-"""Seconds per step, token, attention pair, KV token read and sampled row."""
+TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3)
+"""Seconds per step, token, attention pair, KV token read, sampled row and prefill chunk."""
 
 
 def grid_shapes() -> list[BatchShape]:
-    prefills = [shape_of([(n, s)]) for n in (16, 64, 256, 512) for s in (0, 512)]
+    prefills = [shape_of([(n, s)]) for n in (4, 16, 64, 256, 512) for s in (0, 512)]
     decodes = [shape_of([(1, c)] * b) for b in (1, 4, 16, 48) for c in (64, 512)]
     mixed = [shape_of([(1, 256)] * b + [(n, 0)]) for b, n in ((4, 64), (16, 256))]
     return prefills + decodes + mixed
@@ -58,7 +58,7 @@ def test_the_fit_stays_close_under_noise():
 def test_the_fit_never_returns_a_negative_coefficient():
     # Timings that fall with attention pairs: plain least squares would give that a negative cost.
     shapes = grid_shapes()
-    samples = [(s, max(1e-3, exact(s, (0.01, 3e-4, 0, 0, 0)) - 1e-8 * s.attention_pairs)) for s in shapes]
+    samples = [(s, max(1e-3, exact(s, (0.01, 3e-4, 0, 0, 0, 0)) - 1e-8 * s.attention_pairs)) for s in shapes]
     fit = fit_step_time(samples)
     assert all(c >= 0 for c in fit.coefficients)
     assert fit.coefficients[FEATURES.index("attention_pair")] == 0
@@ -66,10 +66,10 @@ def test_the_fit_never_returns_a_negative_coefficient():
 
 def test_the_fit_refuses_too_few_or_non_positive_samples():
     shape = shape_of([(1, 10)])
-    with pytest.raises(ValueError, match="at least 5 samples"):
-        fit_step_time([(shape, 0.01)] * 4)
+    with pytest.raises(ValueError, match="at least 6 samples"):
+        fit_step_time([(shape, 0.01)] * 5)
     with pytest.raises(ValueError, match="positive"):
-        fit_step_time([(shape, 0.01)] * 4 + [(shape, 0.0)])
+        fit_step_time([(shape, 0.01)] * 5 + [(shape, 0.0)])
 
 
 SMALL_GRID = ProfileGrid(prefill_lengths=(4, 16), prefill_contexts=(0, 16), decode_batches=(1, 3),
@@ -95,7 +95,8 @@ def test_a_profile_steps_the_engine_through_the_grid_shapes(tiny_profile):
     # Three rows decoding at contexts spread evenly up to 8 (their prompts fit one setup step).
     assert ("decode", shape_of([(1, 3), (1, 5), (1, 8)])) in shapes
     (mixed,) = [p for p in tiny_profile.points if p.kind == "mixed"]
-    assert (mixed.shape.num_tokens, mixed.shape.num_sampled) == (2 + 8, 3)
+    assert (mixed.shape.num_tokens, mixed.shape.num_sampled, mixed.shape.num_prefill_chunks) == (2 + 8, 3, 1)
+    assert all(p.shape.num_prefill_chunks == (p.kind != "decode") for p in tiny_profile.points)
     assert all(p.seconds > 0 and len(p.samples) == 2 for p in tiny_profile.points)
 
 
@@ -108,9 +109,10 @@ def test_a_profile_file_round_trips(tiny_profile, tmp_path):
     loaded = Profile.load(path)
     assert loaded.points == tiny_profile.points and loaded.fit == tiny_profile.fit
     assert loaded.model_config().hidden_size == 256
-    path.write_text(json.dumps({**data, "version": 99}))
-    with pytest.raises(ValueError, match="version 1"):
-        Profile.load(path)
+    for version in (1, 99):  # 1: fitted without the prefill-chunk feature
+        path.write_text(json.dumps({**data, "version": version}))
+        with pytest.raises(ValueError, match="version 2"):
+            Profile.load(path)
 
 
 def test_twin_profile_command_writes_a_profile(tiny_model_dir, tmp_path, capsys):
@@ -138,9 +140,13 @@ def test_the_profiled_cost_model_prices_steps_by_the_fit():
     assert step.duration_s == pytest.approx(exact(shape))
     cpu = HARDWARE["cpu"]
     assert cpu.idle_w <= step.power_w <= cpu.tdp_w
+    # The 4-token tail of a mostly cached prompt costs a prefill chunk more than a decode row.
+    tail, row = shape_of([(4, 96)]), shape_of([(1, 99)])
+    extra = 3 * TRUE[1] + (tail.attention_pairs - row.attention_pairs) * TRUE[2]  # same KV read, both sample
+    assert cost.step(tail).duration_s - cost.step(row).duration_s == pytest.approx(extra + TRUE[5])
     assert cost.kv_num_blocks(16) == 64 and cost.kv_num_blocks(32) == 32
     with pytest.raises(ValueError, match="non-negative"):
-        cost_model((1.0, -1.0, 0, 0, 0))
+        cost_model((1.0, -1.0, 0, 0, 0, 0))
 
 
 def test_the_twin_runs_on_the_profiled_model():

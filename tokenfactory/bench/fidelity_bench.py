@@ -110,6 +110,9 @@ class LiveRun:
     """Between one step's end and the next one's start while work was queued (the loop itself)."""
     wake_late_s: list[float] = field(default_factory=list)
     """For each step started by an arrival at an idle engine: its start minus that arrival."""
+    arrived_idle: set[int] = field(default_factory=set)
+    """Requests that arrived while the engine had nothing to do: their TTFT is the wake-up and
+    their own prefill, with no queueing in it."""
 
 
 SPIN_S = 0.003
@@ -147,10 +150,13 @@ def replay_live(core: EngineCore, runner: ShapeRecordingRunner, workload: list[T
     replay = ReplayClock(clock)
     while position < len(workload) or core.has_work():
         now = replay.now()
+        idle = not core.has_work()
         while position < len(workload) and workload[position].arrival_time <= now:
             trace = workload[position]
             sampling = SamplingParams(max_tokens=trace.output_length, temperature=0.0, ignore_eos=True)
             core.add_request(Request(str(position), prompts[position], sampling, arrival_time=trace.arrival_time))
+            if idle:
+                run.arrived_idle.add(position)
             position += 1
         if not core.has_work():
             woken_by, last_end = workload[position].arrival_time, None
@@ -214,6 +220,8 @@ class FidelityResult:
     workload: list[TraceRequest]
     """As served (its arrival times rescaled when a utilisation was asked for)."""
     twin_busy_fraction: float
+    twin_records: list[RequestRecord] = field(default_factory=list)
+    """The twin's requests, in the workload's order (as the live run's)."""
     rescaled: Summary | None = None
     """The twin with every step price scaled so that the live run's own steps are priced right
     in total: not a prediction (it reads the answer), but it separates the machine's load
@@ -222,8 +230,20 @@ class FidelityResult:
     @property
     def step_model_error(self) -> float:
         """Predicted over measured time, summed over the live run's own steps, minus 1."""
-        predicted = sum(self.profile.fit.predict(s) for s in self.run.shapes)
-        return predicted / sum(self.run.step_s) - 1 if self.run.step_s else float("nan")
+        return self.step_model_error_where(lambda shape: True)
+
+    def step_model_error_where(self, which: Callable[[BatchShape], bool]) -> float:
+        """`step_model_error` over the live steps whose shape `which` accepts (nan if none)."""
+        steps = [(shape, s) for shape, s in zip(self.run.shapes, self.run.step_s) if which(shape)]
+        measured = sum(s for _, s in steps)
+        return sum(self.profile.fit.predict(shape) for shape, _ in steps) / measured - 1 if measured else float("nan")
+
+    def ttft_ratios(self, arrived_idle: bool) -> list[float]:
+        """Per request, the twin's TTFT over the live one's, for the requests that arrived at an
+        idle live engine (or those that did not)."""
+        twin = self.twin_records
+        return [twin[i].ttft / record.ttft for i, record in enumerate(self.run.records)
+                if (i in self.run.arrived_idle) == arrived_idle and record.ttft > 0 and twin[i].first_token >= 0]
 
     def slowdown_by_second(self, min_steps: int = 10) -> list[float]:
         """Measured over predicted step time in each second of the live run (with enough steps):
@@ -296,7 +316,7 @@ def run_fidelity(config: EngineConfig, workload: list[TraceRequest], threads: in
     twin = simulate_run(config, runner.num_blocks, profile.fit, profile, workload)
     live_summary = _summary(run.records)
     result = FidelityResult(live_summary, twin.summary, compare(live_summary, twin.summary), run, profile,
-                            live_wall, workload, busy_fraction(twin))
+                            live_wall, workload, busy_fraction(twin), twin.records)
     if run.step_s:
         scale = 1 / (1 + result.step_model_error)
         rescaled = StepTimeFit(tuple(c * scale for c in profile.fit.coefficients), profile.fit.rms_relative_error)
@@ -407,6 +427,15 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
         f"({gap / mean_step:.2%} of a step); wake-up after an idle wait {1000 * late:.2f} ms (median, "
         f"{len(run.wake_late_s)} times); torch threads {torch.get_num_threads()}"
     )
+    with_prefill = result.step_model_error_where(lambda shape: shape.num_prefill_chunks > 0)
+    decode_only = result.step_model_error_where(lambda shape: shape.num_prefill_chunks == 0)
+    idle, queued = result.ttft_ratios(arrived_idle=True), result.ttft_ratios(arrived_idle=False)
+    console.print(
+        f"by kind, the fitted model prices steps with a prefill chunk {with_prefill:+.1%}, decode-only steps "
+        f"{decode_only:+.1%}; per request, twin over live TTFT (median): "
+        f"{_median_text(idle)} for those arriving at an idle engine ({len(idle)}: no queueing), "
+        f"{_median_text(queued)} for the others ({len(queued)})"
+    )
     slowdown = sorted(result.slowdown_by_second())
     if len(slowdown) >= 2:
         p10, p90 = slowdown[len(slowdown) // 10], slowdown[len(slowdown) * 9 // 10]
@@ -416,3 +445,7 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
         errors = ", ".join(f"{c.name.split(' (')[0]} {c.error:+.1%}" for c in compare(result.live, result.rescaled))
         console.print(f"diagnostic, not a prediction: the twin with its step prices scaled to the live "
                       f"run's own steps ({1 / (1 + result.step_model_error):.2f}x): {errors}")
+
+
+def _median_text(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}" if values else "n/a"

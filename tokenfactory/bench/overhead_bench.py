@@ -1,9 +1,13 @@
 """`tokenfactory bench overhead`: what the factory floor adds to one request, measured in one run.
 
 1. Gateway plus router: TTFT of two-token requests sent one at a time through `tokenfactory serve
-   --workers 2` (HTTP, tokenization, the KV-aware router, SSE) against the same requests sent straight
-   to one engine process from this process (the baseline). The difference of the medians is what
-   the gateway and the router add.
+   --workers 2` (HTTP, auth, tiers and ledger, the KV-aware router, SSE) against the same requests
+   sent straight to one engine process from this process with the engine's own client (the
+   baseline). The two sides take turns, request by request, so the machine's load drifts over
+   both alike; the HTTP client is the standard library's, which adds little of its own. The
+   difference of the medians is what the gateway and the router add. On a busy machine the
+   prefill step's own time varies most, so each side's TTFT is also reported less the engine's
+   time in that step (from its load report), and the overhead again as their difference.
 2. The router alone: microseconds per routing decision (hashing the prompt's blocks, the index lookup
    and the policy) for prompts of several lengths over 16 workers.
 3. KV transfer for disaggregated serving: bytes and milliseconds to copy a prompt's KV out of one
@@ -14,17 +18,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import statistics
 import time
+from dataclasses import dataclass
+from http.client import HTTPConnection
 
-import httpx
 import msgspec
 
 from tokenfactory.bench.serve_bench import free_port, start_server, wait_healthy
+from tokenfactory.cli import build_parser, serve_config
 from tokenfactory.control.kv_index import KVIndex
 from tokenfactory.control.router import KVAwareRouter, RouteRequest, WorkerState
-from tokenfactory.engine.config import CacheConfig, EngineConfig
+from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.engine import EngineCore
 from tokenfactory.engine.kv_cache import prompt_block_hashes
 from tokenfactory.engine.outputs import KVTransfer
@@ -50,14 +57,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     model_dir = args.model or str(ensure_tiny_model())
     name = "" if args.model else TINY_MODEL_NAME
-    config = EngineConfig.from_pretrained(model_dir, served_model_name=name, cache=CacheConfig(num_blocks=2048))
+    flags = ["--model", model_dir, *(["--served-model-name", name] if name else []),
+             "--max-num-seqs", "1", "--max-num-batched-tokens", "2048", *ENGINE_FLAGS]
+    config = serve_config(build_parser(["serve"]).parse_args(["serve", *flags]))  # the served workers' own
     rng = random.Random(0)
     prompts = [[rng.randrange(300, 4000) for _ in range(args.prompt_len)] for _ in range(args.requests)]
-    direct = asyncio.run(ttft_direct(config, prompts))
-    served = ttft_served(model_dir, name, config.name, prompts)
-    d50, s50 = statistics.median(direct), statistics.median(served)
+    direct, served = ttft_both(config, model_dir, name, prompts)
+    d50, s50 = (statistics.median(t.ttft_s for t in side) for side in (direct, served))
     print(f"TTFT p50, {args.requests} two-token requests of {args.prompt_len} tokens, one at a time: "
           f"engine process direct {1000 * d50:.2f} ms, through gateway + kv router (2 workers) {1000 * s50:.2f} ms")
+    d_net, s_net = (_median_less_step(side) for side in (direct, served))
+    print(f"  the same less the engine's own prefill step: direct {_ms(d_net)}, through gateway + router {_ms(s_net)}")
     for length in args.route_lens:
         print(f"router decision, {length}-token prompt, 16 workers: {route_decision_us(length):.0f} us")
     for length in args.transfer_lens:
@@ -65,47 +75,120 @@ def main(args: argparse.Namespace) -> int:
         print(f"KV transfer, {length}-token prompt: {t['bytes'] / 1e6:.2f} MB; copy out {t['export_ms']:.2f} ms, "
               f"encode+decode {t['wire_ms']:.2f} ms, import {t['import_ms']:.2f} ms; "
               f"prefill itself {t['prefill_ms']:.1f} ms")
-    print(f"gateway + router overhead at p50: {1000 * (s50 - d50):.2f} ms")
+    net = s_net - d_net if s_net is not None and d_net is not None else None
+    print(f"gateway + router overhead at p50: {1000 * (s50 - d50):.2f} ms "
+          f"(less each request's own prefill step, the machine's noise in it gone: {_ms(net)})")
     return 0
 
 
-async def ttft_direct(config: EngineConfig, prompts: list[list[int]]) -> list[float]:
-    client = AsyncEngineClient(config)
-    await client.start()
-    try:
-        times = []
-        for i, prompt in enumerate([prompts[0]] + prompts):  # the first one warms up
-            t0 = time.perf_counter()
-            async for _ in client.generate(f"direct-{i}", prompt, TWO_TOKENS):
-                break
-            times.append(time.perf_counter() - t0)
-        return times[1:]
-    finally:
-        await client.shutdown()
+def _median_less_step(side: list[FirstToken]) -> float | None:
+    """Median TTFT less the prefill step, over the requests whose step time is known."""
+    known = [t.ttft_s - t.step_s for t in side if t.step_s is not None]
+    return statistics.median(known) if known else None
 
 
-def ttft_served(model_dir: str, name: str, model: str, prompts: list[list[int]]) -> list[float]:
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{1000 * seconds:.2f} ms"
+
+
+@dataclass(slots=True, frozen=True)
+class FirstToken:
+    ttft_s: float
+    step_s: float | None
+    """The engine's own time in the step that computed the prompt and sampled the first token
+    (None: not known apart from the next step's)."""
+
+
+ENGINE_FLAGS = ["--num-blocks", "2048"]
+"""`serve` flags of every engine in the run, with one sequence at a time and 2048 tokens per step
+(`start_server`'s own): the direct engine is configured from the same flags."""
+
+WARMUP_REQUESTS = 4
+"""Per side, before timing: enough for the router to have sent work to both workers."""
+
+
+def ttft_both(config: EngineConfig, model_dir: str, name: str, prompts: list[list[int]]
+              ) -> tuple[list[FirstToken], list[FirstToken]]:
+    """Each prompt straight to an engine process and through a served gateway, the two sides taking
+    turns (which one goes first alternates), so both see the same machine."""
     port = free_port()
     server = start_server(model_dir, name, port, max_num_seqs=1, max_num_batched_tokens=2048,
-                          extra=["--workers", "2", "--router", "kv"])
+                          extra=[*ENGINE_FLAGS, "--workers", "2", "--router", "kv"])
+    loop = asyncio.new_event_loop()
+    client = AsyncEngineClient(config)
+    http, health = HTTPConnection("127.0.0.1", port, timeout=60), HTTPConnection("127.0.0.1", port, timeout=60)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, server)
-        times = []
-        with httpx.Client(base_url=url, timeout=60) as client:
-            for prompt in [prompts[0]] + prompts:
-                body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0,
-                        "ignore_eos": True, "stream": True}
-                t0 = time.perf_counter()
-                with client.stream("POST", "/v1/completions", json=body) as response:
-                    for line in response.iter_lines():
-                        if line.startswith("data: {") and '"choices":[{' in line:
-                            times.append(time.perf_counter() - t0)
-                            break
-        return times[1:]
+        loop.run_until_complete(client.start())  # while the server starts
+        wait_healthy(f"http://127.0.0.1:{port}", server)
+        warmup = [prompts[i % len(prompts)][::-1] for i in range(WARMUP_REQUESTS)]
+        direct: list[FirstToken] = []
+        served: list[FirstToken] = []
+        for i, prompt in enumerate(warmup + prompts):
+            sides = [lambda: loop.run_until_complete(first_token_direct(client, f"direct-{i}", prompt)),
+                     lambda: first_token_served(http, health, config.name, prompt)]
+            first, second = sides if i % 2 == 0 else sides[::-1]
+            a, b = first(), second()
+            if i >= len(warmup):
+                direct.append(a if i % 2 == 0 else b)
+                served.append(b if i % 2 == 0 else a)
+        return direct, served
     finally:
+        http.close()
+        health.close()
+        loop.run_until_complete(client.shutdown())
+        loop.close()
         server.terminate()
         server.wait(30)
+
+
+async def first_token_direct(client: AsyncEngineClient, request_id: str, prompt: list[int]) -> FirstToken:
+    """The first token's timing; the request is then read to its end, so both sides end idle."""
+    before = client.load
+    t0 = time.perf_counter()
+    first = None
+    async for _ in client.generate(request_id, prompt, TWO_TOKENS):
+        if first is None:
+            ttft = time.perf_counter() - t0
+            after = client.load  # as of the step that sampled this token
+            one_step = after.num_steps - before.num_steps == 1
+            first = FirstToken(ttft, after.step_seconds - before.step_seconds if one_step else None)
+    return first
+
+
+def first_token_served(http: HTTPConnection, health: HTTPConnection, model: str, prompt: list[int]) -> FirstToken:
+    """The first SSE chunk's timing over a kept-alive connection; the stream is then read to its end.
+    The body is encoded before the clock starts (the direct side's request is built before it too)."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0,
+                       "ignore_eos": True, "stream": True}).encode()
+    before = _steps(health)
+    t0 = time.perf_counter()
+    http.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = http.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"the gateway answered {response.status}: {response.read().decode()}")
+    first = None
+    while line := response.readline():
+        if first is None and line.startswith(b"data: {") and b'"choices":[{' in line:
+            ttft = time.perf_counter() - t0
+            first = FirstToken(ttft, _prefill_step_s(before, _steps(health)))
+    if first is None:
+        raise RuntimeError("the stream ended without a token")
+    return first
+
+
+def _steps(health: HTTPConnection) -> list[tuple[int, float]]:
+    """(steps, seconds in steps) of each worker, as the gateway's /health reports them."""
+    health.request("GET", "/health")
+    workers = json.loads(health.getresponse().read())["workers"]
+    return [(w["num_steps"], w["step_seconds"]) for w in workers]
+
+
+def _prefill_step_s(before: list[tuple[int, float]], after: list[tuple[int, float]]) -> float | None:
+    """The time of the one step a request took so far, from /health readings around it; None when
+    the decode step had already ended too (then the two cannot be told apart)."""
+    steps = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    seconds = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    return seconds if steps == 1 else None
 
 
 def route_decision_us(prompt_len: int, block_size: int = 16, num_workers: int = 16, repeats: int = 200) -> float:

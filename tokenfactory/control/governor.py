@@ -11,6 +11,9 @@ governor leaves every worker its idle power, shares the rest of the budget among
 maximum (water-filling), and turns each share into a token budget per step. Tiers are then
 admitted from the highest priority down while their demand fits that capacity: the lowest tier
 stops first, then the next; the highest tier is never refused while a lower tier still has load.
+The token budgets keep no floor for the highest tier: admission from the top already reserves
+the capacity for it, each engine's scheduler spends a short budget on the highest tier first,
+and a step's power rises with its size, so a floor above the power share would break the budget.
 
 The factory config's `power` section (`PowerSpec`) holds the static cap and the scheduled grid
 events (daily at a UTC time, or once at a date and time); `scheduled_state` turns them, with the
@@ -93,6 +96,16 @@ class TierLoad:
     tier: str
     priority: int
     demand_tokens_per_step: float
+
+
+def tier_demand(running: int, queued_prompt_tokens: int, ttft_s: float, step_s: float | None,
+                arriving_tokens_per_step: float = 0.0) -> float:
+    """A tier's demand in tokens per step, comparable to a token budget: a token per running
+    sequence, plus its prompts: those arriving (`arriving_tokens_per_step`), or its queued ones
+    spread over the steps of `step_s` that fit in its TTFT target if more. A backlog is not all due
+    in the next step; with no step time known yet (`None`) it is."""
+    steps_in_ttft = 1.0 if step_s is None or step_s <= 0 else max(1.0, ttft_s / step_s)
+    return running + max(arriving_tokens_per_step, queued_prompt_tokens / steps_in_ttft)
 
 
 @dataclass(frozen=True, slots=True)

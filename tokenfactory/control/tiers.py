@@ -6,6 +6,9 @@ A tier carries prices per million tokens (per model, with a default), SLO target
 scheduling priority of its requests, rate limits, a token quota per period and whether it may be
 shed. A free plan is a tier priced at zero with a quota, and keys limited to it.
 
+The config may also list the models the factory serves (`models`), each with its own pool of
+workers; without that list, `tokenfactory serve`'s flags describe a factory of one model.
+
 Pure policy: no I/O (the config arrives as YAML text, the clock as an argument), so the gateway
 and the twin call the same code.
 """
@@ -16,11 +19,16 @@ import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tokenfactory.control.disagg import DisaggConfig
 from tokenfactory.control.governor import PowerSpec
+from tokenfactory.control.router import ROUTERS
+from tokenfactory.engine.config import DTYPES, CacheConfig, SchedulerConfig
+from tokenfactory.engine.tiny import TINY_MODEL_NAME
 
 AUTO = "auto"
 """The request lets the key's default tier serve it."""
@@ -71,12 +79,71 @@ class TierSpec(ConfigModel):
         return self.prices.get(model, self.prices[DEFAULT_MODEL_PRICE])
 
 
+TINY_PATH = "tiny"
+"""A model's `path` that names the built-in tiny model (written on first start, nothing downloaded)."""
+
+
+class ModelSpec(ConfigModel):
+    """One served model and its own pool of workers: what `serve`'s per-model flags say for one."""
+
+    name: str | None = Field(default=None, min_length=1,
+                             description="the name clients send as `model` (default: the folder name)")
+    path: str = Field(default=TINY_PATH, min_length=1,
+                      description="checkpoint folder in the Hugging Face layout (relative: to the config "
+                                  f"file), or `{TINY_PATH}` for the built-in model")
+    workers: int = Field(default=1, ge=1, description="engine processes; more than one sit behind the router")
+    prefill_workers: int = Field(default=0, ge=0, description="disaggregated: prefill-only engine processes")
+    decode_workers: int = Field(default=0, ge=0, description="disaggregated: decode engine processes")
+    disagg_min_prompt_tokens: int = Field(default=DisaggConfig().min_prompt_tokens, ge=1,
+                                          description="shorter prompts are served whole on a decode worker")
+    router: str = Field(default="kv", description=f"one of {', '.join(ROUTERS)}")
+    session_affinity: bool = Field(default=True, description="keep a session on the worker of its last turn")
+    transport: str = Field(default="local", pattern=r"^(local|ray)$",
+                           description="local: engine processes on this machine; ray: Ray actors wherever the "
+                                       "cluster places them (the `ray` extra)")
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N")
+    dtype: str | None = Field(default=None, description="compute dtype (default: float32 on cpu, else bfloat16)")
+    seed: int = 0
+    max_model_len: int = Field(default=0, ge=0, description="context window; 0: the model's")
+    max_num_seqs: int = Field(default=SchedulerConfig.max_num_seqs, ge=1)
+    max_num_batched_tokens: int = Field(default=SchedulerConfig.max_num_batched_tokens, ge=1,
+                                        description="the scheduler's token budget per step")
+    block_size: int = Field(default=CacheConfig.block_size, ge=1, le=256)
+    num_blocks: int | None = Field(default=None, ge=1, description="KV cache blocks per worker (default: sized "
+                                                                   "from a memory budget)")
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> ModelSpec:
+        if self.router not in ROUTERS:
+            raise ValueError(f"router {self.router!r} is not one of {', '.join(ROUTERS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if bool(self.prefill_workers) != bool(self.decode_workers):
+            raise ValueError("disaggregated serving needs both prefill_workers and decode_workers")
+        if self.prefill_workers and "workers" in self.model_fields_set:
+            raise ValueError("give workers, or prefill_workers and decode_workers, not both")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        """The name clients use: `name`, else the folder's name (the tiny model's own name)."""
+        if self.name is not None:
+            return self.name
+        return TINY_MODEL_NAME if self.path == TINY_PATH else PurePath(self.path.rstrip("/")).name
+
+    @property
+    def num_workers(self) -> int:
+        return self.prefill_workers + self.decode_workers if self.prefill_workers else self.workers
+
+
 class FactoryConfig(ConfigModel):
-    """The tiers a factory sells and the one a key gets when it names none."""
+    """The tiers a factory sells and the one a key gets when it names none; optionally its models."""
 
     tiers: dict[str, TierSpec] = Field(min_length=1)
     default_tier: str = "default"
     power: PowerSpec = Field(default_factory=PowerSpec, description="power cap and grid events (the governor)")
+    models: list[ModelSpec] = Field(default_factory=list,
+                                    description="the models served, each with its own pool (none: serve's flags)")
 
     @model_validator(mode="after")
     def _check_names(self) -> FactoryConfig:
@@ -84,7 +151,22 @@ class FactoryConfig(ConfigModel):
             raise ValueError(f"`{AUTO}` is not a tier name: it asks for the key's default tier")
         if self.default_tier not in self.tiers:
             raise ValueError(f"default_tier {self.default_tier!r} is not one of the tiers {sorted(self.tiers)}")
+        names = [m.served_name for m in self.models]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"models served under the same name: {', '.join(repeated)}")
+        if names:
+            self.check_priced_models(names)
         return self
+
+    def check_priced_models(self, served: list[str]) -> None:
+        """Raise ValueError if a tier prices a model that is not served: a misspelled name would
+        otherwise bill that model at the tier's `default` price without a word."""
+        for tier, spec in self.tiers.items():
+            unknown = sorted(set(spec.prices) - {DEFAULT_MODEL_PRICE, *served})
+            if unknown:
+                raise ValueError(f"tier {tier!r} prices {', '.join(unknown)}, which the factory does not serve "
+                                 f"(it serves {', '.join(served)})")
 
 
 def builtin_config() -> FactoryConfig:
@@ -189,6 +271,7 @@ def price_usage(tier: TierSpec, model: str, usage: TokenUsage) -> float:
 class _KeyWindow:
     requests: deque[float] = field(default_factory=deque)  # admission times in the last minute
     tokens: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens) in the last minute
+    tokens_sum: int = 0  # the sum of `tokens`, kept as they come and go (admit is asked per request)
     quota_period: int = -1  # index of the quota period `quota_used` counts
     quota_used: int = 0
 
@@ -227,7 +310,7 @@ class RateLimiter:
             return LimitExceeded("requests_per_minute", w.requests[0] + self.WINDOW_S - now,
                                  f"Rate limit reached: {spec.requests_per_minute} requests per minute "
                                  f"on tier `{tier}`.")
-        if spec.tokens_per_minute is not None and sum(n for _, n in w.tokens) >= spec.tokens_per_minute:
+        if spec.tokens_per_minute is not None and w.tokens_sum >= spec.tokens_per_minute:
             return LimitExceeded("tokens_per_minute", w.tokens[0][0] + self.WINDOW_S - now,
                                  f"Rate limit reached: {spec.tokens_per_minute} tokens per minute on tier `{tier}`.")
         w.requests.append(now)
@@ -238,6 +321,7 @@ class RateLimiter:
         w = self._window(key_id, tier, spec, now)
         if num_tokens:  # a zero entry would only date the window's Retry-After too early
             w.tokens.append((now, num_tokens))
+            w.tokens_sum += num_tokens
         w.quota_used += num_tokens
 
     # A restarted gateway reads back from its ledger what the previous one counted (the ledger
@@ -256,6 +340,7 @@ class RateLimiter:
             bisect.insort(w.requests, admitted_at)
         if ended_at > now - self.WINDOW_S:
             bisect.insort(w.tokens, (ended_at, num_tokens))
+            w.tokens_sum += num_tokens
 
     def _window(self, key_id: str, tier: str, spec: TierSpec, now: float) -> _KeyWindow:
         w = self._windows.setdefault((key_id, tier), _KeyWindow())
@@ -263,7 +348,7 @@ class RateLimiter:
         while w.requests and w.requests[0] <= horizon:
             w.requests.popleft()
         while w.tokens and w.tokens[0][0] <= horizon:
-            w.tokens.popleft()
+            w.tokens_sum -= w.tokens.popleft()[1]
         period = math.floor(now / spec.quota_period_s)
         if period != w.quota_period:
             w.quota_period, w.quota_used = period, 0

@@ -58,10 +58,13 @@ class EngineCore:
         self._exports: dict[str, KVTransfer] = {}
         """Their KV, copied out in the step that sampled that token, until `export_kv` takes it."""
 
-    def add_request(self, request: Request) -> None:
-        """Queue a request; ValueError (saying why) for one that could never run correctly."""
+    def add_request(self, request: Request, prompt_hashes: Sequence[int] = ()) -> None:
+        """Queue a request; ValueError (saying why) for one that could never run correctly.
+        `prompt_hashes`: its prompt's `prompt_block_hashes`, from a caller that already has them."""
         self._check_request(request)
         self.scheduler.add_request(request)
+        if prompt_hashes:
+            self.kv.set_prompt_hashes(request, prompt_hashes)
 
     def _check_request(self, request: Request) -> None:
         vocab = self.config.model.vocab_size
@@ -78,11 +81,11 @@ class EngineCore:
 
     # --- disaggregated serving: the prefill side ----------------------------------------------
 
-    def prefill_only(self, request: Request) -> None:
+    def prefill_only(self, request: Request, prompt_hashes: Sequence[int] = ()) -> None:
         """Queue a request to compute its prompt and sample its first token only; its KV is then
         kept for `export_kv` (unless that token ended it: EOS or a stop token)."""
         request.sampling = dataclasses.replace(request.sampling, max_tokens=1)
-        self.add_request(request)
+        self.add_request(request, prompt_hashes)
         self._prefill_only.add(request.request_id)
 
     def export_kv(self, request_id: str) -> KVTransfer:

@@ -6,10 +6,14 @@ A decode is a chunk of one token, a chunked prefill a chunk of many, a prefix-ca
 request with tokens already computed, and a preempted request simply starts again from zero
 over its prompt and output (recompute), reusing whatever prefix is still cached.
 
-Each step serves running requests first, highest priority then earliest arrival first; when
-blocks run out the lowest-priority, latest-arrived running request is preempted. Then waiting
-requests are admitted in the same order while budget, blocks and `max_num_seqs` allow; a
-waiting request may preempt running ones of strictly lower priority to get blocks.
+Each step serves requests highest priority then earliest arrival first, running before waiting
+at equal priority: running requests in that order, except that waiting requests of a strictly
+higher priority than the next running one are admitted before it. So under a short token budget
+a higher tier's prompt takes the budget first and lower-tier running requests skip a step (they
+keep their blocks); with one priority all running requests come first. When blocks run out the
+lowest-priority, latest-arrived running request is preempted. Waiting requests are admitted while
+budget, blocks and `max_num_seqs` allow; a waiting request may preempt running ones of strictly
+lower priority to get blocks.
 
 Pure bookkeeping: no clock, no I/O, no tensors, so the digital twin drives this very class.
 Cost per step is O(running requests) plus the admitted ones.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -169,7 +174,7 @@ class Scheduler:
     # --- a step ---------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        """Spread this step's token budget: running requests first, then waiting ones."""
+        """Spread this step's token budget in serving order (see the module doc)."""
         plan = _StepPlan(budget=self.token_budget)
         self._schedule_running(plan)
         if not plan.preempted_ids:  # blocks are short: admitting more would only thrash
@@ -183,8 +188,17 @@ class Scheduler:
 
     def _schedule_running(self, plan: _StepPlan) -> None:
         index = 0
+        ahead = self._outranking_priority()
         while index < len(self._running) and plan.budget > 0:
             request = self._running[index]
+            if request.priority < ahead:
+                # Higher-tier waiting requests go first; they are inserted before `index`.
+                if not plan.preempted_ids:
+                    index += self._schedule_waiting(plan, above=request.priority)
+                ahead = self._outranking_priority()
+                if ahead > request.priority:  # the head of the queue cannot start now: not again this step
+                    ahead = -math.inf
+                continue
             num_new = self._chunk_size(request, request.num_computed_tokens, plan.budget)
             if num_new <= 0:
                 index += 1
@@ -197,10 +211,14 @@ class Scheduler:
             self._add_chunk(plan, request, num_new)
             index += 1
 
-    def _schedule_waiting(self, plan: _StepPlan) -> None:
+    def _schedule_waiting(self, plan: _StepPlan, above: float = -math.inf) -> int:
+        """Admit waiting requests of priority greater than `above` in serving order; returns how many."""
         deferred: list[tuple[int, float, int, Request]] = []
+        admitted = 0
         while self._num_waiting > len(deferred) and plan.budget > 0 and len(self._running) < self.config.max_num_seqs:
             request = self._peek_waiting()
+            if request.priority <= above:
+                break
             if request.request_id in plan.preempted_ids:
                 break  # just preempted for someone else: not back in the same step
             num_cached = self.kv.lookup_prefix(request)
@@ -223,8 +241,10 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             bisect.insort(self._running, request, key=_serving_order)
             self._add_chunk(plan, request, num_new)
+            admitted += 1
         for entry in deferred:
             heapq.heappush(self._waiting, entry)
+        return admitted
 
     def _allocate_preempting_lower(
         self, plan: _StepPlan, request: Request, num_new: int, num_cached: int
@@ -414,6 +434,14 @@ class Scheduler:
         # requests of its priority.
         heapq.heappush(self._waiting, (-request.priority, request.arrival_time, next(self._seq), request))
         self._num_waiting += 1
+
+    def _outranking_priority(self) -> float:
+        """The waiting head's priority if it outranks the lowest running request, else -inf: the
+        cheap check that keeps steps without a higher-tier arrival on the plain path."""
+        if not self._num_waiting or not self._running:
+            return -math.inf
+        priority = self._peek_waiting().priority
+        return priority if priority > self._running[-1].priority else -math.inf
 
     def _peek_waiting(self) -> Request:
         """The head of the waiting queue, dropping entries of aborted requests on the way."""

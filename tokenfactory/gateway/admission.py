@@ -43,6 +43,7 @@ from tokenfactory.control.governor import (
     add_event,
     decide,
     scheduled_state,
+    tier_demand,
 )
 from tokenfactory.control.tiers import FactoryConfig
 from tokenfactory.gateway.auth import AdminAuth
@@ -50,7 +51,7 @@ from tokenfactory.gateway.errors import APIError, bad_request
 from tokenfactory.meter.ledger import LedgerEntry
 from tokenfactory.meter.power import ModeledPowerSensor, PowerSensor, default_hardware, sensor_for
 from tokenfactory.runtime.client import AsyncEngineClient, Worker
-from tokenfactory.runtime.pool import WorkerPool
+from tokenfactory.runtime.pool import ModelPools, WorkerPool
 from tokenfactory.runtime.wire import EngineLoad
 from tokenfactory.twin.hardware import Hardware
 
@@ -147,11 +148,12 @@ class TierTraffic:
         self._ended.append(Ended(self.clock(), entry.tier, entry.prompt_tokens + entry.completion_tokens,
                                  computed, entry.energy_j, entry.cost_usd, entry.outcome))
 
-    def loads(self) -> list[TierLoad]:
-        """Each tier's demand on the engines, tokens per step: a token per running sequence plus
-        the prompts waiting for their prefill."""
-        return [TierLoad(name, spec.priority, self.counts[name].running + self.counts[name].queued_prompt_tokens)
-                for name, spec in self.tiers.tiers.items()]
+    def loads(self, step_s: float | None = None) -> list[TierLoad]:
+        """Each tier's demand on the engines in tokens per step (`control.governor.tier_demand`): a
+        token per running sequence, plus the prompts waiting for their prefill spread over the steps
+        of `step_s` (the engines' recent mean step time; None: unknown) that fit in its TTFT target."""
+        return [TierLoad(name, spec.priority, tier_demand(c.running, c.queued_prompt_tokens, spec.slo.ttft_s, step_s))
+                for name, spec in self.tiers.tiers.items() for c in [self.counts[name]]]
 
     def _forget_old(self) -> None:
         horizon = self.clock() - WINDOW_S
@@ -249,8 +251,9 @@ class Sample:
     tokens_per_s: dict[str, float]
 
 
-def engines_of(worker: Worker) -> list[Worker]:
-    return list(worker.workers) if isinstance(worker, WorkerPool) else [worker]
+def engines_of(worker: Worker | ModelPools) -> list[Worker]:
+    """The engines behind a worker, a pool, or every model's pools (the governor's fleet)."""
+    return list(worker.workers) if isinstance(worker, (WorkerPool, ModelPools)) else [worker]
 
 
 @dataclass(slots=True)
@@ -279,9 +282,12 @@ class LiveGovernor:
     cap_w: float | None = None
     """The static cap of the last round."""
     history: deque[Sample] = field(default_factory=lambda: deque(maxlen=600))
+    step_s: float | None = None
+    """The engines' mean step time over the last round they stepped in (None: none seen yet)."""
     hardware: Hardware = field(init=False)
     _sensor: PowerSensor | None = field(init=False, default=None)
     _watch: dict[int, _EngineWatch] = field(init=False, default_factory=dict)
+    _step_totals: tuple[int, float] = field(init=False, default=(0, 0.0))
     _generated: deque[tuple[float, dict[str, int]]] = field(init=False, default_factory=lambda: deque(maxlen=6))
 
     def __post_init__(self) -> None:
@@ -321,7 +327,8 @@ class LiveGovernor:
         cap = self.spec.static_cap_w if self.spec.static_cap_w is not None else self.hardware.tdp_w * len(engines)
         config = GovernorConfig(static_cap_w=cap)
         state = scheduled_state(self.spec, self.admin_events, now)
-        decision = decide(config, state, powers, self.traffic.loads(), now)
+        self.observe_steps([engines[i].load for i in alive])
+        decision = decide(config, state, powers, self.traffic.loads(self.step_s), now)
         for limit in decision.workers:
             engine = engines[limit.worker_id]
             if isinstance(engine, AsyncEngineClient):
@@ -334,6 +341,15 @@ class LiveGovernor:
         self.history.append(Sample(now, decision.budget_w, self.power_w, self._token_rates(now)))
         self.decision = decision
         return decision
+
+    def observe_steps(self, loads: list[EngineLoad]) -> None:
+        """Update `step_s` from the live engines' step counters since the last round (kept when
+        they did not step; a restarted engine's counters start again, so a drop is skipped)."""
+        steps, seconds = sum(load.num_steps for load in loads), sum(load.step_seconds for load in loads)
+        last_steps, last_seconds = self._step_totals
+        self._step_totals = (steps, seconds)
+        if steps > last_steps and seconds > last_seconds:
+            self.step_s = (seconds - last_seconds) / (steps - last_steps)
 
     def modeled_power(self, index: int, load: EngineLoad, now: float) -> float:
         """The hardware's modeled power at the utilisation the engine's last interval implies: the

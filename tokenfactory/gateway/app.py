@@ -1,4 +1,8 @@
-"""The HTTP app: OpenAI routes, health, auth, tiers, the ledger and errors around one worker.
+"""The HTTP app: OpenAI routes, health, auth, tiers, the ledger and errors around the served models.
+
+A factory serves one model or several, each from its own worker or pool (`runtime.pool.ServedModel`);
+a request goes to the pool of the model it names, an unknown model gets the OpenAI 404. The tiers,
+the ledger, the metrics and the power governor span every model.
 
 `build_app` wires it; the worker and the ledger writer start with the app (lifespan) and stop with
 it, so uvicorn's own Ctrl-C/SIGTERM handling shuts the engine process down cleanly and commits
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from tokenfactory.engine.tokenizer import Tokenizer
 from tokenfactory.gateway.admission import Admission, AdmissionConfig, add_grid_event_routes
 from tokenfactory.gateway.auth import AdminAuth, APIKeyAuth, Caller
 from tokenfactory.gateway.dashboard import add_dashboard_routes
-from tokenfactory.gateway.errors import APIError, bad_request, install_error_handlers
+from tokenfactory.gateway.errors import APIError, bad_request, install_error_handlers, model_not_found
 from tokenfactory.gateway.metering import Metering
 from tokenfactory.gateway.protocol import (
     ChatCompletionRequest,
@@ -44,7 +48,7 @@ from tokenfactory.meter.keys import KeyRecord, KeyStore
 from tokenfactory.meter.ledger import Ledger
 from tokenfactory.meter.metrics import FactoryMetrics, WorkerSample
 from tokenfactory.runtime.client import AsyncEngineClient, Worker
-from tokenfactory.runtime.pool import WorkerPool
+from tokenfactory.runtime.pool import ModelPools, ServedModel, WorkerPool
 from tokenfactory.runtime.wire import EngineLoad
 
 
@@ -56,7 +60,7 @@ class CreateKeyRequest(RequestModel):
 
 
 def build_app(
-    config: EngineConfig,
+    models: EngineConfig | Sequence[ServedModel],
     api_keys: Sequence[str] = (),
     worker: Worker | None = None,
     tiers: FactoryConfig | None = None,
@@ -65,27 +69,37 @@ def build_app(
     clock: Callable[[], float] | None = None,
     admission: AdmissionConfig | None = None,
 ) -> FastAPI:
-    """An OpenAI-compatible app serving `config`'s model through `worker` (default: a local
-    engine process), selling `tiers` (default: the built-in flex / default / priority). Plain
+    """An OpenAI-compatible app serving `models`: one engine config, served through `worker`
+    (default: a local engine process), or several `ServedModel`s, each request going to its
+    model's pool. It sells `tiers` (default: the built-in flex / default / priority). Plain
     `api_keys` and the keys in the database at `db_path` are accepted; with any of them, a key is
     required on every /v1 route. With `db_path`, every request's usage goes to its ledger.
-    `admission` tunes load shedding; the power governor runs with the app."""
-    worker = worker if worker is not None else AsyncEngineClient(config)
+    `admission` tunes load shedding; the power governor runs with the app, over every model's
+    workers."""
+    if isinstance(models, EngineConfig):
+        models = [ServedModel(models, worker if worker is not None else AsyncEngineClient(models))]
+    elif worker is not None:
+        raise ValueError("pass `worker` with one engine config; served models bring their own")
+    pools = ModelPools(models)
+    configs = [m.config for m in pools.models.values()]
     tiers = tiers if tiers is not None else builtin_config()
     store = KeyStore(db_path) if db_path is not None else None
-    metering = Metering(tiers, clock=clock or time.time, metrics=FactoryMetrics(),
-                        energy=worker.energy if isinstance(worker, (AsyncEngineClient, WorkerPool)) else None)
-    metering.admission = Admission(tiers, worker, config.device, config.scheduler.max_num_batched_tokens,
+    metering = Metering(tiers, clock=clock or time.time, metrics=FactoryMetrics(), energy=pools.energy)
+    # One governor for the whole fleet. It models every engine as the first model's device, and
+    # a budget above an engine's own step budget is clamped by that engine.
+    metering.admission = Admission(tiers, pools, configs[0].device,
+                                   max(c.scheduler.max_num_batched_tokens for c in configs),
                                    admission, clock=clock or time.time, registry=metering.metrics.registry)
     created = now_s()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        tokenizer = Tokenizer.from_pretrained(config.model_path)
+        tokenizers = {m.name: Tokenizer.from_pretrained(m.config.model_path) for m in pools.models.values()}
         if db_path is not None:
             metering.attach_ledger(Ledger(db_path))
-        await worker.start()
-        app.state.serving = OpenAIServing(worker, tokenizer, config.name, worker.info.context_len)
+        await pools.start()
+        app.state.serving = {name: OpenAIServing(m.worker, tokenizers[name], name, m.worker.info.context_len)
+                             for name, m in pools.models.items()}
         governor = asyncio.create_task(metering.admission.run(), name="power-governor")
         try:
             yield
@@ -93,65 +107,96 @@ def build_app(
             governor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await governor
-            await worker.shutdown()
+            await pools.shutdown()
             if metering.ledger is not None:
                 metering.ledger.close()  # commits whatever is still queued
 
     app = FastAPI(title="tokenfactory", version=__version__, lifespan=lifespan)
-    app.state.worker = worker
+    app.state.pools = pools
     app.state.metering = metering
     install_error_handlers(app)
     auth = APIKeyAuth(tiers, api_keys, store)
+
+    def serving_for(request: Request, model: str) -> OpenAIServing:
+        """The handlers of the model a request names; resolved before metering, so a request for
+        a model the factory does not serve counts against no limit and leaves no ledger row."""
+        serving = request.app.state.serving.get(model)
+        if serving is None:
+            raise model_not_found(model)
+        return serving
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                caller: Caller = Depends(auth)) -> Response:
         session = session_id(request, body)
+        serving = serving_for(request, body.model)
         account = metering.open(caller, body.service_tier, body.model)
-        return await request.app.state.serving.chat(body, account, request.is_disconnected, session)
+        return await serving.chat(body, account, request.is_disconnected, session)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(auth)) -> Response:
         session = session_id(request, body)
+        serving = serving_for(request, body.model)
         account = metering.open(caller, body.service_tier, body.model)
-        return await request.app.state.serving.completions(body, account, request.is_disconnected, session)
+        return await serving.completions(body, account, request.is_disconnected, session)
 
     add_admin_routes(app, AdminAuth(admin_key), store, tiers)
     add_grid_event_routes(app, AdminAuth(admin_key), metering.admission)
-    add_dashboard_routes(app, metering.admission, config.name, metering.metrics.electricity_usd_per_kwh)
+    add_dashboard_routes(app, metering.admission, ", ".join(pools.models), metering.metrics.electricity_usd_per_kwh)
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
-    async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=config.name, created=created, max_model_len=config.context_len)])
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=c.name, created=created, max_model_len=c.context_len) for c in configs])
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """Liveness plus the engine's load (running, waiting, free KV blocks); for a pool, the
-        load summed over live workers, then each worker's own and the router's counters."""
-        body = {
-            "status": "ok" if worker.is_alive else "unavailable",
-            "model": config.name,
-            "engine": load_json(worker.load),
-        }
-        if isinstance(worker, WorkerPool):
-            body["workers"] = [
-                {"worker_id": h.worker_id, "alive": h.alive, "dead_reason": h.dead_reason,
-                 "num_routed": h.num_routed, "num_cached_blocks": h.num_cached_blocks, **load_json(h.load)}
-                for h in worker.worker_health()
-            ]
-            metrics = worker.router.metrics
-            body["router"] = {"policy": type(worker.router).__name__, "mode": metrics.mode,
-                              "decisions": metrics.decisions,
-                              "mean_predicted_overlap_tokens": round(metrics.mean_predicted_overlap_tokens, 3)}
-        return JSONResponse(body, status_code=200 if worker.is_alive else 503)
+        """Liveness plus load (running, waiting, free KV blocks) summed over live engines, and each
+        model's own: for a pool, each worker's load and the router's counters. A factory of one
+        model also shows that model's fields at the top. 200 while every model serves, 200
+        `degraded` while some do, 503 when none does."""
+        served = [model_health(m) for m in pools.models.values()]
+        alive = sum(m.worker.is_alive for m in pools.models.values())
+        status = "ok" if alive == len(served) else "degraded" if alive else "unavailable"
+        live_loads = (s["engine"] for s in served if s["status"] == "ok")
+        body = {"status": status, "engine": sum_json(live_loads), "models": served}
+        if len(served) == 1:
+            body.update(served[0])
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        """Prometheus text: requests, tokens, latency, revenue and energy by tier; per worker queue
-        depths, KV usage and power."""
-        return Response(metering.metrics.render(worker_samples(worker)), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus text: requests, tokens, latency, revenue and energy by model and tier; per
+        model's worker queue depths, KV usage and power."""
+        return Response(metering.metrics.render(worker_samples(pools)), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def model_health(model: ServedModel) -> dict:
+    """One model's part of /health."""
+    worker = model.worker
+    body = {"model": model.name, "status": "ok" if worker.is_alive else "unavailable",
+            "engine": load_json(worker.load)}
+    if isinstance(worker, WorkerPool):
+        body["workers"] = [
+            {"worker_id": h.worker_id, "alive": h.alive, "dead_reason": h.dead_reason,
+             "num_routed": h.num_routed, "num_cached_blocks": h.num_cached_blocks, **load_json(h.load)}
+            for h in worker.worker_health()
+        ]
+        metrics = worker.router.metrics
+        body["router"] = {"policy": type(worker.router).__name__, "mode": metrics.mode,
+                          "decisions": metrics.decisions,
+                          "mean_predicted_overlap_tokens": round(metrics.mean_predicted_overlap_tokens, 3)}
+    return body
+
+
+def sum_json(loads: Iterable[dict[str, int | float]]) -> dict[str, int | float]:
+    """`load_json` bodies added field by field."""
+    total: dict[str, int | float] = {}
+    for load in loads:
+        for key, value in load.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 SESSION_HEADER = "X-Session-Id"
@@ -169,10 +214,10 @@ def session_id(request: Request, body: SamplingFields) -> str | None:
     return session
 
 
-def worker_samples(worker: Worker) -> list[WorkerSample]:
-    if isinstance(worker, WorkerPool):
-        return [WorkerSample(str(h.worker_id), h.load) for h in worker.worker_health()]
-    return [WorkerSample("0", worker.load)]
+def worker_samples(pools: ModelPools) -> list[WorkerSample]:
+    """Each engine's last load, labelled by its model and its worker id within the model's pool."""
+    return [WorkerSample(name, str(worker_id), engine.load)
+            for name, model in pools.models.items() for worker_id, engine in enumerate(model.engines)]
 
 
 def add_admin_routes(app: FastAPI, admin: AdminAuth, store: KeyStore | None, tiers: FactoryConfig) -> None:

@@ -159,7 +159,7 @@ class OpenAIServing:
         seqs = self._sequences(req, [prompt], req.max_output_tokens, "messages", grammar, session_id)
         rid, created = random_id("chatcmpl"), now_s()
         if req.stream:
-            return _sse(self._stream_chat(req, account, rid, created, seqs, plan))
+            return await _sse(self._stream_chat(req, account, rid, created, seqs, plan))
         totals = await self._collect(seqs, account, rid, is_disconnected)
         choices = []
         for i, t in enumerate(totals):
@@ -188,12 +188,16 @@ class OpenAIServing:
 
         totals = [ChoiceTotals(s.prompt_index) for s in seqs]
         with _ledger_guard(account, rid, seqs, totals):
-            for s in seqs:
-                yield chunk([ChatChunkChoice(index=s.index, delta=DeltaMessage(role="assistant", content=""))])
+            # The role chunks go out with the first delta, not before it: no byte of the response
+            # leaves before the engine has the request (`_sse`).
+            roles = [ChatChunkChoice(index=s.index, delta=DeltaMessage(role="assistant", content="")) for s in seqs]
             # With tools, each choice's text goes through a parser that tells content from calls
             # as the tokens arrive: content streams as content, calls as `tool_calls` deltas.
             parsers = [ToolCallParser() for _ in seqs] if plan.parse_calls else None
             async for d in self._run_metered(seqs, totals, account, rid):
+                for role in roles:
+                    yield chunk([role])
+                roles = []
                 logprobs = self._chat_logprobs(d.logprobs) if req.logprobs else None
                 if parsers is None:
                     deltas, finish = [DeltaMessage(content=d.text)] if d.text else [], d.finish_reason
@@ -253,7 +257,7 @@ class OpenAIServing:
         echoes = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
         rid, created = random_id("cmpl"), now_s()
         if req.stream:
-            return _sse(self._stream_completions(req, account, rid, created, seqs, echoes))
+            return await _sse(self._stream_completions(req, account, rid, created, seqs, echoes))
         totals = await self._collect(seqs, account, rid, is_disconnected)
         choices = []
         for i, t in enumerate(totals):
@@ -539,9 +543,28 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(_with_done(events), media_type="text/event-stream",
+async def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    """An SSE response whose events are already under way: the engine has the request before the
+    response's headers go out, so it computes the prompt while the HTTP side gets ready."""
+    stream = _with_done(events)
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)  # the task runs up to its first wait, which is on the engine
+    return StreamingResponse(_resume(first, stream), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _resume(first: asyncio.Future[str], rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The event `first` brings, then the rest. Leaving early closes the stream, whichever task is
+    running it: a `first` still waiting is cancelled, and its stream aborts the engine sequences."""
+    try:
+        yield await first
+        async for event in rest:
+            yield event
+    finally:
+        if first.done():
+            await rest.aclose()
+        else:
+            first.cancel()
 
 
 async def _with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -18,7 +18,7 @@ import logging
 import multiprocessing
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 import zmq
@@ -85,10 +85,11 @@ class Worker(Protocol):
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
-        session_id: str | None = None,
+        session_id: str | None = None, prompt_hashes: Sequence[int] = (),
     ) -> AsyncIterator[EngineCoreOutput]:
         """Stream one sequence's outputs; `session_id` names the conversation it belongs to (a
-        router may keep a session's turns on one engine, where its growing context is cached)."""
+        router may keep a session's turns on one engine, where its growing context is cached);
+        `prompt_hashes` are the prompt's `prompt_block_hashes` if the caller has them already."""
 
     def abort(self, request_id: str) -> None: ...
 
@@ -100,13 +101,15 @@ class KVWorker(Worker, Protocol):
     """A worker that can take either half of a disaggregated request."""
 
     async def prefill(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
-    ) -> tuple[EngineCoreOutput, bytes | None]:
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
+        prompt_hashes: Sequence[int] = (),
+    ) -> tuple[EngineCoreOutput, object | None]:
         """Compute the prompt and sample the first token -> that output and the transport handle of
-        the request's KV (None when the first token ended the request)."""
+        the request's KV, opaque to the caller (bytes from an engine process, a `RayKVHandle` from a
+        Ray actor; None when the first token ended the request)."""
 
     def generate_from_kv(
-        self, request_id: str, prompt_token_ids: list[int], handle: bytes, params: SamplingParams,
+        self, request_id: str, prompt_token_ids: list[int], handle: object, params: SamplingParams,
         priority: int = 0,
     ) -> AsyncIterator[EngineCoreOutput]:
         """Continue a request prefilled elsewhere (its KV under `handle`); yield the tokens after
@@ -264,23 +267,25 @@ class AsyncEngineClient:
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
-        session_id: str | None = None,
+        session_id: str | None = None, prompt_hashes: Sequence[int] = (),
     ) -> AsyncIterator[EngineCoreOutput]:
         """Submit one sequence and yield its outputs step by step until it finishes.
 
         Leaving early (break, exception, cancellation) aborts the request so its KV blocks free up.
         One engine has nothing to route, so `session_id` is not used here.
         """
-        return self._stream(AddRequest(request_id, list(prompt_token_ids), params, priority))
+        return self._stream(AddRequest(request_id, list(prompt_token_ids), params, priority,
+                                       prompt_hashes=list(prompt_hashes)))
 
     async def prefill(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
+        prompt_hashes: Sequence[int] = (),
     ) -> tuple[EngineCoreOutput, bytes | None]:
         """The prefill half of a split request: its first output, and its KV's transport handle."""
         last: EngineCoreOutput | None = None
         try:
-            async for out in self._stream(
-                    AddRequest(request_id, list(prompt_token_ids), params, priority, prefill_only=True)):
+            async for out in self._stream(AddRequest(request_id, list(prompt_token_ids), params, priority,
+                                                     prefill_only=True, prompt_hashes=list(prompt_hashes))):
                 last = out
         finally:
             handle = self._kv_handles.pop(request_id, None)

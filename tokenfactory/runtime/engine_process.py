@@ -147,9 +147,9 @@ class EngineLoop:
         request = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, priority=msg.priority)
         try:
             if msg.prefill_only:
-                self.core.prefill_only(request)
+                self.core.prefill_only(request, msg.prompt_hashes)
             else:
-                self.core.add_request(request)
+                self.core.add_request(request, msg.prompt_hashes)
         except ValueError as e:
             rejected[msg.request_id] = str(e)
 

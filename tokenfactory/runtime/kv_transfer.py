@@ -16,7 +16,9 @@ Other transports fit the same two calls:
   agent's serialized metadata plus the block addresses; `receive` issues an RDMA read into blocks
   the decode engine allocated (the decode side then hands its destination to the transport
   instead of taking bytes back, the one change this interface would grow);
-- a Ray object store: `send` is `ray.put` and the handle the pickled ObjectRef; `receive`, `ray.get`.
+- a Ray object store (`ray_worker.RayObjectTransport`): `send` is `ray.put` and the handle the object's
+  id, while the reference itself travels beside the messages (a pickled reference would pin the
+  object for good), so Ray frees it once imported; `receive` takes what the actor fetched with `ray.get`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,15 @@ decides from the prompt length and that worker's cached prefix whether the reque
 a prefill worker (routed by prefix too) computes the prompt and the first token, the request's KV
 moves through the workers' `KVTransport` to the decode worker, and decoding goes on there. The
 caller sees one ordinary stream (the first token from the prefill side). A request not split is
-served whole by its decode worker. Split requests do not migrate: a dead worker fails them.
+served whole by its decode worker. Split requests migrate too: if the prefill worker dies before
+the first token, the request is served whole on a decode worker; if the decode worker dies (or the
+KV cannot be imported there, e.g. lost with a prefill worker that died holding it), it continues
+whole on another from its prompt plus the tokens already sent. With no prefill worker alive nothing
+is split; with no decode worker alive, the prefill workers serve whole requests.
+
+A factory may serve several models, each from its own pool (`ServedModel`: a model's engine config
+and its worker or pool). `ModelPools` holds them all for what spans the factory: starting and
+stopping every worker, the power governor's view of every engine, and the energy books.
 """
 
 from __future__ import annotations
@@ -35,8 +43,8 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 
 import msgspec
@@ -48,7 +56,7 @@ from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.kv_cache import KVEvent, prompt_block_hashes
 from tokenfactory.engine.outputs import EngineCoreOutput
 from tokenfactory.engine.request import SamplingParams
-from tokenfactory.runtime.client import AsyncEngineClient, EngineDeadError, KVWorker, Worker
+from tokenfactory.runtime.client import AsyncEngineClient, EngineDeadError, KVWorker, RequestRejectedError, Worker
 from tokenfactory.runtime.wire import EngineLoad, Ready
 
 logger = logging.getLogger(__name__)
@@ -65,6 +73,8 @@ class _Routed:
     """Prompt tokens the index predicted cached on the chosen worker."""
     started: bool = False
     """True once its first output came back (its prompt is done: it decodes now)."""
+    prompt_hashes: list[int] = field(default_factory=list)
+    """The routed prompt's block hashes, handed to the worker so its engine does not hash it again."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -133,16 +143,18 @@ class WorkerPool:
                 worker.subscribe_kv_events(partial(self.index.apply, worker_id))
 
     @classmethod
-    def local(cls, config: EngineConfig, num_workers: int, **kwargs) -> WorkerPool:
-        """`num_workers` engine processes on this machine, all with `config`."""
+    def local(cls, config: EngineConfig, num_workers: int,
+              make_worker: Callable[[EngineConfig], Worker] = AsyncEngineClient, **kwargs) -> WorkerPool:
+        """`num_workers` engines with `config`, each made by `make_worker`: an engine process on this
+        machine by default, `ray_worker.RayEngineClient` for a Ray actor wherever the cluster puts it."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        workers: list[Worker] = [AsyncEngineClient(config) for _ in range(num_workers)]
-        return cls(workers, config.cache.block_size, spawn=partial(AsyncEngineClient, config), **kwargs)
+        workers: list[Worker] = [make_worker(config) for _ in range(num_workers)]
+        return cls(workers, config.cache.block_size, spawn=partial(make_worker, config), **kwargs)
 
     @classmethod
     def local_disaggregated(cls, config: EngineConfig, num_prefill: int, num_decode: int, **kwargs) -> WorkerPool:
-        """`num_prefill` prefill and `num_decode` decode engine processes on this machine."""
+        """`num_prefill` prefill and `num_decode` decode engines (processes here, or `make_worker`'s)."""
         if num_prefill < 1 or num_decode < 1:
             raise ValueError(f"need at least one prefill and one decode worker, got {num_prefill}, {num_decode}")
         return cls.local(config, num_prefill + num_decode, num_prefill=num_prefill, **kwargs)
@@ -239,18 +251,19 @@ class WorkerPool:
         session_id: str | None = None,
     ) -> AsyncIterator[EngineCoreOutput]:
         """Route one sequence to a worker (or split it over a prefill and a decode worker) and
-        yield its outputs; if a whole request's worker dies, move it to another and go on. The
-        router sees `session_id`, so with session affinity a session's turns stay together."""
+        yield its outputs; if a worker it runs on dies, move it to another and go on. The router
+        sees `session_id`, so with session affinity a session's turns stay together."""
         if request_id in self._routed:
             raise ValueError(f"request id {request_id!r} is already running")
         try:
             routed = None
             if self.num_prefill:
-                routed = self._route(list(prompt_token_ids), self.decode_ids, session_id)
-                if should_split(len(prompt_token_ids), routed.cached_tokens, self.disagg):
+                routed = self._route(list(prompt_token_ids), self._whole_ids(), session_id)
+                if (routed.worker_id in self.decode_ids and self._prefill_alive()
+                        and should_split(len(prompt_token_ids), routed.cached_tokens, self.disagg)):
                     self.num_split += 1
                     async for out in self._generate_split(request_id, prompt_token_ids, params, priority,
-                                                           routed.worker_id):
+                                                           routed.worker_id, session_id):
                         yield out
                     return
             async for out in self._generate_whole(request_id, prompt_token_ids, params, priority, routed,
@@ -261,24 +274,27 @@ class WorkerPool:
 
     async def _generate_whole(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int,
-        routed: _Routed | None, session_id: str | None = None,
+        routed: _Routed | None, session_id: str | None = None, generated: list[int] | None = None,
     ) -> AsyncIterator[EngineCoreOutput]:
-        generated: list[int] = []
+        """Serve a request on one worker, moving it on when that worker dies; `generated`: tokens
+        the caller already has (from a split request's dead half), continued after."""
+        generated = list(generated or [])
         for attempt in range(self.max_migrations + 1):
             context = list(prompt_token_ids) + generated
             if routed is None or attempt:
-                routed = self._route(context, self.decode_ids, session_id)
+                routed = self._route(context, self._whole_ids(), session_id)
             self._routed[request_id] = routed
-            stream = self.workers[routed.worker_id].generate(
-                request_id, context, _remaining(params, len(generated)), priority)
+            worker = self.workers[routed.worker_id]  # this one: a restart may replace it in the table
+            stream = worker.generate(request_id, context, _remaining(params, len(generated)), priority,
+                                     prompt_hashes=routed.prompt_hashes)
             try:
                 async for out in stream:
                     routed.started = True
                     generated.extend(out.new_token_ids)
-                    yield out if attempt == 0 else _as_continuation(out, len(prompt_token_ids))
+                    yield out if len(context) == len(prompt_token_ids) else _as_continuation(out, len(prompt_token_ids))
                 return
             except EngineDeadError:
-                if attempt == self.max_migrations or not self.workers[routed.worker_id].dead_reason:
+                if attempt == self.max_migrations or not worker.dead_reason:
                     raise
                 self.num_migrations += 1
             finally:
@@ -286,25 +302,61 @@ class WorkerPool:
 
     async def _generate_split(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int,
-        decode_id: WorkerId,
+        decode_id: WorkerId, session_id: str | None,
     ) -> AsyncIterator[EngineCoreOutput]:
-        """Prefill on a prefill worker, then decode on `decode_id` from the moved KV."""
+        """Prefill on a prefill worker, then decode on `decode_id` from the moved KV. When either
+        half's worker dies, or the KV cannot be imported (lost with its prefill worker), the request
+        goes on whole on another worker: from its prompt, or its prompt and the tokens so far."""
         routed = self._route(list(prompt_token_ids), range(self.num_prefill), router=self.prefill_router)
         self._routed[request_id] = routed
         prefill_worker: KVWorker = self.workers[routed.worker_id]
-        first, handle = await prefill_worker.prefill(request_id, prompt_token_ids, params, priority)
+        try:
+            first, handle = await prefill_worker.prefill(request_id, prompt_token_ids, params, priority,
+                                                         prompt_hashes=routed.prompt_hashes)
+        except EngineDeadError:
+            if not prefill_worker.dead_reason:
+                raise
+            first = None
+        if first is None:  # the prompt is computed again where the request now goes
+            self.num_migrations += 1
+            async for out in self._generate_whole(request_id, prompt_token_ids, params, priority, None, session_id):
+                yield out
+            return
         if handle is None or not self._continues(first, params, len(prompt_token_ids)):
             yield first
             return
         yield msgspec.structs.replace(first, finish_reason=None)
+        generated = list(first.new_token_ids)
         self._routed[request_id] = _Routed(decode_id, 0, started=True)
         decode_worker: KVWorker = self.workers[decode_id]
         stream = decode_worker.generate_from_kv(request_id, prompt_token_ids, handle, params, priority)
+        handle = None  # the stream holds it only until it is sent: a moved KV is not kept for the whole decode
         try:
             async for out in stream:
+                generated.extend(out.new_token_ids)
                 yield out
+            return
+        except EngineDeadError:
+            if not decode_worker.dead_reason:
+                raise
+        except RequestRejectedError as e:
+            logger.warning("request %s: its KV could not be imported (%s); recomputing it", request_id, e)
         finally:
             await stream.aclose()
+        self.num_migrations += 1
+        async for out in self._generate_whole(request_id, prompt_token_ids, params, priority, None, session_id,
+                                               generated):
+            yield out
+
+    def _whole_ids(self) -> range:
+        """The workers that serve whole requests: the decode workers, or while none of them lives,
+        every worker (a prefill worker is a whole engine too)."""
+        if any(self.workers[i].is_alive for i in self.decode_ids):
+            return self.decode_ids
+        return range(len(self.workers))
+
+    def _prefill_alive(self) -> bool:
+        return any(self.workers[i].is_alive for i in range(self.num_prefill))
 
     def _continues(self, first: EngineCoreOutput, params: SamplingParams, num_prompt_tokens: int) -> bool:
         """Whether a prefill's "length" finish was only the prefill's own one-token cap."""
@@ -323,7 +375,7 @@ class WorkerPool:
             raise EngineDeadError(self.dead_reason or str(e)) from None
         self.routed_counts[worker_id] += 1
         cached = min(overlap.get(worker_id, 0) * self.block_size, len(prompt_token_ids))
-        return _Routed(worker_id, len(prompt_token_ids) - cached, cached)
+        return _Routed(worker_id, len(prompt_token_ids) - cached, cached, prompt_hashes=hashes)
 
     def abort(self, request_id: str) -> None:
         routed = self._routed.get(request_id)
@@ -372,11 +424,71 @@ class WorkerPool:
         ]
 
 
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """One model the factory serves: its engine config (name, checkpoint, limits) and the worker,
+    one engine or a `WorkerPool`, that serves it."""
+
+    config: EngineConfig
+    worker: Worker
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def engines(self) -> list[Worker]:
+        """The engines behind this model, in worker-id order."""
+        return list(self.worker.workers) if isinstance(self.worker, WorkerPool) else [self.worker]
+
+
+class ModelPools:
+    """Every served model's pool: a request is routed within its model's pool, while the power
+    budget and the energy books span them all."""
+
+    def __init__(self, models: Sequence[ServedModel]) -> None:
+        if not models:
+            raise ValueError("a factory serves at least one model")
+        self.models: dict[str, ServedModel] = {}
+        for model in models:
+            if model.name in self.models:
+                raise ValueError(f"two models are served as {model.name!r}")
+            self.models[model.name] = model
+
+    @property
+    def workers(self) -> list[Worker]:
+        """Every engine of every model, model by model (the governor's fleet)."""
+        return [engine for model in self.models.values() for engine in model.engines]
+
+    @property
+    def is_alive(self) -> bool:
+        """Serving while any model is."""
+        return any(model.worker.is_alive for model in self.models.values())
+
+    @property
+    def energy(self) -> PoolEnergy:
+        """The joules every engine attributed to ended requests, read as one book (request ids are
+        unique across models)."""
+        return PoolEnergy(self)
+
+    async def start(self) -> None:
+        """Start every model's workers at once; if one fails, stop them all."""
+        workers = [model.worker for model in self.models.values()]
+        results = await asyncio.gather(*(w.start() for w in workers), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await self.shutdown()
+            raise failures[0]
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(model.worker.shutdown() for model in self.models.values()), return_exceptions=True)
+
+
 class PoolEnergy:
     """The workers' energy books as one: a request's joules are summed over every worker it ran on
     (the prefill and decode halves of a split request, the workers before and after a migration)."""
 
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool | ModelPools) -> None:
         self._pool = pool
 
     def take(self, request_id: str) -> float | None:

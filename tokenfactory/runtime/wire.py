@@ -27,6 +27,9 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     priority: int = 0
     prefill_only: bool = False
     """Stop after the first token and export the KV (the prefill half of a split request)."""
+    prompt_hashes: list[int] = []
+    """The prompt's `kv_cache.prompt_block_hashes` when the sender has them (a pool hashed the
+    prompt to route it), so the engine does not hash it again; empty: the engine hashes it."""
 
 
 class ImportKV(msgspec.Struct, tag=True, array_like=True):

@@ -106,6 +106,10 @@ class BatchShape:
     """Context tokens whose KV is read: sum of s + n over chunks."""
     num_sampled: int
     """Chunks that reach the end of their request and sample a token (they run the lm_head)."""
+    num_prefill_chunks: int = 0
+    """Chunks of more than one token: each takes the model runner's prefill path (its own
+    attention call per layer, with a mask after a cached prefix). The roofline does not price
+    it; a profile's fit does (per chunk, measured)."""
 
 
 @dataclass(frozen=True)
@@ -286,22 +290,24 @@ def _sum_max_affine(a0: float, a1: float, b0: float, b1: float, first: int, last
 def step_shape(sched: SchedulerOutput) -> BatchShape:
     """A scheduled step as the twin prices it (read before the scheduler updates the requests,
     so contexts are the step's own)."""
-    num_tokens = pairs = kv_read = num_sampled = 0
+    num_tokens = pairs = kv_read = num_sampled = num_prefill = 0
     for chunk in sched.chunks:
         n, start = chunk.num_tokens, chunk.request.num_computed_tokens
         num_tokens += n
         pairs += n * start + n * (n + 1) // 2
         kv_read += start + n
         num_sampled += start + n == chunk.request.num_tokens
-    return BatchShape(num_tokens, pairs, kv_read, num_sampled)
+        num_prefill += n > 1
+    return BatchShape(num_tokens, pairs, kv_read, num_sampled, num_prefill)
 
 
 def shape_of(chunks: Iterable[tuple[int, int]]) -> BatchShape:
     """The BatchShape of chunks given as (tokens to compute, tokens already computed), all sampling."""
-    num_tokens = pairs = kv_read = count = 0
+    num_tokens = pairs = kv_read = count = num_prefill = 0
     for n, start in chunks:
         num_tokens += n
         pairs += n * start + n * (n + 1) // 2
         kv_read += start + n
         count += 1
-    return BatchShape(num_tokens, pairs, kv_read, count)
+        num_prefill += n > 1
+    return BatchShape(num_tokens, pairs, kv_read, count, num_prefill)

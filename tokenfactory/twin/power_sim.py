@@ -43,6 +43,7 @@ from tokenfactory.control.governor import (
     WorkerPower,
     budget_at,
     decide,
+    tier_demand,
 )
 from tokenfactory.control.router import Router
 from tokenfactory.control.tiers import FactoryConfig, TokenUsage, price_usage
@@ -223,17 +224,14 @@ class PowerSimulator(Simulator):
                 self._set_clock(worker, at)
 
     def _demand(self, tier: str, now: float) -> float:
-        """Tokens per step the tier asks for: one per running sequence, plus its prompt tokens:
-        those arriving (shed or not) over the last `DEMAND_WINDOW_S` at the rate of full-power
-        steps, or its queued ones spread over the steps that fit in its TTFT target if more. (A
-        backlog is not all due in the next step: at the twin's calibrated token scale, counting
-        it so would shed at once.)"""
+        """Tokens per step the tier asks for (`control.governor.tier_demand`), its arriving prompts
+        counted (shed or not) over the last `DEMAND_WINDOW_S` at the rate of full-power steps."""
         counts, arrived = self.counts[tier], self._arrived[tier]
         while arrived and arrived[0][0] < now - DEMAND_WINDOW_S:
             self._arrived_tokens[tier] -= arrived.popleft()[1]
-        steps_in_ttft = max(1.0, self.tiers.tiers[tier].slo.ttft_s / self._step_s)
         arriving = self._arrived_tokens[tier] * self._step_s / DEMAND_WINDOW_S
-        return counts.running + max(arriving, counts.queued_prompt_tokens / steps_in_ttft)
+        return tier_demand(counts.running, counts.queued_prompt_tokens, self.tiers.tiers[tier].slo.ttft_s,
+                           self._step_s, arriving)
 
     def _set_clock(self, worker: SimWorker, at: float) -> None:
         records = [self._records[r] for r in self._running[worker.index]]

@@ -10,6 +10,7 @@ every sample.
 Step time is then fitted as a non-negative sum over the shape's features
 
     seconds = a + b x tokens + c x attention pairs + d x KV tokens read + e x sampled rows
+              + f x prefill chunks
 
 minimising relative error (a 10 ms decode step matters as much as a 1 s prefill), and
 `ProfiledCostModel` stands in for the roofline: same interface, step time from the fit, power
@@ -52,15 +53,21 @@ from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost, step_s
 from tokenfactory.twin.hardware import HARDWARE, Hardware
 
 PROFILE_FORMAT = "tokenfactory-step-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+"""2: the prefill_chunk feature (version 1 files lack it, and their fit would misprice prefills)."""
 
-FEATURES = ("step", "token", "attention_pair", "kv_read_token", "sampled_row")
-"""What each fitted coefficient costs (seconds per step, per computed token, ...)."""
+FEATURES = ("step", "token", "attention_pair", "kv_read_token", "sampled_row", "prefill_chunk")
+"""What each fitted coefficient costs (seconds per step, per computed token, ...). A prefill
+chunk takes the runner's own path (an attention call per layer, a mask after a cached prefix):
+0.4-0.8 ms against a 3.4-4.4 ms step on a 2-core CPU. Without its own term that cost leaks into
+the per-step and per-token prices: decode-only steps look dearer than they are, and the short
+tail of a mostly cached prompt cheaper."""
 
 
 def features(shape: BatchShape) -> tuple[float, ...]:
     """The fit's regressors, in FEATURES order."""
-    return (1.0, shape.num_tokens, shape.attention_pairs, shape.kv_read_tokens, shape.num_sampled)
+    return (1.0, shape.num_tokens, shape.attention_pairs, shape.kv_read_tokens, shape.num_sampled,
+            shape.num_prefill_chunks)
 
 
 class ShapeRecordingRunner(ModelRunner):
@@ -92,7 +99,7 @@ class StepTimeFit:
 def fit_step_time(samples: Sequence[tuple[BatchShape, float]]) -> StepTimeFit:
     """Non-negative least squares of relative error over (shape, seconds) samples.
 
-    With five features, trying every subset of them (ordinary least squares on each, keeping the
+    With six features, trying every subset of them (ordinary least squares on each, keeping the
     best whose coefficients are all non-negative) is exact and simpler than an active-set solver.
     """
     if len(samples) < len(FEATURES):
@@ -143,7 +150,8 @@ class ProfilePoint:
 class ProfileGrid:
     """The batch shapes to measure; the defaults take about a minute on two busy CPU cores."""
 
-    prefill_lengths: tuple[int, ...] = (16, 64, 128, 256, 512)
+    prefill_lengths: tuple[int, ...] = (4, 16, 64, 128, 256, 512)
+    """4: the tail of a prompt mostly served from the prefix cache (a chunk's own cost shows)."""
     prefill_contexts: tuple[int, ...] = (0, 512)
     """Tokens already cached before the chunk (multiples of the block size)."""
     decode_batches: tuple[int, ...] = (1, 4, 8, 16, 32)
@@ -217,7 +225,8 @@ class Profile:
             points = [
                 ProfilePoint(
                     p["kind"],
-                    BatchShape(p["num_tokens"], p["attention_pairs"], p["kv_read_tokens"], p["num_sampled"]),
+                    BatchShape(p["num_tokens"], p["attention_pairs"], p["kv_read_tokens"], p["num_sampled"],
+                               p["num_prefill_chunks"]),
                     float(p["seconds"]),
                     tuple(p["samples"]),
                 )
@@ -532,7 +541,7 @@ def run_profile(config: EngineConfig, grid: ProfileGrid, threads: int,
 
 
 def describe(profile: Profile) -> str:
-    names = ("s/step", "s/token", "s/attention pair", "s/KV token read", "s/sampled row")
+    names = ("s/step", "s/token", "s/attention pair", "s/KV token read", "s/sampled row", "s/prefill chunk")
     terms = ", ".join(f"{c:.3g} {n}" for c, n in zip(profile.fit.coefficients, names))
     return (f"{len(profile.points)} grid points in {profile.wall_s:.1f} s ({profile.engine.get('clock')} clock); "
             f"step time = {terms} "

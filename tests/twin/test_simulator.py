@@ -145,6 +145,15 @@ def assert_same_run(fast: tuple, slow: tuple) -> None:
     assert_no_leaked_blocks(fast_result)
 
 
+
+def test_hashing_prompts_ahead_in_another_process_gives_the_same_run():
+    workload = load_mooncake(limit=60) if MOONCAKE_TRACE.is_file() else conversations(8, 4)
+    here = Simulator(make_config(num_workers=2), make_router("kv"))
+    ahead = Simulator(make_config(num_workers=2, hash_ahead=True), make_router("kv"))
+    assert_same_run((ahead, ahead.run(workload)), (here, here.run(workload)))
+    assert ahead._hasher._ahead is None and not ahead._hasher._blocks  # the child hashed every prompt
+
+
 def test_fast_forward_gives_the_same_run_as_stepping_every_decode():
     workload = load_mooncake(limit=60) if MOONCAKE_TRACE.is_file() else conversations(8, 4)
     fast, slow = run_both_ways(workload, num_workers=2)

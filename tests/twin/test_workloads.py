@@ -109,6 +109,25 @@ def test_the_prompt_hasher_gives_the_kv_caches_own_hashes_hashing_each_block_onc
         assert len(hasher._blocks) == 5
 
 
+
+def test_hashing_ahead_in_a_second_process_gives_the_same_hashes_in_order_and_out():
+    requests = [TraceRequest(0.0, 600 + 500 * (i % 4), 4, tuple(range(i % 3, i % 3 + 1 + i % 4)), uid=i)
+                for i in range(100)]
+    requests[50] = TraceRequest(0.0, 900, 4, uid=50)  # a unique prompt, hashed from its tokens
+    local, ahead = PromptHasher(16), PromptHasher(16)
+    ahead.hash_ahead(requests)
+    try:
+        stranger = TraceRequest(0.0, 700, 4, (5, 6))
+        assert ahead(stranger) == local(stranger)  # not on the list: hashed here, the list not skipped
+        for request in requests:
+            assert ahead(request) == local(request)
+        assert ahead._ahead._position == len(requests)
+        assert len(ahead._blocks) == 2  # the stranger's two blocks: the child hashed all the others
+    finally:
+        ahead.close()
+    assert ahead._ahead is None and ahead(requests[0]) == local(requests[0])
+
+
 def test_gamma_arrivals_keep_the_rate_and_have_the_asked_burstiness():
     for burstiness in (0.5, 1.0, 3.0):
         trace = synthetic_workload(10.0, 20000, LengthDistribution(100), LengthDistribution(10), burstiness, seed=4)

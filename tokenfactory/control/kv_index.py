@@ -16,6 +16,8 @@ that worker's first miss.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -60,7 +62,7 @@ def leading_overlap(holders_of: Iterable[set[WorkerId] | None]) -> dict[WorkerId
 
 
 class KVIndex:
-    """The exact index: block hash -> workers whose prefix cache holds it, from KV events.
+    """The exact index: the block hashes each worker's prefix cache holds, from its KV events.
 
     Between routing a request and that worker's "stored" event for its prompt lies the prompt's
     prefill; a burst of requests sharing a new prefix would scatter in that window. So blocks
@@ -72,15 +74,19 @@ class KVIndex:
 
     def __init__(self, pending_ttl_s: float = 30.0) -> None:
         self.pending_ttl_s = pending_ttl_s
-        self._holders: dict[int, set[WorkerId]] = {}
         self._blocks_of: dict[WorkerId, set[int]] = {}
+        """Worker -> the block hashes its events say it caches. Per worker only (no hash -> workers
+        map): `overlap` walks each worker's own set, and an event touches one set, in C."""
         self._pending: dict[WorkerId, dict[int, float]] = {}
-        """Worker -> block hash -> when the routed-but-unconfirmed copy stops counting. Kept per
-        worker, like `_blocks_of`, so an event or a routing touches one worker's maps only."""
+        """Worker -> block hash -> when the routed-but-unconfirmed copy stops counting."""
         self._routed_since_prune = 0
+        self._last_runs: tuple[Sequence[int] | None, dict[WorkerId, int]] = (None, {})
+        """The last `overlap` query's block hashes and, per worker, how many of them lead its
+        confirmed blocks: routing that request right after need not look those up again."""
 
     def apply(self, worker_id: WorkerId, events: Iterable[KVEvent]) -> None:
         """Take one batch of a worker's events, in the order the worker emitted them."""
+        self._last_runs = (None, {})
         for event in events:
             if event.kind == "stored":
                 self._store(worker_id, event.block_hashes)
@@ -95,13 +101,6 @@ class KVIndex:
         blocks = self._blocks_of.get(worker_id)
         if blocks is None:
             blocks = self._blocks_of[worker_id] = set()
-        holders_map = self._holders
-        for block_hash in block_hashes:
-            holders = holders_map.get(block_hash)
-            if holders is None:
-                holders_map[block_hash] = {worker_id}
-            else:
-                holders.add(worker_id)
         blocks.update(block_hashes)
         self._drop_pending(worker_id, block_hashes)  # confirmed: the event now speaks for them
 
@@ -110,22 +109,16 @@ class KVIndex:
         if blocks is not None:
             blocks.difference_update(block_hashes)
         self._drop_pending(worker_id, block_hashes)
-        holders_map = self._holders
-        for block_hash in block_hashes:
-            holders = holders_map.get(block_hash)
-            if holders is not None:
-                holders.discard(worker_id)
-                if not holders:
-                    del holders_map[block_hash]
 
     def remove_worker(self, worker_id: WorkerId) -> None:
-        self._remove(worker_id, list(self._blocks_of.pop(worker_id, ())))
+        self._last_runs = (None, {})
+        self._blocks_of.pop(worker_id, None)
         self._pending.pop(worker_id, None)
 
     def _drop_pending(self, worker_id: WorkerId, block_hashes: Sequence[int]) -> None:
         pending = self._pending.get(worker_id)
         if pending:
-            for block_hash in [h for h in block_hashes if h in pending]:
+            for block_hash in pending.keys() & block_hashes:
                 del pending[block_hash]
 
     def num_blocks(self, worker_id: WorkerId) -> int:
@@ -134,42 +127,54 @@ class KVIndex:
 
     def copies_per_block(self) -> float:
         """Workers holding each cached block, on average (1.0: no prefix is cached twice)."""
-        copies = sum(len(workers) for workers in self._holders.values())
-        return copies / len(self._holders) if self._holders else 0.0
+        held = [blocks for blocks in self._blocks_of.values() if blocks]
+        distinct = len(set().union(*held))
+        return sum(map(len, held)) / distinct if distinct else 0.0
 
     def overlap(self, block_hashes: Sequence[int], now: float = 0.0) -> dict[WorkerId, int]:
         # A worker's count is its own leading run (what `leading_overlap` computes), so each
         # worker is walked on its own maps and stops at its first miss.
         counts: dict[WorkerId, int] = {}
-        no_pending: dict[int, float] = {}
+        runs: dict[WorkerId, int] = {}
         for worker_id in self._blocks_of.keys() | self._pending.keys():
             held = self._blocks_of.get(worker_id, ())
-            pending = self._pending.get(worker_id) or no_pending
-            depth = 0
-            for block_hash in block_hashes:
-                if block_hash not in held and pending.get(block_hash, now) <= now:
-                    break
-                depth += 1
+            depth = runs[worker_id] = _leading_run(held, block_hashes)
+            pending = self._pending.get(worker_id)
+            if pending:  # past the confirmed run, routed blocks not yet expired count too
+                for block_hash in itertools.islice(block_hashes, depth, None):
+                    if block_hash not in held and pending.get(block_hash, now) <= now:
+                        break
+                    depth += 1
             if depth:
                 counts[worker_id] = depth
+        self._last_runs = (block_hashes, runs)
         return counts
 
     def record_routed(self, worker_id: WorkerId, block_hashes: Sequence[int], now: float) -> None:
         """The blocks count as `worker_id`'s until its events confirm them (or the TTL passes)."""
-        until = now + self.pending_ttl_s
         held = self._blocks_of.get(worker_id, ())
         pending = self._pending.get(worker_id)
         if pending is None:
             pending = self._pending[worker_id] = {}
-        for block_hash in block_hashes:
-            if block_hash not in held:
-                pending[block_hash] = until
+        last_query, runs = self._last_runs
+        known_held = runs.get(worker_id, 0) if last_query is block_hashes else 0
+        not_held = itertools.filterfalse(held.__contains__, itertools.islice(block_hashes, known_held, None))
+        pending.update(dict.fromkeys(not_held, now + self.pending_ttl_s))
         self._routed_since_prune += 1
         if self._routed_since_prune >= 1024:  # bound the memory of never-confirmed entries
             self._routed_since_prune = 0
             for pending in self._pending.values():
                 for block_hash in [h for h, t in pending.items() if t <= now]:
                     del pending[block_hash]
+
+
+def _leading_run(held: set[int] | tuple[()], block_hashes: Sequence[int]) -> int:
+    """How many of `block_hashes`, from the first, are in `held` (counted in C: a long cached
+    prefix is hundreds of blocks)."""
+    try:
+        return operator.indexOf(map(held.__contains__, block_hashes), False)
+    except ValueError:  # held all
+        return len(block_hashes)
 
 
 class ApproximateIndex:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import operator
 import struct
 import sys
 from collections import OrderedDict
@@ -256,7 +257,15 @@ class KVCacheManager:
         run_start: int | None = None  # first block of the current chain of new entries
         hashes, block_ids = state.hashes, state.block_ids
         hash_to_block, block_hashes = self._hash_to_block, self._block_hashes
-        for i in range(state.num_cached_blocks, num_full):
+        start = state.num_cached_blocks
+        if hash_to_block.keys().isdisjoint(hashes[start:num_full]):  # the usual case: all new, one chain
+            hash_to_block.update(zip(hashes[start:num_full], block_ids[start:num_full]))
+            for i in range(start, num_full):
+                block_hashes[block_ids[i]] = hashes[i]
+            self._emit_stored(hashes, request.all_token_ids, start, num_full)
+            state.num_cached_blocks = num_full
+            return
+        for i in range(start, num_full):
             block_hash, block = hashes[i], block_ids[i]
             if block_hash in hash_to_block:  # the same prefix computed twice
                 if run_start is not None:
@@ -322,8 +331,11 @@ class KVCacheManager:
     def _mark_inflight(self, state: _RequestBlocks, start: int) -> None:
         """On admission: the request will compute its known full blocks from `start` on."""
         state.inflight = range(start, len(state.hashes))
-        inflight = self._inflight
-        for h in state.hashes[start:]:
+        inflight, computing = self._inflight, state.hashes[start:]
+        if inflight.keys().isdisjoint(computing):  # the usual case: nobody else computes them
+            inflight.update(dict.fromkeys(computing, 1))
+            return
+        for h in computing:
             inflight[h] = inflight.get(h, 0) + 1
 
     def _clear_inflight(self, state: _RequestBlocks, end: int) -> None:
@@ -339,23 +351,19 @@ class KVCacheManager:
         state.inflight = range(max(done.stop, state.inflight.start), state.inflight.stop)
 
     def _count_cached(self, hashes: list[int], start: int, stop: int) -> int:
-        """How many of hashes[start:stop] are cached, counting until the first miss."""
-        cached = self._hash_to_block
-        count = 0
-        for i in range(start, min(stop, len(hashes))):
-            if hashes[i] not in cached:
-                break
-            count += 1
-        return count
+        """How many of hashes[start:stop] are cached, counting until the first miss (in C: a
+        cached prefix is often hundreds of blocks)."""
+        window = hashes[start:stop]
+        try:
+            return operator.indexOf(map(self._hash_to_block.__contains__, window), False)
+        except ValueError:  # all cached
+            return len(window)
 
     def _cached_chain(self, hashes: list[int], max_blocks: int) -> list[int]:
         """Block ids of the longest cached prefix among the first `max_blocks` hashes."""
-        blocks: list[int] = []
-        for i in range(min(max_blocks, len(hashes))):
-            block = self._hash_to_block.get(hashes[i])
-            if block is None:
-                break
-            blocks.append(block)
+        blocks = list(map(self._hash_to_block.get, hashes[:max_blocks]))
+        if None in blocks:
+            del blocks[blocks.index(None) :]
         return blocks
 
     def _take_free_blocks(self, count: int) -> list[int]:

@@ -124,6 +124,9 @@ class TwinConfig:
     """Skip through pure-decode stretches (same results); False steps every decode one by one."""
     power_interval_s: float = 60.0
     """Simulated seconds per sample of the fleet's power (`SimulationResult.power_w`)."""
+    hash_ahead: bool = False
+    """Hash a request list's prompts in a second process while simulating (`PromptHasher.hash_ahead`):
+    the same hashes, one more core busy. Not for closed-loop workloads, whose prompts come later."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.power_interval_s <= 0:
@@ -195,6 +198,8 @@ class Simulator:
         records = [RequestRecord(r.arrival_time, r.input_length) for r in arrivals]
         self._records = {str(i): rec for i, rec in enumerate(records)}
         position, num_events = 0, 0
+        if self.config.hash_ahead and self._hasher is not None and self._workload is None:
+            self._hasher.hash_ahead(arrivals)
         # The run makes no reference cycles (a test checks), so the cyclic collector would only
         # rescan the ever-growing heap of caches and records: a quarter of the run's time.
         collecting = gc.isenabled()
@@ -228,6 +233,8 @@ class Simulator:
                 if on_progress is not None and num_events % 2048 == 0:
                     on_progress(self.now)
         finally:
+            if self._hasher is not None:
+                self._hasher.close()
             if collecting:
                 gc.enable()
         if on_progress is not None:

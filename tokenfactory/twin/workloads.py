@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import array
 import csv
+import itertools
 import json
 import math
+import multiprocessing
+import queue
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -92,12 +96,17 @@ class PromptHasher:
         self.block_size = block_size
         self._blocks: dict[tuple[int, int], array.array] = {}
         """(parent hash, hash_id) -> the block's chained hashes (machine words: a third of a list's memory)."""
+        self._ahead: _HashAhead | None = None
 
     def __call__(self, request: TraceRequest, tokens: list[int] | None = None) -> list[int]:
+        if self._ahead is not None:
+            hashes = self._ahead.take(request)
+            if hashes is not None:
+                return hashes
         bs = self.block_size
         if not request.hash_ids or MOONCAKE_BLOCK_TOKENS % bs:
             return prompt_block_hashes(tokens if tokens is not None else prompt_token_ids(request), bs)
-        hashes: list[int] = []
+        hashes = []
         parent = ROOT_HASH
         for hash_id in request.hash_ids:
             block = self._blocks.get((parent, hash_id))
@@ -108,6 +117,78 @@ class PromptHasher:
             parent = block[-1]
         del hashes[request.input_length // bs :]  # the last hash_id block may be partial
         return hashes
+
+    def hash_ahead(self, requests: Sequence[TraceRequest]) -> None:
+        """Hash the prompts of `requests` in a second (forked) process while this one simulates:
+        calls for these requests, in this order, then just read the results, the same hashes.
+        Hashing is a sixth of a Mooncake replay's time and its prompts are known from the start.
+        Does nothing inside a daemon process (a pool's worker may not fork)."""
+        self.close()
+        if requests and not multiprocessing.current_process().daemon:
+            self._ahead = _HashAhead(self.block_size, requests)
+
+    def close(self) -> None:
+        """Stop hashing ahead (a no-op when not started); later calls hash in this process."""
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
+
+
+class _HashAhead:
+    """A forked process hashing a request list's prompts in order, in batches; the parent takes
+    each request's hashes as it arrives. Its CPU time counts as a child's (`os.times`)."""
+
+    def __init__(self, block_size: int, requests: Sequence[TraceRequest]) -> None:
+        context = multiprocessing.get_context("fork")
+        self._requests = requests
+        self._position = 0
+        """Index of the next request whose hashes come from the child."""
+        self._ready: list[list[int]] = []
+        """The current batch's hashes, reversed (taken from the end)."""
+        self._queue = context.Queue()
+        self._process = context.Process(target=_hash_requests, args=(block_size, requests, self._queue), daemon=True)
+        self._process.start()
+
+    def take(self, request: TraceRequest) -> list[int] | None:
+        """The hashes of `request` if it is the next of the list, else None (hash it yourself)."""
+        if self._position >= len(self._requests) or self._requests[self._position] is not request:
+            return None
+        if not self._ready:
+            self._ready = self._next_batch()
+        self._position += 1
+        return self._ready.pop()
+
+    def _next_batch(self) -> list[list[int]]:
+        while True:
+            try:
+                lengths, data = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._process.is_alive():
+                    raise RuntimeError(f"the prompt-hashing process ended early (exit code {self._process.exitcode})")
+        flat = array.array("Q", data).tolist()
+        batch, end = [], len(flat)
+        for length in reversed(lengths):
+            batch.append(flat[end - length : end])
+            end -= length
+        return batch
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+        self._queue.close()
+
+
+def _hash_requests(block_size: int, requests: Sequence[TraceRequest], out: multiprocessing.Queue) -> None:
+    """The hashing process: every request's prompt hashes, in order, in growing batches (the
+    first small, so the simulation starts at once)."""
+    hasher = PromptHasher(block_size)
+    start, size = 0, 16
+    while start < len(requests):
+        batch = [hasher(r) for r in requests[start : start + size]]
+        out.put(([len(h) for h in batch], array.array("Q", itertools.chain.from_iterable(batch)).tobytes()))
+        start, size = start + size, min(2 * size, 512)
 
 
 @dataclass(frozen=True, slots=True)

@@ -373,6 +373,16 @@ class Scheduler:
             if needing and not kv.append_decode_blocks(needing):
                 break
             needing = []
+            # Steps in which no block fills touch no cache state: take them all at once, up to the
+            # step in which the next block fills (or the last step), which runs as usual below.
+            quiet = min([num_steps - done, *(block_size - r.num_computed_tokens % block_size for r in running)]) - 1
+            if quiet > 0:
+                tokens = [token_id] * quiet
+                for request in running:
+                    request.num_computed_tokens += quiet
+                    request.output_token_ids += tokens
+                    request.all_token_ids += tokens
+                done += quiet
             for request, table in zip(running, tables):  # as update_from_output
                 request.num_computed_tokens += 1
                 if request.num_computed_tokens % block_size == 0:  # a block just filled

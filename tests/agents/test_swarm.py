@@ -18,6 +18,7 @@ from tests.gateway.live_server import free_port
 from tokenfactory.agents.local_tools import ToolBox
 from tokenfactory.agents.swarm import (
     RESULT_SCHEMA,
+    TOOL_NAMES,
     AgentConfig,
     AgentReport,
     Endpoint,
@@ -127,6 +128,33 @@ def test_spawned_subagents_work_concurrently_in_sessions_of_their_own(factory):
     for sub, answer in zip(sorted(parent.subagents, key=lambda s: s.task), answers):
         assert sub.is_subagent and sub.turns == 2 and sub.tool_calls == 1 and sub.error is None
         assert answer["answer"] == sub.result["answer"]
+
+
+def test_a_named_first_tool_makes_every_task_fan_out_into_forked_subagents(factory):
+    url, _ = factory
+    config = AgentConfig(model=MODEL, max_turns=2, subagent_turns=2, max_tokens=64, first_tool="spawn_subagents")
+
+    async def run():
+        async with endpoint_client(f"{url}/v1", None) as client:
+            return await Swarm(Endpoint(client), config).run(["Add up the crates.", "Weigh the bales."])
+
+    report = asyncio.run(run())
+    for agent in report.agents:
+        # The grammar made the call parse and fit the tool's schema, so its sub-agents ran.
+        assert agent.error is None and agent.tool_calls == 1 and 1 <= len(agent.subagents) <= 3
+        for sub in agent.subagents:
+            assert sub.is_subagent and sub.turns == 2 and sub.error is None and sub.subagents == []
+            # A sub-agent starts from its parent's conversation plus its sub-task.
+            assert sub.requests[0].prompt_tokens > agent.requests[0].prompt_tokens
+    assert report.totals().requests == sum(1 + 2 * len(a.subagents) + 1 for a in report.agents)
+
+
+def test_the_first_tool_must_be_one_of_the_agents_tools():
+    assert [tool.name for tool in Swarm(None, AgentConfig(model=MODEL)).tools(None)] == list(TOOL_NAMES)
+    with pytest.raises(ValueError, match="first_tool must be one of calculator, search_files, spawn_subagents"):
+        AgentConfig(model=MODEL, first_tool="shell")
+    spawn = Swarm(None, AgentConfig(model=MODEL, max_subagents=2)).tools(None)[-1]
+    assert spawn.parameters["properties"]["tasks"]["maxItems"] == 2 and "up to 2 sub-tasks" in spawn.description
 
 
 def test_an_endpoint_error_ends_the_agent_not_the_swarm(factory):

@@ -27,7 +27,11 @@ def test_bench_agents_compares_kv_affinity_with_round_robin(tiny_model_dir, caps
     runs = [line for line in lines
             if line.startswith(("kv + session affinity: ", "round robin: ")) and "requests" in line]
     assert len(runs) == 2
-    assert all(int(line.split(": ")[1].split()[0]) >= 4 for line in runs)  # 2 agents x 2 turns, plus sub-agents
+    # Every agent's first turn spawned 1-3 sub-agents of 2 turns: 2 agents x 2 turns, plus theirs.
+    assert all(int(line.split(": ")[1].split()[0]) >= 2 * 2 + 2 * 2 for line in runs)
+    spawned = lines[-4].removeprefix("sub-agents spawned: ").split(", ")
+    assert [s.rsplit(" ", 1)[0] for s in spawned] == ["kv + session affinity", "round robin"]
+    assert all(2 <= int(s.rsplit(" ", 1)[1]) <= 4 for s in spawned)  # 1-2 each (--subagents 2)
     assert lines[-3].startswith("prefix-cache hits, kv + affinity / round robin:")
     assert lines[-2].startswith("goal >= 70% of prompt tokens cached")
     assert lines[-1].startswith("goal >= 2x round robin")

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from tokenfactory.control.tiers import builtin_config, price_usage
 from tokenfactory.twin.hardware import HARDWARE
+from tokenfactory.twin.metrics import SLO
 from tokenfactory.twin.plan import (
     Candidate,
     HardwareError,
@@ -16,8 +18,9 @@ from tokenfactory.twin.plan import (
     main,
     measure,
     pareto_frontier,
+    tier_costs,
 )
-from tokenfactory.twin.workloads import LengthDistribution, poisson_workload
+from tokenfactory.twin.workloads import AgenticSessions, LengthDistribution, poisson_workload
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -95,7 +98,7 @@ def test_the_frontier_keeps_only_points_nothing_beats_on_both_axes():
 
 def test_plan_prints_the_best_configurations_and_writes_the_frontier_png_and_html(tmp_path, capsys):
     out = tmp_path / "report"
-    assert run_plan("--synthetic", "--rate", "4", "--input-len", "1500", "--output-len", "40", "--limit", "24",
+    assert run_plan("--workload", "poisson", "--rate", "4", "--input-len", "1500", "--output-len", "40", "--limit", "24",
                     "--gpus", "2", "--tp", "1", "--speedups", "1", "3", "--slo-itl", "0.1", "--out", str(out)) == 0
     printed = capsys.readouterr().out
     assert "best by goodput per GPU" in printed and "Pareto frontier" in printed
@@ -126,9 +129,9 @@ def test_an_overridden_price_and_power_reach_the_figures(tmp_path):
 def test_plan_refuses_bad_inputs_with_a_message(tmp_path, capsys):
     bad = tmp_path / "hw.yaml"
     bad.write_text("h200:\n  tdp_w: -5\n")
-    assert run_plan("--synthetic", "--hardware-file", str(bad), "--out", str(tmp_path)) == 2
+    assert run_plan("--workload", "poisson", "--hardware-file", str(bad), "--out", str(tmp_path)) == 2
     assert "h200.tdp_w" in capsys.readouterr().out
-    assert run_plan("--synthetic", "--hardware", "tpu9", "--out", str(tmp_path)) == 2
+    assert run_plan("--workload", "poisson", "--hardware", "tpu9", "--out", str(tmp_path)) == 2
     assert "unknown hardware 'tpu9'" in capsys.readouterr().out
     assert run_plan("--trace", str(tmp_path / "absent.csv"), "--out", str(tmp_path)) == 2
     assert "trace not found" in capsys.readouterr().out
@@ -144,3 +147,52 @@ def test_the_example_hardware_file_is_valid():
     catalog = load_hardware_file(Path(__file__).resolve().parents[2] / "examples" / "hardware.yaml")
     assert catalog["h200"].price_per_hour < HARDWARE["h200"].price_per_hour
     assert "lab-accelerator" in catalog
+
+
+def agent_tasks(rate: float, num_tasks: int = 10) -> AgenticSessions:
+    return AgenticSessions(num_tasks, rate, turns=LengthDistribution(3), first_prompt=LengthDistribution(3000),
+                           tool_output=LengthDistribution(800), output=LengthDistribution(60), think_s=0.5, seed=4)
+
+
+def test_an_agentic_workload_runs_afresh_for_every_point():
+    workload = agent_tasks(4.0)
+    first = measure(Candidate(tp=1, num_workers=1), 1.0, workload, Setup(HARDWARE["h200"]))
+    again = measure(Candidate(tp=1, num_workers=1), 1.0, workload, Setup(HARDWARE["h200"]))
+    assert first.summary.num_requests > 10  # every task's later turns came too
+    assert again.summary == first.summary  # the template was not used up by the first run
+    assert first.usage.prompt_tokens > first.usage.cached_tokens > 0  # each turn re-reads the last one's prefix
+
+
+def test_each_tier_costs_the_cheapest_point_where_its_own_slo_holds():
+    tiers = builtin_config()
+    setup = Setup(HARDWARE["h200"], tier_slos=tuple((name, SLO(spec.slo.ttft_s, spec.slo.itl_s))
+                                                    for name, spec in tiers.tiers.items()))
+    points = [measure(Candidate(tp=1, num_workers=1), speedup, agent_tasks(speedup, num_tasks=30), setup)
+              for speedup in (1.0, 32.0)]
+    light, heavy = points
+    assert heavy.usd_per_million_tokens < light.usd_per_million_tokens  # a busier fleet makes cheaper tokens
+    assert heavy.tier_attainment["flex"] >= 0.9 > heavy.tier_attainment["priority"]  # 0.5 s TTFT fails there
+    costs = {c.tier: c for c in tier_costs(points, tiers, ["flex", "priority"], 0.9)}
+    assert costs["flex"].point is heavy and costs["priority"].point is light
+    assert costs["flex"].usd_per_million_tokens < costs["priority"].usd_per_million_tokens
+    # The price side: the tier's own prices on that point's tokens, per million output tokens.
+    usage = light.usage
+    priced = price_usage(tiers.tiers["priority"], "default", usage) * 1e6 / usage.completion_tokens
+    assert costs["priority"].price_usd_per_million == pytest.approx(priced)
+    assert tier_costs(points, tiers, ["priority"], 1.01)[0].point is None  # no point can hold it
+
+
+def test_plan_takes_the_agentic_workload_and_prints_each_tiers_cost(tmp_path, capsys):
+    assert run_plan("--workload", "agentic", "--limit", "6", "--rate", "1", "--turns", "2", "--fanout-prob", "0.5",
+                    "--task-prompt-len", "600", "--tool-output-len", "200", "--output-len", "30", "--think", "0.5",
+                    "--gpus", "1", "--tp", "1", "--speedups", "1", "--tiers", "flex", "priority",
+                    "--out", str(tmp_path)) == 0
+    printed = capsys.readouterr().out
+    assert "cost per tier" in printed
+    assert [line.split()[1] for line in printed.splitlines() if line.startswith(("│ flex", "│ priority"))] == \
+        ["flex", "priority"]
+    assert "6 agent tasks at 1 tasks/s" in (tmp_path / "plan.html").read_text()
+    assert run_plan("--workload", "agentic", "--tiers", "gold", "--out", str(tmp_path)) == 2
+    assert "--tiers: gold not among the tiers flex, default, priority" in capsys.readouterr().out
+    assert run_plan("--workload", "agentic", "--prompt-scale", "2", "--out", str(tmp_path)) == 2
+    assert "--prompt-scale applies to trace and poisson" in capsys.readouterr().out

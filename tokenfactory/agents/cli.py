@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tokenfactory.agents.swarm import (
     DEFAULT_BASE_URL,
+    TOOL_NAMES,
     AgentConfig,
     AgentReport,
     EndpointError,
@@ -44,9 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--turns", type=int, default=AgentConfig.max_turns,
                    help="chat requests per agent, the structured answer included")
     p.add_argument("--subagent-turns", type=int, default=AgentConfig.subagent_turns)
+    p.add_argument("--max-subagents", type=int, default=AgentConfig.max_subagents,
+                   help="sub-agents one spawn call may start")
     p.add_argument("--max-tokens", type=int, default=AgentConfig.max_tokens, help="output tokens per turn")
     p.add_argument("--tool-choice", choices=["auto", "required"], default=AgentConfig.tool_choice,
                    help="required: every tool turn calls a tool; auto: the model may answer early")
+    p.add_argument("--first-tool", choices=TOOL_NAMES,
+                   help="a tool every task's first turn must call (spawn_subagents: each task fans out at once)")
     p.add_argument("--parallel-tool-calls", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--temperature", type=float, default=AgentConfig.temperature)
     p.add_argument("--service-tier", help="the tier to buy (default: the key's default tier)")
@@ -75,7 +80,8 @@ async def run(args: argparse.Namespace, console: Console) -> SwarmReport:
     async with endpoint_client(args.base_url, args.api_key, max_connections=4 * args.agents) as client:
         model = args.model or await first_model(client)
         config = AgentConfig(model=model, max_turns=args.turns, subagent_turns=args.subagent_turns,
-                             max_tokens=args.max_tokens, tool_choice=args.tool_choice,
+                             max_subagents=args.max_subagents,
+                             max_tokens=args.max_tokens, tool_choice=args.tool_choice, first_tool=args.first_tool,
                              parallel_tool_calls=args.parallel_tool_calls, temperature=args.temperature,
                              service_tier=args.service_tier, files=args.files)
         console.print(f"{args.agents} agents on {model} at {args.base_url}, up to {args.turns} turns each")

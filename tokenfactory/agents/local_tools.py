@@ -198,10 +198,14 @@ def file_search_tool(root: str | Path | None, max_results: int = 10) -> Tool:
 MAX_SUBAGENTS = 3
 
 
-def spawn_subagents_tool(run_subtask: Callable[[str], Awaitable[str]] | None) -> Tool:
-    """Starts one sub-agent per sub-task, all at once, and returns their answers in order.
-    `run_subtask` runs one sub-agent to its answer; None: this agent may not spawn (a sub-agent),
-    and the call says so (the tool stays listed, so every agent's prompt starts the same)."""
+def spawn_subagents_tool(run_subtask: Callable[[str], Awaitable[str]] | None,
+                         max_subagents: int = MAX_SUBAGENTS) -> Tool:
+    """Starts one sub-agent per sub-task (at most `max_subagents`), all at once, and returns their
+    answers in order. `run_subtask` runs one sub-agent to its answer; None: this agent may not spawn
+    (a sub-agent), and the call says so (the tool stays listed, so every agent's prompt starts the
+    same)."""
+    if max_subagents < 1:
+        raise ValueError(f"max_subagents must be >= 1, got {max_subagents}")
 
     async def run(arguments: dict[str, Any]) -> str:
         if run_subtask is None:
@@ -209,17 +213,17 @@ def spawn_subagents_tool(run_subtask: Callable[[str], Awaitable[str]] | None) ->
         tasks = arguments.get("tasks")
         if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t.strip() for t in tasks):
             raise ToolError("argument 'tasks' must be a list of non-empty strings")
-        if len(tasks) > MAX_SUBAGENTS:
-            raise ToolError(f"at most {MAX_SUBAGENTS} sub-agents at a time, got {len(tasks)}")
+        if len(tasks) > max_subagents:
+            raise ToolError(f"at most {max_subagents} sub-agents at a time, got {len(tasks)}")
         answers = await asyncio.gather(*(run_subtask(task) for task in tasks))
         return json.dumps([{"task": task, "answer": answer} for task, answer in zip(tasks, answers)],
                           ensure_ascii=False)
 
     return Tool(
-        "spawn_subagents", f"Hand up to {MAX_SUBAGENTS} sub-tasks to sub-agents that work on them at the "
+        "spawn_subagents", f"Hand up to {max_subagents} sub-tasks to sub-agents that work on them at the "
         "same time; returns each sub-task's answer.",
         {"type": "object",
-         "properties": {"tasks": {"type": "array", "minItems": 1, "maxItems": MAX_SUBAGENTS,
+         "properties": {"tasks": {"type": "array", "minItems": 1, "maxItems": max_subagents,
                                   "items": {"type": "string", "pattern": r"^[ -~]{1,48}$"}}},
          "required": ["tasks"], "additionalProperties": False},
         run,

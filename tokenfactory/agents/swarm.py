@@ -5,7 +5,12 @@ tools, in the same order, every turn, so each prompt extends the last one): the 
 the agent runs them on this machine (`local_tools`) and appends the calls and their results to the
 conversation. After `max_turns - 1` tool turns, or as soon as the model answers without a call, a
 last turn asks for the structured result (`response_format` json_schema, tools still listed but not
-callable). The spawn tool starts sub-agents, each a shorter agent of its own session, concurrently.
+callable). `AgentConfig.first_tool` names a tool a task's first turn must call (a `tool_choice`
+naming it, so the grammar makes the model call it with arguments that fit its schema): with
+`spawn_subagents` every task fans out at once. The spawn tool starts sub-agents concurrently, each
+a shorter agent of its own session that starts from its parent's conversation (what the parent
+knew when it spawned them) plus its sub-task, as forked helpers do: its prompt extends the
+parent's, so a factory that routes by prefix can serve it from the parent's cache.
 
 Every request names its agent's session (the `X-Session-Id` header), so a factory with session
 affinity keeps the session where its growing context is cached. Each response's usage is kept:
@@ -26,7 +31,14 @@ from typing import Any
 
 import httpx
 
-from tokenfactory.agents.local_tools import Tool, ToolBox, calculator_tool, file_search_tool, spawn_subagents_tool
+from tokenfactory.agents.local_tools import (
+    MAX_SUBAGENTS,
+    Tool,
+    ToolBox,
+    calculator_tool,
+    file_search_tool,
+    spawn_subagents_tool,
+)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 SESSION_HEADER = "X-Session-Id"
@@ -43,6 +55,9 @@ SYSTEM_PROMPT = (
     "Read each tool's result before the next step. When you know the answer, reply with it."
 )
 FINAL_INSTRUCTION = "Give your final answer now."
+SUBTASK_INSTRUCTION = "You are a helper of the agent above. Work only this sub-task of its task: {task}"
+TOOL_NAMES = ("calculator", "search_files", "spawn_subagents")
+"""Every agent's tools, in the order listed (see `Swarm.tools`)."""
 
 RESULT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -66,10 +81,15 @@ class AgentConfig:
     max_turns: int = 6
     """Chat requests per agent, the structured last one included."""
     subagent_turns: int = 2
+    max_subagents: int = MAX_SUBAGENTS
+    """Sub-agents one spawn call may start (the spawn tool's schema says so)."""
     max_tokens: int = 128
     """Output tokens per turn."""
     tool_choice: str = "required"
     """`required` (every tool turn calls a tool) or `auto` (the model may answer early)."""
+    first_tool: str | None = None
+    """A tool every task's first turn must call (None: `tool_choice` holds from the first turn);
+    sub-agents follow `tool_choice` only."""
     parallel_tool_calls: bool = False
     temperature: float = 0.0
     service_tier: str | None = None
@@ -80,8 +100,12 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.max_turns < 1 or self.subagent_turns < 1:
             raise ValueError("an agent needs at least one turn (its structured answer)")
+        if self.max_subagents < 1:
+            raise ValueError(f"max_subagents must be >= 1, got {self.max_subagents}")
         if self.tool_choice not in ("auto", "required"):
             raise ValueError(f"tool_choice must be auto or required, got {self.tool_choice!r}")
+        if self.first_tool is not None and self.first_tool not in TOOL_NAMES:
+            raise ValueError(f"first_tool must be one of {', '.join(TOOL_NAMES)}, got {self.first_tool!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,19 +247,24 @@ class Swarm:
         agents = await asyncio.gather(*(self.run_agent(task) for task in tasks))
         return SwarmReport(list(agents), time.perf_counter() - start, self.endpoint.num_retries - retries)
 
-    async def run_agent(self, task: str, parent: AgentReport | None = None) -> AgentReport:
-        """One agent (a sub-agent of `parent`, if given) from its task to its structured result."""
+    async def run_agent(self, task: str, parent: AgentReport | None = None,
+                        context: Sequence[dict[str, Any]] = ()) -> AgentReport:
+        """One agent (a sub-agent of `parent`, if given, starting from the parent's `context`)
+        from its task to its structured result."""
         report = AgentReport(task, f"agent-{uuid.uuid4().hex[:16]}", is_subagent=parent is not None)
-        if parent is not None:
-            parent.subagents.append(report)
-        max_turns = self.config.max_turns if parent is None else self.config.subagent_turns
-        toolbox = ToolBox(self.tools(report if parent is None else None))
         messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT},
                                           {"role": "user", "content": task}]
+        if parent is not None:
+            parent.subagents.append(report)
+            if context:
+                messages = [*context, {"role": "user", "content": SUBTASK_INSTRUCTION.format(task=task)}]
+        max_turns = self.config.max_turns if parent is None else self.config.subagent_turns
+        toolbox = ToolBox(self.tools(report if parent is None else None, messages))
         start = time.perf_counter()
         try:
-            for _ in range(max_turns - 1):
-                if not await self._tool_turn(report, toolbox, messages):
+            for turn in range(max_turns - 1):
+                first_tool = self.config.first_tool if turn == 0 and parent is None else None
+                if not await self._tool_turn(report, toolbox, messages, first_tool):
                     break
             report.result = await self._final_turn(report, toolbox, messages)
         except EndpointError as e:
@@ -243,21 +272,28 @@ class Swarm:
         report.latency_s = time.perf_counter() - start
         return report
 
-    def tools(self, spawner: AgentReport | None) -> list[Tool]:
-        """The same three tools for every agent, so every prompt starts alike; only top-level agents'
-        spawn tool works (`spawner` is the agent whose sub-agents it starts)."""
-        run_subtask = None if spawner is None else (lambda task: self._subagent_answer(task, spawner))
-        return [calculator_tool(), file_search_tool(self.config.files), spawn_subagents_tool(run_subtask)]
+    def tools(self, spawner: AgentReport | None, conversation: list[dict[str, Any]] | None = None) -> list[Tool]:
+        """The same three tools (`TOOL_NAMES`) for every agent, so every prompt starts alike; only
+        top-level agents' spawn tool works (`spawner` is the agent whose sub-agents it starts, and
+        `conversation` its messages, which they start from)."""
+        run_subtask = None if spawner is None else (
+            lambda task: self._subagent_answer(task, spawner, _before_last_call(conversation or [])))
+        return [calculator_tool(), file_search_tool(self.config.files),
+                spawn_subagents_tool(run_subtask, self.config.max_subagents)]
 
-    async def _subagent_answer(self, task: str, parent: AgentReport) -> str:
-        sub = await self.run_agent(task, parent)
+    async def _subagent_answer(self, task: str, parent: AgentReport, context: list[dict[str, Any]]) -> str:
+        sub = await self.run_agent(task, parent, context)
         if sub.result is not None:
             return str(sub.result.get("answer", ""))
         return f"error: the sub-agent failed ({sub.error})"
 
-    async def _tool_turn(self, report: AgentReport, toolbox: ToolBox, messages: list[dict[str, Any]]) -> bool:
-        """One turn of tool calls -> whether the model called any (False: it answered)."""
-        reply = await self._request(report, messages, toolbox, tool_choice=self.config.tool_choice)
+    async def _tool_turn(self, report: AgentReport, toolbox: ToolBox, messages: list[dict[str, Any]],
+                         forced_tool: str | None = None) -> bool:
+        """One turn of tool calls (of `forced_tool` if given) -> whether the model called any
+        (False: it answered)."""
+        tool_choice = (self.config.tool_choice if forced_tool is None
+                       else {"type": "function", "function": {"name": forced_tool}})
+        reply = await self._request(report, messages, toolbox, tool_choice=tool_choice)
         message = reply["choices"][0]["message"]
         calls = message.get("tool_calls") or []
         messages.append({"role": "assistant", "content": message.get("content") or "",
@@ -296,6 +332,15 @@ class Swarm:
         if self.on_request is not None:
             self.on_request(report, record)
         return reply
+
+
+def _before_last_call(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation before its last assistant message with tool calls (the spawning call,
+    which a sub-agent neither made nor answers)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "assistant" and messages[i].get("tool_calls"):
+            return messages[:i]
+    return list(messages)
 
 
 async def first_model(client: httpx.AsyncClient) -> str:

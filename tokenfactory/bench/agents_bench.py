@@ -5,7 +5,10 @@ agents x 6 turns (`agents.swarm`, forced tool calls, a structured last turn), ru
 run against fresh servers: once with the KV-aware router and session affinity, once with round
 robin and no affinity. Each agent's task carries its own working document (a shipping manifest,
 also in the folder its search tool searches), so a prompt is the shared system prompt and tools,
-then the agent's own document, history and tool results, growing every turn.
+then the agent's own document, history and tool results, growing every turn. Every agent's first
+turn must call `spawn_subagents` (a `tool_choice` naming it: the grammar makes even the random
+model's arguments fit the tool's schema), so each fans out into 1 to `--subagents` sub-agents of
+2 turns whose prompts extend the agent's own conversation; their requests count with the agents'.
 
 What decides the outcome is KV capacity: a worker can keep the contexts of the sessions routed to
 it, but not of every session. Round robin spreads each session over all 4 workers, so every worker
@@ -39,6 +42,7 @@ GOODS = ("copper wire", "oak planks", "glass jars", "wool bales", "steel bolts",
          "paper rolls", "tin cans", "cork stoppers")
 GOAL_CACHED = 0.70
 GOAL_RATIO = 2.0
+REQUEST_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agents", type=int, default=32)
     p.add_argument("--turns", type=int, default=6, help="chat requests per agent, the structured answer included")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per turn")
+    p.add_argument("--subagents", type=int, default=2,
+                   help="at most this many sub-agents per agent (its first turn spawns them)")
     p.add_argument("--manifest-lines", type=int, default=96,
                    help="lines of each agent's working document (about 21 tokens each)")
     p.add_argument("--num-blocks", type=int, default=1856,
@@ -86,6 +92,8 @@ def main(args: argparse.Namespace) -> int:
             print_run(runs[-1], args)
     kv, rr = runs[0].totals.cached_fraction, runs[1].totals.cached_fraction
     ratio = kv / rr if rr else float("inf")
+    spawned = ", ".join(f"{run.label} {sum(len(a.subagents) for a in run.report.agents)}" for run in runs)
+    print(f"sub-agents spawned: {spawned}")
     print(f"prefix-cache hits, kv + affinity / round robin: {ratio:.2f}x")
     print(f"goal >= {GOAL_CACHED:.0%} of prompt tokens cached with kv + affinity: "
           f"{'PASS' if kv >= GOAL_CACHED else 'MISS'} ({kv:.1%})")
@@ -147,8 +155,10 @@ def run_factory(label: str, router: str, affinity: bool, args: argparse.Namespac
 async def run_swarm(base_url: str, tasks: list[str], folder: Path, args: argparse.Namespace) -> SwarmReport:
     # The priority tier, which no load or power shedding refuses: this measures routing, not admission.
     config = AgentConfig(model=args.model_name, max_turns=args.turns, max_tokens=args.max_tokens,
-                         tool_choice="required", service_tier="priority", files=folder)
-    async with endpoint_client(base_url, None, max_connections=4 * len(tasks)) as client:
+                         tool_choice="required", first_tool="spawn_subagents", max_subagents=args.subagents,
+                         service_tier="priority", files=folder)
+    # This measures cache hits, not latency: on a loaded machine a request may wait long behind others.
+    async with endpoint_client(base_url, None, timeout_s=REQUEST_TIMEOUT_S, max_connections=4 * len(tasks)) as client:
         return await Swarm(Endpoint(client, max_retries=10), config).run(tasks)
 
 

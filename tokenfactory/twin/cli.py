@@ -67,10 +67,36 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     synthetic.add_argument("--concurrency", type=int, default=64, help="closed-loop clients")
     synthetic.add_argument("--think", type=float, default=0.0,
                            help="closed-loop: seconds between a finish and the next request; agentic: mean think time")
-    synthetic.add_argument("--turns", type=int, default=6, help="agentic: mean turns per task")
-    synthetic.add_argument("--fanout-prob", type=float, default=0.2, help="agentic: chance a turn fans out sub-agents")
-    synthetic.add_argument("--fanout", type=int, default=3, help="agentic: mean sub-agents per fan-out")
+    add_agentic_arguments(synthetic)
     synthetic.add_argument("--seed", type=int, default=0)
+
+
+def add_agentic_arguments(group: argparse._ArgumentGroup) -> None:
+    """The agentic workload's shape, shared by `twin replay` and `plan` (`agentic_workload`)."""
+    group.add_argument("--turns", type=int, default=6, help="agentic: mean turns per task")
+    group.add_argument("--fanout-prob", type=float, default=0.2, help="agentic: chance a turn fans out sub-agents")
+    group.add_argument("--fanout", type=int, default=3, help="agentic: mean sub-agents per fan-out")
+    group.add_argument("--task-prompt-len", type=int, default=1500,
+                       help="agentic: mean tokens of a task's own first message (after a shared 2,048-token system "
+                            "prompt)")
+    group.add_argument("--tool-output-len", type=int, default=600,
+                       help="agentic: mean tokens entering a context before each later turn (tool results)")
+
+
+def agentic_workload(args: argparse.Namespace, num_tasks: int, task_rate: float, think_s: float,
+                     seed: int) -> AgenticSessions:
+    """Agent tasks shaped by `add_agentic_arguments`; outputs of about --output-len per turn."""
+    return AgenticSessions(
+        num_tasks, task_rate,
+        turns=LengthDistribution(args.turns, 0.5, maximum=10 * args.turns),
+        first_prompt=LengthDistribution(args.task_prompt_len, 0.8),
+        tool_output=LengthDistribution(args.tool_output_len, 1.0),
+        output=LengthDistribution(args.output_len, 0.8),
+        fanout_probability=args.fanout_prob,
+        fanout=LengthDistribution(args.fanout, 0.5, maximum=8 * args.fanout),
+        think_s=think_s,
+        seed=seed,
+    )
 
 
 def build_workload(args: argparse.Namespace) -> list[TraceRequest] | DynamicWorkload:
@@ -84,15 +110,7 @@ def build_workload(args: argparse.Namespace) -> list[TraceRequest] | DynamicWork
         return synthetic_workload(args.rate, args.num_requests, inputs, outputs, burstiness, args.seed)
     if args.workload == "closed-loop":
         return ClosedLoop(args.concurrency, args.num_requests, inputs, outputs, args.think, args.seed)
-    return AgenticSessions(
-        args.num_requests, args.rate,
-        turns=LengthDistribution(args.turns, 0.5, maximum=10 * args.turns),
-        output=LengthDistribution(args.output_len, 0.8),
-        fanout_probability=args.fanout_prob,
-        fanout=LengthDistribution(args.fanout, 0.5, maximum=8 * args.fanout),
-        think_s=args.think if args.think else 2.0,
-        seed=args.seed,
-    )
+    return agentic_workload(args, args.num_requests, args.rate, args.think if args.think else 2.0, args.seed)
 
 
 def replay_main(args: argparse.Namespace) -> int:

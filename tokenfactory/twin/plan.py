@@ -3,14 +3,23 @@
 A configuration (`Candidate`) is a fleet layout (aggregated, or P prefill and D decode workers,
 split always or conditionally), a tensor-parallel degree, batch limits and a router policy.
 Every candidate that fits the GPU (or power) budget replays the workload at each load level
-(`--speedups`: the trace's arrival times divided by it) through the real schedulers, KV caches
-and routers (`Simulator` / `DisaggregatedSimulator`). Each (candidate, load) is a `Point` with the
+(`--speedups`: the trace's arrival times divided by it, or a synthetic rate times it) through the
+real schedulers, KV caches and routers (`Simulator` / `DisaggregatedSimulator`). The workload is a
+trace, Poisson arrivals, or agent sessions (`--workload agentic`: the twin's `AgenticSessions`,
+multi-turn tasks with sub-agent fan-out and think time, which release each turn as the one before
+finishes; each run starts from a fresh copy). Each (candidate, load) is a `Point` with the
 factory's figures: output tokens/s per GPU and per MW, tokens/s per user (1 / median
 inter-token latency), goodput, SLO attainment, $ per million tokens and joules per token.
 
 Points whose SLO attainment reaches the target qualify. The best are ranked by goodput per
 GPU; the Pareto frontier is the set of qualifying points that no other beats on both tokens/s
 per GPU (or per MW) and tokens/s per user. `report.py` draws and writes them.
+
+With `--tiers`, each tier of the factory config (its SLO, its prices) gets its own answer to
+"what does it cost": a tighter SLO holds only at a lighter load, and a lighter load costs more
+per token. Each point's requests are checked against every tier's SLO, and a tier's cost is the
+lowest $ per million output tokens of any point where the tier's SLO holds for --min-attainment of
+the requests, beside what the tier's prices charge for that point's token mix.
 
 Prices and power come from the hardware catalog (`twin/hardware.py`); a YAML file overrides
 any field of a known chip, or adds a chip with all its fields (`load_hardware_file`).
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -34,18 +44,29 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from tokenfactory.control.disagg import DisaggConfig
 from tokenfactory.control.router import ROUTERS, make_router
+from tokenfactory.control.tiers import (
+    ConfigError,
+    FactoryConfig,
+    TokenUsage,
+    builtin_config,
+    parse_factory_config,
+    price_usage,
+)
 from tokenfactory.engine.config import SchedulerConfig
 from tokenfactory.twin.cost_model import CostModel, default_model
 from tokenfactory.twin.disagg_sim import ALWAYS_SPLIT, DisaggregatedSimulator, SplitConfig
 from tokenfactory.twin.hardware import HARDWARE, Hardware
 from tokenfactory.twin import report
-from tokenfactory.twin.metrics import SLO, Summary
+from tokenfactory.twin.cli import add_agentic_arguments, agentic_workload
+from tokenfactory.twin.metrics import SLO, RequestRecord, Summary
 from tokenfactory.twin.simulator import Simulator, TwinConfig
 from tokenfactory.twin.workloads import (
     AZURE_TRACE,
+    DynamicWorkload,
     LengthDistribution,
     TraceRequest,
     load_trace,
@@ -55,6 +76,15 @@ from tokenfactory.twin.workloads import (
 T = TypeVar("T")
 
 DEFAULT_GPUS = 8
+WORKLOADS = ("trace", "poisson", "agentic")
+DEFAULT_LIMIT = {"trace": 200, "poisson": 200, "agentic": 50}
+"""Requests (or agent tasks) per run when --limit is not given."""
+DEFAULT_RATE = {"poisson": 20.0, "agentic": 0.5}
+"""Requests/s (or tasks/s) at speedup 1 when --rate is not given."""
+PRICED_MODEL = "default"
+"""Tiers price the twin's model by their `default` price."""
+
+Workload = list[TraceRequest] | DynamicWorkload
 
 # --- hardware overrides -------------------------------------------------------------------------
 
@@ -172,6 +202,8 @@ class Setup:
     """Electricity price, charged on the modeled energy times `pue`; 0 leaves GPU-hours only."""
     pue: float = 1.0
     """Facility power over IT power (cooling, conversion)."""
+    tier_slos: tuple[tuple[str, SLO], ...] = ()
+    """(tier, its SLO): each point's requests are checked against each (`Point.tier_attainment`)."""
 
 
 def build_simulator(candidate: Candidate, setup: Setup) -> Simulator:
@@ -218,19 +250,26 @@ class Point:
     provisioned_kw: float
     """The fleet's GPUs at TDP (times the PUE): what the budget must provision."""
     wall_s: float
+    usage: TokenUsage = TokenUsage(0, 0, 0)
+    """The finished requests' prompt, cached and output tokens (what tier prices apply to)."""
+    tier_attainment: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per tier of `Setup.tier_slos`: the share of requests meeting that tier's SLO."""
 
 
-def measure(candidate: Candidate, speedup: float, workload: list[TraceRequest], setup: Setup) -> Point:
+def measure(candidate: Candidate, speedup: float, workload: Workload, setup: Setup) -> Point:
     started = time.perf_counter()
-    summary = build_simulator(candidate, setup).run(workload).summary
-    span = workload[-1].arrival_time - workload[0].arrival_time if len(workload) > 1 else 0.0
+    if isinstance(workload, DynamicWorkload):
+        workload = copy.deepcopy(workload)  # it keeps the sessions' state: every run starts afresh
+    result = build_simulator(candidate, setup).run(workload)
+    summary, records = result.summary, result.records
+    span = records[-1].arrival - records[0].arrival if len(records) > 1 else 0.0
     mean_power_w = setup.pue * summary.energy_j / summary.duration_s
     energy_usd = summary.joules_per_token * 1e6 / 3.6e6 * setup.pue * setup.usd_per_kwh
     per_user = 1.0 / summary.itl.p50 if summary.itl.p50 > 0 else float("nan")
     return Point(
         candidate=candidate,
         speedup=speedup,
-        offered_rps=(len(workload) - 1) / span if span > 0 else float("nan"),
+        offered_rps=(len(records) - 1) / span if span > 0 else float("nan"),
         summary=summary,
         tokens_per_s_per_gpu=summary.output_tokens_per_s_per_gpu,
         tokens_per_s_per_mw=summary.output_tokens_per_s / (mean_power_w / 1e6) if mean_power_w else float("nan"),
@@ -242,7 +281,22 @@ def measure(candidate: Candidate, speedup: float, workload: list[TraceRequest], 
         joules_per_token=summary.joules_per_token,
         provisioned_kw=candidate.num_gpus * setup.hardware.tdp_w * setup.pue / 1e3,
         wall_s=time.perf_counter() - started,
+        usage=token_usage(records),
+        tier_attainment={tier: attainment(records, slo) for tier, slo in setup.tier_slos},
     )
+
+
+def token_usage(records: Iterable[RequestRecord]) -> TokenUsage:
+    finished = [r for r in records if r.finish >= 0]
+    return TokenUsage(sum(r.num_prompt_tokens for r in finished), sum(r.num_cached_tokens for r in finished),
+                      sum(r.num_output_tokens for r in finished))
+
+
+def attainment(records: Sequence[RequestRecord], slo: SLO) -> float:
+    """The share of finished requests within `slo` (the summary's rule, for another SLO)."""
+    finished = [r for r in records if r.finish >= 0]
+    good = sum(1 for r in finished if r.ttft <= slo.ttft_s and r.itl <= slo.itl_s)
+    return good / len(finished) if finished else 0.0
 
 
 # --- the search ---------------------------------------------------------------------------------
@@ -293,13 +347,13 @@ def candidates(
     return found
 
 
-def _measure_job(job: tuple[Candidate, float, list[TraceRequest], Setup]) -> Point:
+def _measure_job(job: tuple[Candidate, float, Workload, Setup]) -> Point:
     return measure(*job)
 
 
 def search(
     grid: list[Candidate],
-    workloads: dict[float, list[TraceRequest]],
+    workloads: dict[float, Workload],
     setup: Setup,
     jobs: int = 1,
     on_point: Callable[[Point], None] | None = None,
@@ -347,22 +401,66 @@ Y_AXES: dict[str, tuple[str, Callable[[Point], float]]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class TierCost:
+    """What serving one tier costs: the cheapest point where the tier's SLO holds."""
+
+    tier: str
+    slo: SLO
+    point: Point | None
+    """None: the SLO holds at no point searched."""
+    price_usd_per_million: float
+    """What the tier's prices charge for the point's token mix, per million output tokens."""
+
+    @property
+    def usd_per_million_tokens(self) -> float:
+        return self.point.usd_per_million_tokens if self.point else math.nan
+
+
+def tier_costs(points: Iterable[Point], tiers: FactoryConfig, names: Sequence[str], min_attainment: float
+               ) -> list[TierCost]:
+    """Per tier in `names`: its cheapest point by $ per million tokens among those (without
+    rejections) where the tier's SLO holds for `min_attainment` of the requests."""
+    points = list(points)
+    costs = []
+    for name in names:
+        spec = tiers.tiers[name]
+        meeting = [p for p in points if p.summary.num_rejected == 0 and not math.isnan(p.usd_per_million_tokens)
+                   and p.tier_attainment.get(name, 0.0) >= min_attainment]
+        cheapest = min(meeting, key=lambda p: p.usd_per_million_tokens, default=None)
+        price = (price_usage(spec, PRICED_MODEL, cheapest.usage) * 1e6 / cheapest.usage.completion_tokens
+                 if cheapest and cheapest.usage.completion_tokens else math.nan)
+        costs.append(TierCost(name, SLO(spec.slo.ttft_s, spec.slo.itl_s), cheapest, price))
+    return costs
+
+
 # --- the command --------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     work = parser.add_argument_group("workload")
+    work.add_argument("--workload", choices=WORKLOADS, default="trace",
+                      help="trace: replay --trace; poisson: arrivals at --rate (--input-len, --output-len); agentic: "
+                           "agent tasks at --rate, multi-turn with sub-agents (--turns, --fanout-prob, --fanout, "
+                           "--think, --task-prompt-len, --tool-output-len, --output-len)")
     work.add_argument("--trace", type=Path, default=AZURE_TRACE,
                       help="trace file (.jsonl Mooncake, .csv Azure; default: the Azure conversation trace)")
-    work.add_argument("--synthetic", action="store_true",
-                      help="Poisson arrivals instead of a trace (--rate, --input-len, --output-len)")
-    work.add_argument("--rate", type=float, default=20.0, help="synthetic: requests/s at speedup 1")
-    work.add_argument("--input-len", type=int, default=2000, help="synthetic: mean prompt tokens (lognormal)")
-    work.add_argument("--output-len", type=int, default=200, help="synthetic: mean output tokens (lognormal)")
-    work.add_argument("--limit", type=int, default=200, help="requests replayed per run")
-    work.add_argument("--prompt-scale", type=float, default=1.0, help="multiply every prompt length by this")
+    work.add_argument("--rate", type=float, default=None,
+                      help=f"at speedup 1: requests/s (poisson, default {DEFAULT_RATE['poisson']:g}) or agent tasks/s "
+                           f"(agentic, default {DEFAULT_RATE['agentic']:g})")
+    work.add_argument("--input-len", type=int, default=2000, help="poisson: mean prompt tokens (lognormal)")
+    work.add_argument("--output-len", type=int, default=200,
+                      help="poisson: mean output tokens; agentic: per turn (lognormal)")
+    add_agentic_arguments(work)
+    work.add_argument("--think", type=float, default=2.0, help="agentic: mean seconds between turns (exponential)")
+    work.add_argument("--limit", type=int, default=None,
+                      help=f"requests replayed per run (default {DEFAULT_LIMIT['trace']}), or agent tasks "
+                           f"(agentic, default {DEFAULT_LIMIT['agentic']})")
+    work.add_argument("--prompt-scale", type=float, default=1.0,
+                      help="trace, poisson: multiply every prompt length by this")
     work.add_argument("--speedups", type=float, nargs="+", default=[4.0, 16.0, 48.0],
-                      help="load levels: arrival times divided by each (more levels draw a fuller frontier)")
+                      help="load levels: the trace's arrival times divided by each, or --rate times each (more "
+                           "levels draw a fuller frontier)")
     hw = parser.add_argument_group("hardware and budget")
     hw.add_argument("--hardware", default="h200", help=f"catalog key ({', '.join(HARDWARE)}, or one from the file)")
     hw.add_argument("--hardware-file", type=Path, help="YAML overriding the catalog (prices, power, new chips)")
@@ -385,6 +483,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slo.add_argument("--slo-itl", type=float, default=0.05, help="mean inter-token latency per request (s)")
     slo.add_argument("--min-attainment", type=float, default=0.9,
                      help="share of requests that must meet the SLO for a point to qualify")
+    slo.add_argument("--tiers", nargs="+", metavar="TIER",
+                     help="also report each tier's $ per million tokens where its own SLO holds (tiers of "
+                          "--factory-config, default: flex default priority)")
+    slo.add_argument("--factory-config", type=Path, metavar="YAML",
+                     help="the tiers' SLOs and prices (default: the built-in tiers)")
     out = parser.add_argument_group("output")
     out.add_argument("--top", type=int, default=10, help="best configurations to print")
     out.add_argument("--frontier", choices=list(Y_AXES), default="gpu",
@@ -393,23 +496,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
 
 
-def build_workloads(args: argparse.Namespace) -> dict[float, list[TraceRequest]]:
-    """The workload at each load level, prompts scaled."""
+def build_workloads(args: argparse.Namespace) -> dict[float, Workload]:
+    """The workload at each load level, prompts scaled (ValueError for bad parameters)."""
     if any(s <= 0 for s in args.speedups):
         raise ValueError("--speedups must be positive")
-    if args.limit is not None and args.limit < 1:
+    limit, rate = limit_and_rate(args)
+    if limit < 1:
         raise ValueError("--limit must be at least 1")
     if args.prompt_scale <= 0:
         raise ValueError("--prompt-scale must be positive")
-    workloads = {}
+    if args.workload != "trace" and rate <= 0:
+        raise ValueError("--rate must be positive")
+    if args.workload == "agentic" and args.prompt_scale != 1.0:
+        raise ValueError("--prompt-scale applies to trace and poisson workloads; agentic prompts grow with "
+                         "--task-prompt-len and --tool-output-len")
+    workloads: dict[float, Workload] = {}
     for speedup in args.speedups:
-        if args.synthetic:
-            base = poisson_workload(args.rate * speedup, args.limit, LengthDistribution(args.input_len, 0.8),
+        if args.workload == "agentic":
+            workloads[speedup] = agentic_workload(args, limit, rate * speedup, args.think, seed=0)
+            continue
+        if args.workload == "poisson":
+            base = poisson_workload(rate * speedup, limit, LengthDistribution(args.input_len, 0.8),
                                     LengthDistribution(args.output_len, 0.8), seed=0)
         else:
-            base = load_trace(args.trace, speedup=speedup, limit=args.limit)
+            base = load_trace(args.trace, speedup=speedup, limit=limit)
         workloads[speedup] = scale_prompts(base, args.prompt_scale)
     return workloads
+
+
+def limit_and_rate(args: argparse.Namespace) -> tuple[int, float]:
+    """Requests (or tasks) per run and their rate at speedup 1, defaults filled in per workload."""
+    limit = args.limit if args.limit is not None else DEFAULT_LIMIT[args.workload]
+    return limit, args.rate if args.rate is not None else DEFAULT_RATE.get(args.workload, 0.0)
+
+
+def load_tiers(args: argparse.Namespace) -> FactoryConfig:
+    """The factory config's tiers (ValueError when a file or a --tiers name does not fit)."""
+    if args.factory_config is None:
+        tiers = builtin_config()
+    else:
+        try:
+            tiers = parse_factory_config(args.factory_config.read_text(), str(args.factory_config))
+        except OSError as e:
+            raise ValueError(f"cannot read factory config {args.factory_config}: {e.strerror}") from None
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+    unknown = [t for t in args.tiers or () if t not in tiers.tiers]
+    if unknown:
+        raise ValueError(f"--tiers: {', '.join(unknown)} not among the tiers {', '.join(tiers.tiers)}")
+    return tiers
 
 
 def scale_prompts(workload: list[TraceRequest], factor: float) -> list[TraceRequest]:
@@ -425,8 +560,8 @@ def main(args: argparse.Namespace) -> int:
         hardware = catalog.get(args.hardware.lower())
         if hardware is None:
             raise ValueError(f"unknown hardware {args.hardware!r}; known: {', '.join(catalog)}")
-        if not args.synthetic and not args.trace.is_file():
-            raise ValueError(f"trace not found: {args.trace} (pass --trace FILE or --synthetic)")
+        if args.workload == "trace" and not args.trace.is_file():
+            raise ValueError(f"trace not found: {args.trace} (pass --trace FILE or --workload poisson|agentic)")
         if not 0 <= args.min_attainment <= 1:
             raise ValueError("--min-attainment must be in [0, 1]")
         if args.gpus is not None and args.gpus < 1 or any(tp < 1 for tp in args.tp) or args.pue < 1:
@@ -434,11 +569,14 @@ def main(args: argparse.Namespace) -> int:
         gpus = DEFAULT_GPUS if args.gpus is None and args.power_kw is None else args.gpus
         num_gpus = gpu_budget(gpus, args.power_kw, hardware, args.pue)
         workloads = build_workloads(args)
+        tiers = load_tiers(args)
     except ValueError as e:
         console.print(f"[red]{e}[/red]")
         return 2
-    setup = Setup(hardware, args.precision, SLO(args.slo_ttft, args.slo_itl),
-                  usd_per_kwh=args.usd_per_kwh, pue=args.pue)
+    tier_names = list(args.tiers or ())
+    setup = Setup(hardware, args.precision, SLO(args.slo_ttft, args.slo_itl), usd_per_kwh=args.usd_per_kwh,
+                  pue=args.pue, tier_slos=tuple((t, SLO(tiers.tiers[t].slo.ttft_s, tiers.tiers[t].slo.itl_s))
+                                                for t in tier_names))
     grid = candidates(num_gpus, args.tp, args.prefill_fractions or None, args.max_num_seqs,
                       args.max_num_batched_tokens, args.routers, args.conditional, aggregated=True)
     if args.no_disagg:
@@ -465,6 +603,8 @@ def main(args: argparse.Namespace) -> int:
     if not top:
         console.print("[yellow]no configuration meets the SLO at any load: relax the SLO or add load levels[/yellow]")
     console.print(report.points_table(frontier, f"Pareto frontier: {label} against tokens/s per user"))
+    if tier_names:
+        console.print(tier_table(tier_costs(points, tiers, tier_names, args.min_attainment), args.min_attainment))
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "plan.png"
     report.draw_frontier(points, frontier, args.min_attainment, y, label, png, title)
@@ -473,6 +613,23 @@ def main(args: argparse.Namespace) -> int:
                                        args.min_attainment, png))
     console.print(f"{total} simulations in {wall:.1f} s; wrote {png} and {page}", highlight=False)
     return 0
+
+
+def tier_table(costs: list[TierCost], min_attainment: float) -> Table:
+    table = Table(title=f"cost per tier: the cheapest point where the tier's SLO holds for {min_attainment:.0%} "
+                        "of requests")
+    for name in ("tier", "SLO TTFT / ITL", "$/Mtok", "price $/Mtok", "configuration", "load", "SLO met"):
+        table.add_column(name, justify="left" if name in ("tier", "configuration") else "right")
+    for c in costs:
+        slo = f"{c.slo.ttft_s:g} s / {1e3 * c.slo.itl_s:g} ms"
+        if c.point is None:
+            table.add_row(c.tier, slo, "-", "-", "the SLO holds at no point searched", "-", "-")
+            continue
+        p = c.point
+        table.add_row(c.tier, slo, f"{c.usd_per_million_tokens:.3f}", f"{c.price_usd_per_million:.3f}",
+                      p.candidate.label, f"x{p.speedup:g} ({p.offered_rps:.1f} req/s)",
+                      f"{p.tier_attainment[c.tier]:.0%}")
+    return table
 
 
 def fits(candidate: Candidate, setup: Setup) -> bool:
@@ -485,8 +642,16 @@ def fits(candidate: Candidate, setup: Setup) -> bool:
 
 
 def describe_inputs(args: argparse.Namespace, hardware: Hardware, num_gpus: int) -> list[tuple[str, str]]:
-    workload = (f"synthetic Poisson, {args.rate:g} req/s x speedup, prompts ~{args.input_len}, outputs ~{args.output_len}"
-                if args.synthetic else f"{Path(args.trace).name}, first {args.limit} requests")
+    limit, rate = limit_and_rate(args)
+    workload = {
+        "trace": f"{Path(args.trace).name}, first {limit} requests",
+        "poisson": f"synthetic Poisson, {rate:g} req/s x speedup, {limit} requests, prompts ~{args.input_len}, "
+                   f"outputs ~{args.output_len}",
+        "agentic": f"{limit} agent tasks at {rate:g} tasks/s x speedup, ~{args.turns} turns, fan-out "
+                   f"{args.fanout_prob:g} x ~{args.fanout} sub-agents, think ~{args.think:g} s, first prompt "
+                   f"~{args.task_prompt_len} + 2048 shared, per turn ~{args.tool_output_len} tool tokens in and "
+                   f"~{args.output_len} out",
+    }[args.workload]
     return [
         ("workload", f"{workload}, prompts x{args.prompt_scale:g}, speedups {', '.join(f'{s:g}' for s in args.speedups)}"),
         ("model", "Llama-3.1-8B shape"),

@@ -1,8 +1,9 @@
 """The power governor: budgets under grid events, tier shedding order, token budgets per worker,
-and the factory config's `power` section (scheduled grid events)."""
+pacing, and the factory config's `power` section (scheduled grid events)."""
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timezone
 
 import pytest
@@ -17,6 +18,8 @@ from tokenfactory.control.governor import (
     admit_tiers,
     budget_at,
     decide,
+    pace_power,
+    rest_s,
     scheduled_state,
     tier_demand,
 )
@@ -192,3 +195,58 @@ def test_no_tier_is_refused_for_power_while_the_fleet_at_full_tilt_fits_the_budg
     assert decision.admitted_tiers == {"priority", "default", "flex"} and decision.shed_tiers == ()
     cut = decide(GovernorConfig(static_cap_w=2799.0), GovernorState(), workers, loads, now=0.0)
     assert cut.shed_tiers == ("flex", "default")
+
+
+PACED = WorkerPower(0, idle_w=400.0, max_w=700.0, max_tokens_per_step=64, rest_w=100.0, pace_tokens=1024,
+                    pace_step_s=0.2)
+
+
+def worst_window_w(steps: list[tuple[float, float]], pace_w: float, rest_w: float, window_s: float) -> float:
+    """The highest mean power over any `window_s` of back-to-back (seconds, watts) steps, each
+    followed by its `rest_s`: for a piecewise-constant draw the worst window starts or ends at a corner."""
+    spans, t = [], 0.0
+    for seconds, watts in steps:
+        spans.append((t, t + seconds, watts))
+        t += seconds
+        rest = rest_s(seconds, watts, pace_w, rest_w)
+        spans.append((t, t + rest, rest_w))
+        t += rest
+
+    def mean(start: float) -> float:
+        end = start + window_s
+        return sum(w * max(0.0, min(b, end) - max(a, start)) for a, b, w in spans) / window_s
+
+    corners = [a for a, _, _ in spans] + [b - window_s for _, b, _ in spans]
+    return max(mean(c) for c in corners if 0.0 <= c <= t - window_s)
+
+
+def test_a_paced_worker_stays_under_its_share_in_every_one_second_window():
+    share = 550.0
+    pace = pace_power(PACED, share, GovernorConfig(static_cap_w=share, pacing=True))
+    assert pace is not None and PACED.rest_w < pace < share
+    rng = random.Random(0)
+    # Steps up to the longest the worker model allows (0.2 s at full power, longer at less).
+    lengths = [rng.uniform(0.01, 0.2) for _ in range(400)]
+    steps = [(s, 700.0) if rng.random() < 0.6 else (s * 1.2, 600.0) for s in lengths]
+    assert worst_window_w(steps, pace, 100.0, 1.0) <= share + 1e-6
+    # Pacing at the share itself holds only on average: some 1 s window goes over.
+    assert worst_window_w(steps, share, 100.0, 1.0) > share + 5.0
+    # A step at or under the pace needs no rest; a rest is spent at the resting draw.
+    assert rest_s(0.1, pace, pace, 100.0) == 0.0
+    assert rest_s(0.1, 700.0, 400.0, 100.0) == pytest.approx(0.1)
+
+
+def test_pacing_keeps_whole_steps_and_leaves_more_capacity_than_small_steps():
+    state = GovernorState(events=(GridEvent(0.0, HOUR, cut_fraction=0.25, ramp_s=0.0),))
+    workers = [PACED, WorkerPower(1, 400.0, 700.0, 64, 100.0, 1024, 0.2)]
+    demand = loads(flex=30, default=40, priority=20)
+    small = decide(GovernorConfig(static_cap_w=1400.0), state, workers, demand, now=10.0)
+    paced = decide(GovernorConfig(static_cap_w=1400.0, pacing=True), state, workers, demand, now=10.0)
+    assert [limit.token_budget for limit in paced.workers] == [1024, 1024]
+    assert all(limit.pace_w is not None and limit.pace_w < limit.power_w for limit in paced.workers)
+    assert all(limit.pace_w is None for limit in small.workers)
+    assert [limit.token_budget for limit in small.workers] == [26, 26]  # (525 - 400) / 300 x 64
+    # Resting at 100 W instead of stepping at 400 W leaves room for more tokens: fewer tiers shed.
+    assert len(paced.shed_tiers) < len(small.shed_tiers)
+    uncut = decide(GovernorConfig(static_cap_w=1400.0, pacing=True), GovernorState(), workers, demand, now=10.0)
+    assert all(limit.pace_w is None for limit in uncut.workers)  # full power: no rests

@@ -85,13 +85,13 @@ def busy(num_requests: int = 300):
     return poisson_workload(20.0, num_requests, LengthDistribution(1500, 0.5), LengthDistribution(60, 0.5), seed=1)
 
 
-def power_sim(events=(), clocks=None, use_governor=True, workload=None, num_workers=2, gpu_caps=False):
+def power_sim(events=(), clocks=None, use_governor=True, workload=None, num_workers=2, gpu_caps=False, pacing=False):
     workload = workload or busy()
     config = TwinConfig(COST, num_workers=num_workers,
                         scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=256))
     tiers = assign_tiers(len(workload), {"flex": 0.3, "default": 0.5, "priority": 0.2}, seed=0)
     cap = num_workers * worker_power(COST, 8192).max_w
-    sim = PowerSimulator(config, make_router("kv"), builtin_config(), GovernorConfig(cap, gpu_power_caps=gpu_caps), events, tiers,
+    sim = PowerSimulator(config, make_router("kv"), builtin_config(), GovernorConfig(cap, gpu_power_caps=gpu_caps, pacing=pacing), events, tiers,
                          clocks=clocks, use_governor=use_governor)
     return sim, sim.run_power(workload), tiers
 
@@ -167,3 +167,14 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="not in the factory config"):
         PowerSimulator(TwinConfig(COST, num_workers=1), None, builtin_config(), GovernorConfig(1000.0),
                        tier_of=["gold"])
+
+
+def test_pacing_holds_the_budget_at_every_sample_with_whole_steps_and_idle_rests():
+    event = GridEvent(start_s=4.0, duration_s=6.0, cut_fraction=0.4, ramp_s=1.0)
+    sim, paced, _ = power_sim((event,), pacing=True)
+    _, budgets, _ = power_sim((event,))
+    assert paced.max_power_over_budget(event.start_s, event.start_s + event.duration_s) <= 1.0 + 1e-9
+    pace_tokens = sim.powers[0].pace_tokens
+    assert pace_tokens is not None and pace_tokens > 2 * sim.powers[0].max_tokens_per_step
+    assert paced.tiers["priority"].shed == 0
+    assert paced.tiers["priority"].slo_attainment >= budgets.tiers["priority"].slo_attainment

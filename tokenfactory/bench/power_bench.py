@@ -8,9 +8,10 @@ at the trace's own rate (speedup 1): the uncut run's peak 1-second fleet power c
 the static cap (its maximum: 2 x 4 x 700 W), so the load needs the full budget, and the cut
 must cost something. The trace spans about an hour, so it is tiled (repeated back to back, each
 copy's prompts unique) to cover the lead, the ramps, the cut and a tail; the tiling is printed.
-The cut run is made with each of the governor's levers (`--levers`): token budgets per step (what
-the live gateway applies) and GPU power caps (`GovernorConfig.gpu_power_caps`, NVML caps, off by
-default live), both with the same tier shedding. It checks: fleet power / budget at every
+The cut run is made with each of the governor's levers (`--levers`): token budgets per step,
+pacing (`GovernorConfig.pacing`: whole steps with idle rests between them, live with the config's
+`power.pacing: true`) and GPU power caps (`GovernorConfig.gpu_power_caps`, NVML caps, off by default
+live), all with the same tier shedding. It checks: fleet power / budget at every
 1-second sample from the end of the ramp-in to the start of the ramp-out (PASS if never above
 1.0), `priority` SLO attainment in the cut run (PASS if >= 99%), and prints what each tier lost in
 tokens and revenue against the uncut run. (With token budgets alone the power holds but
@@ -18,7 +19,7 @@ tokens and revenue against the uncut run. (With token budgets alone the power ho
 first, yet in the default setup the cut leaves each worker about 54 tokens a step, and a step of
 few tokens still reads all the weights (about 14 ms): a prompt longer than about 2,000 tokens
 needs more steps than fit in `priority`'s 0.5 s TTFT target, whatever the order. A cap lowers
-the clock instead and keeps the steps whole.)
+the clock instead and keeps the steps whole; pacing keeps them whole and idles between them.)
 
 `bench energy` replays the trace on the same fleet twice: every worker at its maximum SM clock,
 and energy-aware (each worker's clock re-picked every second by `twin.clocks.pick_clock`, the
@@ -51,6 +52,7 @@ from tokenfactory.twin.simulator import TwinConfig
 from tokenfactory.twin.workloads import AZURE_TRACE, TraceRequest, load_azure
 
 MODELS = {"8b": LLAMA_3_8B, "70b": LLAMA_3_70B}
+LEVERS = {"tokens": "token budgets", "pace": "pacing", "caps": "GPU caps"}
 TIER_FRACTIONS = {"flex": 0.3, "default": 0.5, "priority": 0.2}
 
 
@@ -73,9 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ramp-min", type=float, default=15.0, help="ramp in before the cut and out after it")
     parser.add_argument("--lead-min", type=float, default=15.0, help="simulated minutes before the ramp starts")
     parser.add_argument("--cap-w", type=float, default=None, help="static cap, watts (default: the fleet's maximum)")
-    parser.add_argument("--levers", choices=("tokens", "caps", "both"), default="both",
-                        help="the cut run's levers: token budgets per step (as the live gateway), GPU power caps "
-                             "(NVML, off by default live), or one run of each")
+    parser.add_argument("--levers", choices=(*LEVERS, "all"), default="all",
+                        help="the cut run's levers: token budgets per step, pacing (whole steps and idle rests, "
+                             "no NVML needed), GPU power caps (NVML, off by default live), or one run of each")
 
 
 def add_energy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,11 +147,11 @@ def main(args: argparse.Namespace) -> int:
                   f"{workload[-1].arrival_time / 3600:.2f} h; {args.workers} workers x {args.tp} {cost.hardware.name} "
                   f"({args.model}); static cap {cap:.0f} W; cut {args.cut:.0%} for {args.hours:g} h from "
                   f"{start / 60:.0f} min, ramps {args.ramp_min:g} min")
-    levers = {"tokens": ["token budgets"], "caps": ["GPU caps"], "both": ["token budgets", "GPU caps"]}[args.levers]
+    levers = list(LEVERS.values()) if args.levers == "all" else [LEVERS[args.levers]]
     runs: dict[str, PowerRun] = {}
     for name in ["no cut", *levers]:
         started = time.perf_counter()
-        governor = GovernorConfig(cap, gpu_power_caps=name == "GPU caps")
+        governor = GovernorConfig(cap, gpu_power_caps=name == "GPU caps", pacing=name == "pacing")
         simulator = PowerSimulator(twin, make_router(args.router), builtin_config(), governor,
                                    () if name == "no cut" else (event,), tiers)
         runs[name] = simulator.run_power(workload)

@@ -15,6 +15,20 @@ The token budgets keep no floor for the highest tier: admission from the top alr
 the capacity for it, each engine's scheduler spends a short budget on the highest tier first,
 and a step's power rises with its size, so a floor above the power share would break the budget.
 
+Token budgets alone miss on an accelerator: a step of few tokens still reads all the weights, so
+it takes nearly as long as a full one, and a long prompt needs many such slow steps. Pacing
+(`GovernorConfig.pacing`; live with the config's `power.pacing: true`) keeps the steps whole and
+spends the share in time instead: after each step the worker rests (idle) until the step and its
+rest average `pace_w` (`rest_s`). Any window then holds whole step-and-rest cycles at `pace_w` plus at most one step
+beyond them, so `pace_power` sets `pace_w` below the share by what one step can add to a window
+of `window_s` (the governor's sampling window): the average holds at every sample, not just in
+the long run. Tier shedding stays as above, over the capacity pacing leaves. Pacing takes the
+token budget's place in the levers' order (first, with tier shedding; it needs no permission), and
+NVML power caps (`gpu_power_caps`, off by default: they need the permission to set them) come last
+and replace both: the GPU lowers its clock to fit, so the steps keep their size and no rest is
+needed. Caps buy more tokens per joule than rests (dynamic power falls faster than the clock), which
+is why a capped fleet meets `priority`'s TTFT where a paced one falls a little short.
+
 The factory config's `power` section (`PowerSpec`) holds the static cap and the scheduled grid
 events (daily at a UTC time, or once at a date and time); `scheduled_state` turns them, with the
 events an admin added at runtime, into the state `decide` reads. `gateway/admission.py` runs
@@ -77,6 +91,12 @@ class GovernorConfig:
     """Also decide a power cap per GPU (for NVML to apply); off by default."""
     min_gpu_cap_w: float = 100.0
     """The lowest GPU cap to ask for (drivers refuse lower limits)."""
+    pacing: bool = False
+    """Pace whole steps with rests instead of shrinking them (see the module doc)."""
+    window_s: float = 1.0
+    """Power is sampled over windows this long; a paced worker keeps every one under its share."""
+    min_pace_fraction: float = 0.05
+    """The least share of its dynamic power a paced worker keeps (near zero would starve everyone)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +107,17 @@ class WorkerPower:
     idle_w: float
     max_w: float
     max_tokens_per_step: int
+    rest_w: float | None = None
+    """Draw while no step runs (a paced worker's rest); None: `idle_w`."""
+    pace_tokens: int | None = None
+    """Tokens per step while paced (None: `max_tokens_per_step`)."""
+    pace_step_s: float = 0.0
+    """The most one paced step can add to a window: its seconds x (power - rest) / (max - rest),
+    for the longest-reaching step of `pace_tokens` (a full-power second counts 1)."""
+
+    @property
+    def resting_w(self) -> float:
+        return self.idle_w if self.rest_w is None else self.rest_w
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +158,8 @@ class WorkerLimits:
     token_budget: int
     """Tokens per step the worker may schedule."""
     gpu_cap_w: float | None = None
+    pace_w: float | None = None
+    """Paced: after each step the worker rests until the step and its rest average this (None: unpaced)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +200,27 @@ def token_budget(worker: WorkerPower, power_w: float) -> int:
     return math.floor(worker.max_tokens_per_step * fraction)
 
 
+def pace_power(worker: WorkerPower, power_w: float, config: GovernorConfig) -> float | None:
+    """The mean power of a paced worker's step-and-rest cycles that keeps every window of
+    `config.window_s` at `power_w` or below; None when the worker may run flat out. A window holds
+    whole cycles at the pace plus at most one step beyond them, which adds at most
+    (max - pace) x `pace_step_s` joules, so pace x W + (max - pace) x t <= share x W."""
+    if power_w >= worker.max_w:
+        return None
+    rest = worker.resting_w
+    reach = worker.pace_step_s / config.window_s
+    pace = (power_w - worker.max_w * reach) / (1.0 - reach) if reach < 1.0 else -math.inf
+    return max(pace, rest + config.min_pace_fraction * (worker.max_w - rest))
+
+
+def rest_s(step_s: float, step_w: float, pace_w: float, rest_w: float) -> float:
+    """How long to rest after a step of `step_s` seconds at `step_w` watts so that the step and its
+    rest (at `rest_w`) average `pace_w`."""
+    if step_w <= pace_w:
+        return 0.0
+    return step_s * (step_w - pace_w) / max(pace_w - rest_w, 1e-9)
+
+
 def admit_tiers(loads: list[TierLoad], capacity_tokens: float) -> tuple[frozenset[str], tuple[str, ...]]:
     """Admit tiers from the highest priority down while their demand fits `capacity_tokens` (an
     idle tier while room is left). The top tier stays admitted while any lower tier still has load
@@ -194,14 +248,23 @@ def decide(config: GovernorConfig, state: GovernorState, workers: list[WorkerPow
     budget = budget_at(config, state, now)
     shares = share_power(budget, workers)
     limits = []
+    capacity = 0.0
     for w in workers:
-        cap = max(config.min_gpu_cap_w, shares[w.worker_id]) if config.gpu_power_caps else None
-        limits.append(WorkerLimits(w.worker_id, shares[w.worker_id], token_budget(w, shares[w.worker_id]), cap))
+        share = shares[w.worker_id]
+        cap = max(config.min_gpu_cap_w, share) if config.gpu_power_caps else None
+        pace = pace_power(w, share, config) if config.pacing and cap is None else None
+        if pace is None:
+            limits.append(WorkerLimits(w.worker_id, share, token_budget(w, share), cap))
+            capacity += limits[-1].token_budget
+            continue
+        # Whole steps for a share of the time: as many tokens as a step at the pace's power would get.
+        limits.append(WorkerLimits(w.worker_id, share, w.pace_tokens or w.max_tokens_per_step, None, pace))
+        capacity += w.max_tokens_per_step * (pace - w.resting_w) / (w.max_w - w.resting_w)
     if budget >= sum(w.max_w for w in workers):
         # Power does not bind: the fleet at full tilt fits the budget, so no tier is refused for
         # power (a burst's queued prompts are the load-shedding rule's business, not this one's).
         return GovernorDecision(budget, tuple(limits), frozenset(t.tier for t in loads))
-    admitted, shed = admit_tiers(loads, sum(limit.token_budget for limit in limits))
+    admitted, shed = admit_tiers(loads, capacity)
     return GovernorDecision(budget, tuple(limits), admitted, shed)
 
 
@@ -281,6 +344,8 @@ class PowerSpec(_Spec):
     interval_s: float = Field(default=1.0, gt=0, le=60, description="how often the live governor decides")
     min_tokens_per_step: int = Field(default=16, ge=1,
                                      description="the lowest token budget it sets (near zero would starve everyone)")
+    pacing: bool = Field(default=False, description="keep steps whole and rest between them under a cut "
+                                                    "(false: shrink the tokens per step instead)")
     hardware: str | None = Field(default=None,
                                  description="power model of the workers where NVML is absent (default: by device)")
 

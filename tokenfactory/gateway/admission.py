@@ -12,7 +12,9 @@
   reads each worker's power (NVML where present, else the modeled power of the worker's hardware
   at the utilisation its token rate implies, labelled `modeled`), the tiers' load, the config's
   scheduled grid events and those the admin API added, and applies the levers: each engine's
-  token budget per step and the tiers admitted.
+  token budget per step or, with `power.pacing: true`, its pace (whole steps, and a rest after
+  each so that the worker's power over any `interval_s` stays within its share); and the tiers
+  admitted.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 WINDOW_S = 60.0
 """The live figures (TTFT, joules and dollars per token) cover the last minute."""
+PACE_REACH_STEPS = 2.0
+"""A paced engine's longest step, in its mean steps (what one step can add to a power window)."""
 
 
 # ---------------------------------------------------------------- the tiers' traffic
@@ -323,16 +327,21 @@ class LiveGovernor:
         engines = engines_of(self.worker)
         alive = [i for i, e in enumerate(engines) if e.is_alive]
         hw = self.hardware
-        powers = [WorkerPower(i, hw.idle_w, hw.tdp_w, self.max_tokens_per_step) for i in alive]
-        cap = self.spec.static_cap_w if self.spec.static_cap_w is not None else self.hardware.tdp_w * len(engines)
-        config = GovernorConfig(static_cap_w=cap)
-        state = scheduled_state(self.spec, self.admin_events, now)
         self.observe_steps([engines[i].load for i in alive])
+        # What one step can add to a power window beyond the pace: the governor sees only the
+        # engines' mean step, so it allows twice that for the longer ones.
+        reach = PACE_REACH_STEPS * (self.step_s or 0.0)
+        powers = [WorkerPower(i, hw.idle_w, hw.tdp_w, self.max_tokens_per_step, hw.idle_w, None, reach)
+                  for i in alive]
+        cap = self.spec.static_cap_w if self.spec.static_cap_w is not None else self.hardware.tdp_w * len(engines)
+        config = GovernorConfig(static_cap_w=cap, pacing=self.spec.pacing, window_s=self.spec.interval_s)
+        state = scheduled_state(self.spec, self.admin_events, now)
         decision = decide(config, state, powers, self.traffic.loads(self.step_s), now)
         for limit in decision.workers:
             engine = engines[limit.worker_id]
             if isinstance(engine, AsyncEngineClient):
                 engine.set_token_budget(self.applied_budget(limit))
+                engine.set_pace(limit.pace_w, hw.idle_w)
         if self._sensor is not None:  # the engines share one device: read it once
             self.power_w, self.power_source = self._sensor.read().watts, "measured"
         else:
@@ -382,6 +391,8 @@ class GovernorMetrics:
                            registry=r)
         self.token_budget = Gauge("tokenfactory_token_budget", "Tokens per step the governor allows a worker",
                                   ["worker"], registry=r)
+        self.pace = Gauge("tokenfactory_pace_watts", "The mean power a paced worker's steps and rests keep to "
+                          "(0: unpaced)", ["worker"], registry=r)
         self.admitted = Gauge("tokenfactory_tier_admitted", "1 while the governor admits the tier, else 0",
                               ["tier"], registry=r)
         self.queued = Gauge("tokenfactory_tier_queued_sequences", "Sequences waiting for their first token",
@@ -395,6 +406,7 @@ class GovernorMetrics:
             self.budget.set(decision.budget_w)
             for limit in decision.workers:
                 self.token_budget.labels(str(limit.worker_id)).set(governor.applied_budget(limit))
+                self.pace.labels(str(limit.worker_id)).set(limit.pace_w or 0.0)
             for tier in governor.traffic.counts:
                 self.admitted.labels(tier).set(0 if tier in decision.shed_tiers else 1)
         self.power.labels(governor.power_source).set(governor.power_w)

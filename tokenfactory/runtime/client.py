@@ -37,6 +37,7 @@ from tokenfactory.runtime.wire import (
     ImportKV,
     OutputBatch,
     Ready,
+    SetPace,
     SetTokenBudget,
     Shutdown,
     encoder,
@@ -136,6 +137,8 @@ class AsyncEngineClient:
         """Joules of ended requests, as the engine attributed them, until the ledger takes them."""
         self.token_budget: int | None = None
         """The tokens per step last asked of the engine (None: its configured budget)."""
+        self.pace = SetPace(None)
+        """The pace last asked of the engine (`pace_w` None: unpaced)."""
 
     @property
     def info(self) -> Ready:
@@ -335,7 +338,16 @@ class AsyncEngineClient:
                 self._send(SetTokenBudget(tokens))
                 self.token_budget = tokens
 
-    def _send(self, msg: AddRequest | ImportKV | Abort | SetTokenBudget | Shutdown) -> None:
+    def set_pace(self, pace_w: float | None, rest_w: float = 0.0) -> None:
+        """Ask the engine to rest after each step until the step and the rest average `pace_w`
+        watts (None: no rests). Sent only when it changes; a dead engine is left alone."""
+        pace = SetPace(pace_w, rest_w if pace_w is not None else 0.0)
+        if pace != self.pace and self.is_alive:
+            with contextlib.suppress(EngineDeadError):
+                self._send(pace)
+                self.pace = pace
+
+    def _send(self, msg: AddRequest | ImportKV | Abort | SetTokenBudget | SetPace | Shutdown) -> None:
         """Never blocks. The queue is unbounded (SNDHWM 0), so a send can only fail to go out at
         once when no engine is connected: a PUSH socket would otherwise wait for one forever."""
         try:

@@ -3,7 +3,8 @@
 The gateway does every piece of HTTP and text work elsewhere, so this process only ever
 (1) takes the requests and aborts that arrived, (2) runs one step, (3) sends that step's outputs as
 one message. It reads its inbox without waiting while it has work and blocks on it only when idle,
-so the accelerator is never starved by request traffic.
+so the accelerator is never starved by request traffic. Paced by the power governor (`SetPace`),
+it rests after each step for `control.governor.rest_s`, still reading its inbox while it rests.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import traceback
 
 import zmq
 
+from tokenfactory.control.governor import rest_s
 from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.engine import EngineCore
 from tokenfactory.engine.outputs import EngineCoreOutput
@@ -31,6 +33,7 @@ from tokenfactory.runtime.wire import (
     EngineLoad,
     OutputBatch,
     Ready,
+    SetPace,
     SetTokenBudget,
     Shutdown,
     encoder,
@@ -84,15 +87,19 @@ class EngineLoop:
         self.num_tokens = 0
         self._parent = multiprocessing.parent_process()
         self._last_parent_check = time.monotonic()
+        self.pace: SetPace = SetPace(None)
+        self._rest_until = 0.0
+        """Paced: no step starts before this (time.monotonic)."""
 
     def run(self) -> None:
         while True:
             outputs: list[EngineCoreOutput] = []
             rejected: dict[str, str] = {}
-            received = self._receive(outputs, rejected, block=not self.core.has_work())
+            rest = self._rest_until - time.monotonic()
+            received = self._receive(outputs, rejected, block=not self.core.has_work(), wait_s=rest)
             if received is None:
                 return
-            if self.core.has_work():
+            if self.core.has_work() and time.monotonic() >= self._rest_until:
                 outputs.extend(self._step())
             kv_events = self.core.take_kv_events()
             kv_ready = self._export_prefills(outputs)
@@ -114,16 +121,23 @@ class EngineLoop:
         self.num_tokens += sum(tokens_by_request.values())
         self.step_seconds += duration
         self.num_steps += 1
+        if self.pace.pace_w is not None:
+            rest = rest_s(duration, self.energy.last_watts, self.pace.pace_w, self.pace.rest_w)
+            self._rest_until = time.monotonic() + rest
         return outputs
 
-    def _receive(self, outputs: list[EngineCoreOutput], rejected: dict[str, str], block: bool) -> int | None:
-        """Apply every waiting message; the number applied, or None on `Shutdown`/orphaning."""
+    def _receive(self, outputs: list[EngineCoreOutput], rejected: dict[str, str], block: bool,
+                 wait_s: float = 0.0) -> int | None:
+        """Apply every waiting message (when not blocking, after waiting up to `wait_s` for one);
+        the number applied, or None on `Shutdown`/orphaning."""
         if block:
             while not self.inbox.poll(timeout=int(PARENT_CHECK_INTERVAL_S * 1000)):
                 if not self._parent_alive():
                     return None
         elif not self._parent_alive():
             return None
+        elif wait_s > 0:
+            self.inbox.poll(timeout=max(1, round(min(wait_s, PARENT_CHECK_INTERVAL_S) * 1000)))
         count = 0
         while True:
             try:
@@ -142,6 +156,10 @@ class EngineLoop:
                 outputs.extend(self.core.abort(msg.request_ids))
             elif isinstance(msg, SetTokenBudget):
                 self.core.scheduler.set_token_budget(msg.tokens)
+            elif isinstance(msg, SetPace):
+                self.pace = msg
+                if msg.pace_w is None:
+                    self._rest_until = 0.0
 
     def _add(self, msg: AddRequest, rejected: dict[str, str]) -> None:
         request = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, priority=msg.priority)

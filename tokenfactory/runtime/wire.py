@@ -2,7 +2,7 @@
 
 Two one-way channels, so neither side ever waits on the other:
 
-- client -> engine: `AddRequest`, `ImportKV`, `Abort`, `SetTokenBudget`, `Shutdown`;
+- client -> engine: `AddRequest`, `ImportKV`, `Abort`, `SetTokenBudget`, `SetPace`, `Shutdown`;
 - engine -> client: `Ready` once at start, then one `OutputBatch` per step (every request's new
   tokens from that step in a single message, plus the engine's load), and `EngineFailed` if the
   engine cannot go on.
@@ -52,6 +52,15 @@ class SetTokenBudget(msgspec.Struct, tag=True, array_like=True):
     [1, its configured max_num_batched_tokens]."""
 
     tokens: int
+
+
+class SetPace(msgspec.Struct, tag=True, array_like=True):
+    """Pace the engine (a power governor's lever): after each step it rests until the step and the
+    rest average `pace_w` watts, the step at its meter's power and the rest at `rest_w`
+    (`control.governor.rest_s`). `pace_w` None: no rests."""
+
+    pace_w: float | None
+    rest_w: float = 0.0
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True):
@@ -112,7 +121,7 @@ class EngineFailed(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
-ToEngine = AddRequest | ImportKV | Abort | SetTokenBudget | Shutdown
+ToEngine = AddRequest | ImportKV | Abort | SetTokenBudget | SetPace | Shutdown
 FromEngine = Ready | OutputBatch | EngineFailed
 
 encoder = msgspec.msgpack.Encoder()

@@ -16,6 +16,10 @@ live governor's rounds in simulated time:
 - with `GovernorConfig.gpu_power_caps` the decision's per-worker caps are applied instead of the
   token budgets, as NVML power caps: each step runs at the highest clock whose power fits
   (`ClockedCostModel.power_cap_w`);
+- with `GovernorConfig.pacing` a paced worker keeps whole steps (`WorkerPower.pace_tokens`) and,
+  after each, rests at idle power for `governor.rest_s` before its next step, as the live engine
+  process does; its skipped-ahead decode stretches end within `pace_step_s`, so that a stretch
+  adds no more to a power window than one step;
 - optionally, a clock policy (`twin.clocks.pick_clock`) sets each worker's SM clock for its load
   at the same rounds (energy-aware operation); each worker's steps are priced at its own clock.
 
@@ -29,6 +33,7 @@ that interval (`PowerRun.samples`).
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections import deque
@@ -43,6 +48,7 @@ from tokenfactory.control.governor import (
     WorkerPower,
     budget_at,
     decide,
+    rest_s,
     tier_demand,
 )
 from tokenfactory.control.router import Router
@@ -73,20 +79,37 @@ CALIBRATION_CONTEXTS = (0, 1024, 4096, 16384)
 long context adds compute, so such steps reach full power at fewer new tokens."""
 
 
-def worker_power(cost: ClockedCostModel, max_tokens: int) -> WorkerPower:
+PACE_THROUGHPUT = 0.95
+"""A paced step is the smallest prefill chunk that computes this share of a full step's tokens
+per second: larger ones gain little and reach further into a power window."""
+
+
+def worker_power(cost: ClockedCostModel, max_tokens: int, max_seqs: int | None = None,
+                 kv_tokens: int | None = None) -> WorkerPower:
     """The governor's linear model of one worker, calibrated from the cost model (see the module
     doc): prefill chunks and decode batches of every power-of-two size up to `max_tokens`, after
-    each of `CALIBRATION_CONTEXTS`."""
+    each of `CALIBRATION_CONTEXTS`; and its pace: `pace_tokens`, and as `pace_step_s` the furthest
+    reach of such a step (a prefill chunk, or a decode batch of at most `max_seqs` sequences whose
+    contexts fit in `kv_tokens`).
+    """
     floor = cost.step(shape_of([(1, 0)])).power_w
+    rest = cost.hardware.idle_w * cost.tp
     sizes = sorted({2 ** k for k in range(int(math.log2(max(1, max_tokens))) + 1)} | {max_tokens})
     points = [(t, cost.step(shape).power_w) for t in sizes for context in CALIBRATION_CONTEXTS
               for shape in (shape_of([(t, context)]), decode_shape(t, context))]
     top = max(p for _, p in points)
     if top <= floor:
-        return WorkerPower(0, floor, floor, max_tokens)
+        return WorkerPower(0, floor, floor, max_tokens, rest)
     # The line from (0, floor) to (T, top) lies above every (t, power) for T = min of t x rise / gain.
     saturation = min(t * (top - floor) / (p - floor) for t, p in points if p > floor)
-    return WorkerPower(0, floor, top, max(1, min(max_tokens, math.floor(saturation))))
+    rate = {t: t / cost.step(shape_of([(t, 0)])).duration_s for t in sizes}
+    pace_tokens = min(t for t in sizes if rate[t] >= PACE_THROUGHPUT * max(rate.values()))
+    seqs = min(pace_tokens, max_seqs or pace_tokens)
+    paced = [cost.step(shape) for context in CALIBRATION_CONTEXTS
+             for shape in (shape_of([(pace_tokens, context)]),
+                           decode_shape(max(1, min(seqs, (kv_tokens or math.inf) // max(1, context))), context))]
+    reach = max(step.duration_s * max(0.0, step.power_w - rest) / (top - rest) for step in paced)
+    return WorkerPower(0, floor, top, max(1, min(max_tokens, math.floor(saturation))), rest, pace_tokens, reach)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +198,14 @@ class PowerSimulator(Simulator):
         self.clocks = clocks
         self.use_governor = use_governor
         self.max_tokens = config.scheduler.max_num_batched_tokens
-        power = worker_power(config.cost, self.max_tokens)
+        kv_tokens = (config.num_blocks or config.cost.kv_num_blocks(config.block_size)) * config.block_size
+        power = worker_power(config.cost, self.max_tokens, config.scheduler.max_num_seqs, kv_tokens)
         self.powers = [replace(power, worker_id=i) for i in range(len(self.workers))]
         self._step_s = config.cost.step(shape_of([(power.max_tokens_per_step, 0)])).duration_s
         """A full-power step's duration (the demand's time scale)."""
         self.worker_cost = [config.cost] * len(self.workers)
+        self._pace_w: list[float | None] = [None] * len(self.workers)
+        self._rest_until = [0.0] * len(self.workers)
         self.counts = {name: TierCounts() for name in tiers.tiers}
         self.shed_tiers: frozenset[str] = frozenset()
         self.shed_ids: set[str] = set()
@@ -211,10 +237,14 @@ class PowerSimulator(Simulator):
                 # step, or with GPU caps on, its power share as the cap (the GPU lowers its clock to
                 # fit, so the steps keep their size).
                 full = limit.power_w >= power.max_w - 1e-9
+                self._pace_w[worker.index] = limit.pace_w
                 if limit.gpu_cap_w is not None:
                     cost = self.worker_cost[worker.index]
                     self.worker_cost[worker.index] = cost.capped(None if full else limit.gpu_cap_w)
                     worker.scheduler.set_token_budget(self.max_tokens)
+                    continue
+                if limit.pace_w is not None:
+                    worker.scheduler.set_token_budget(limit.token_budget)
                     continue
                 budget = self.max_tokens if full else max(self.min_tokens_per_step, limit.token_budget)
                 worker.scheduler.set_token_budget(budget)
@@ -248,8 +278,12 @@ class PowerSimulator(Simulator):
             self.worker_cost[worker.index] = self.worker_cost[worker.index].at(clock)
 
     def _arrival_bound(self, *args: object, **kwargs: object) -> float:
-        # Skipped-ahead steps also end before the next round, which may change a token budget.
-        return min(super()._arrival_bound(*args, **kwargs), self._next_tick)
+        # Skipped-ahead steps also end before the next round, which may change a token budget,
+        # and while a worker is paced, within a paced step's reach (a stretch rests as one step).
+        bound = min(super()._arrival_bound(*args, **kwargs), self._next_tick)
+        if any(pace is not None for pace in self._pace_w):
+            bound = min(bound, self.now + max(self.powers[0].pace_step_s, 1e-6))
+        return bound
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -275,11 +309,26 @@ class PowerSimulator(Simulator):
         return index
 
     def _start_step(self, worker: SimWorker) -> None:
-        self.cost = self.worker_cost[worker.index]  # each worker's steps at its own clock
+        index = worker.index
+        if worker.busy or not worker.scheduler.has_unfinished():
+            return
+        if self._rest_until[index] > self.now:
+            # Resting: a completion with no step in flight wakes the worker when the rest is over.
+            worker.busy = True
+            self._seq += 1
+            heapq.heappush(self._steps, (self._rest_until[index], self._seq, index))
+            return
+        busy_s, energy_j = worker.busy_s, worker.energy_j
+        self.cost = self.worker_cost[index]  # each worker's steps at its own clock
         try:
             super()._start_step(worker)
         finally:
             self.cost = self.config.cost
+        pace = self._pace_w[index]
+        step_s = worker.busy_s - busy_s
+        if pace is not None and step_s > 0:
+            rest = rest_s(step_s, (worker.energy_j - energy_j) / step_s, pace, self.powers[index].resting_w)
+            self._rest_until[index] = self.now + step_s + rest
 
     def _end_step(self, worker: SimWorker) -> None:
         super()._end_step(worker)

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from tokenfactory.bench.serve_bench import free_port
 from tokenfactory.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -79,3 +80,13 @@ class LiveServer:
 
     def health(self) -> httpx.Response:
         return httpx.get(f"{self.url}/health", timeout=10)
+
+
+def metric(server, name: str, **labels: str) -> float:
+    """One sample of the live server's /metrics, by name and exact labels."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    raise KeyError(f"{name}{labels} not in /metrics")

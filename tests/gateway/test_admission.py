@@ -9,10 +9,9 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.engine.test_scheduler import make_request, make_scheduler
-from tests.gateway.live_server import API_KEY, MODEL_NAME, LiveServer, gateway_config
+from tests.gateway.live_server import API_KEY, MODEL_NAME, LiveServer, gateway_config, metric
 from tokenfactory.control.tiers import builtin_config, parse_factory_config
 from tokenfactory.gateway.admission import AdmissionConfig, LiveGovernor, TierCounts, TierTraffic, shed_decision
 from tokenfactory.meter.ledger import LedgerEntry, read_entries
@@ -178,15 +177,6 @@ def complete(server, tier: str, max_tokens: int = 2, **extra) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
                       json={"model": MODEL_NAME, "prompt": "power to the people", "max_tokens": max_tokens,
                             "ignore_eos": True, "service_tier": tier, **extra})
-
-
-def metric(server, name: str, **labels: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    raise KeyError(f"{name}{labels} not in /metrics")
 
 
 def wait_for(condition, timeout_s: float = 30.0) -> None:

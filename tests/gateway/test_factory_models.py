@@ -12,9 +12,8 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gateway.live_server import API_KEY, LiveServer
+from tests.gateway.live_server import API_KEY, LiveServer, metric
 from tokenfactory.cli import build_parser, flags_model_spec, model_engine_config, model_worker, served_model_specs
 from tokenfactory.control.router import RoundRobinRouter
 from tokenfactory.control.tiers import ConfigError, ModelSpec, TokenUsage, parse_factory_config, price_usage
@@ -61,15 +60,6 @@ def factory(tiny_model_dir, llama_dir, tmp_path_factory):
 def health(server) -> dict[str, dict]:
     """/health's per-model blocks by model name."""
     return {m["model"]: m for m in server.health().json()["models"]}
-
-
-def metric(server, name: str, **labels: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return 0.0
 
 
 def ledger_row(server, request_id: str):

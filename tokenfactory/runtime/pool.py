@@ -263,7 +263,7 @@ class WorkerPool:
                         and should_split(len(prompt_token_ids), routed.cached_tokens, self.disagg)):
                     self.num_split += 1
                     async for out in self._generate_split(request_id, prompt_token_ids, params, priority,
-                                                           routed.worker_id, session_id):
+                                                           routed, session_id):
                         yield out
                     return
             async for out in self._generate_whole(request_id, prompt_token_ids, params, priority, routed,
@@ -302,12 +302,13 @@ class WorkerPool:
 
     async def _generate_split(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int,
-        decode_id: WorkerId, session_id: str | None,
+        decode: _Routed, session_id: str | None,
     ) -> AsyncIterator[EngineCoreOutput]:
-        """Prefill on a prefill worker, then decode on `decode_id` from the moved KV. When either
+        """Prefill on a prefill worker, then decode on `decode`'s worker from the moved KV. When either
         half's worker dies, or the KV cannot be imported (lost with its prefill worker), the request
         goes on whole on another worker: from its prompt, or its prompt and the tokens so far."""
-        routed = self._route(list(prompt_token_ids), range(self.num_prefill), router=self.prefill_router)
+        routed = self._route(list(prompt_token_ids), range(self.num_prefill), router=self.prefill_router,
+                             hashes=decode.prompt_hashes)
         self._routed[request_id] = routed
         prefill_worker: KVWorker = self.workers[routed.worker_id]
         try:
@@ -327,8 +328,8 @@ class WorkerPool:
             return
         yield msgspec.structs.replace(first, finish_reason=None)
         generated = list(first.new_token_ids)
-        self._routed[request_id] = _Routed(decode_id, 0, started=True)
-        decode_worker: KVWorker = self.workers[decode_id]
+        self._routed[request_id] = _Routed(decode.worker_id, 0, started=True)
+        decode_worker: KVWorker = self.workers[decode.worker_id]
         stream = decode_worker.generate_from_kv(request_id, prompt_token_ids, handle, params, priority)
         handle = None  # the stream holds it only until it is sent: a moved KV is not kept for the whole decode
         try:
@@ -364,8 +365,10 @@ class WorkerPool:
                 and num_prompt_tokens + 1 < self.info.context_len)
 
     def _route(self, prompt_token_ids: list[int], candidates: range, session_id: str | None = None,
-               router: Router | None = None) -> _Routed:
-        hashes = prompt_block_hashes(prompt_token_ids, self.block_size)
+               router: Router | None = None, hashes: list[int] | None = None) -> _Routed:
+        """`hashes`: the prompt's block hashes when the caller has them (a split routes one prompt twice)."""
+        if hashes is None:
+            hashes = prompt_block_hashes(prompt_token_ids, self.block_size)
         request = RouteRequest(hashes, len(prompt_token_ids), session_id=session_id, now=self._clock())
         states = self.worker_states()
         overlap = self.index.overlap(hashes, request.now)  # before routing records the choice

@@ -15,7 +15,7 @@ from tokenfactory.control.router import ROUTERS, make_router
 from tokenfactory.control.tiers import TINY_PATH, ModelSpec
 from tokenfactory.engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
 from tokenfactory.engine.tiny import ensure_tiny_model
-from tokenfactory.gateway.admission import AdmissionConfig
+from tokenfactory.control.admission import AdmissionConfig
 from tokenfactory.gateway.app import build_app
 from tokenfactory.meter import cli as meter_cli
 from tokenfactory.meter.db import describe

@@ -13,7 +13,8 @@ import pytest
 from tests.engine.test_scheduler import make_request, make_scheduler
 from tests.gateway.live_server import API_KEY, MODEL_NAME, LiveServer, gateway_config, metric
 from tokenfactory.control.tiers import builtin_config, parse_factory_config
-from tokenfactory.gateway.admission import AdmissionConfig, LiveGovernor, TierCounts, TierTraffic, shed_decision
+from tokenfactory.control.admission import AdmissionConfig, TierCounts, shed_decision
+from tokenfactory.gateway.admission import LiveGovernor, TierTraffic, shed_error
 from tokenfactory.meter.ledger import LedgerEntry, read_entries
 from tokenfactory.runtime.client import AsyncEngineClient
 from tokenfactory.runtime.wire import EngineLoad
@@ -43,7 +44,7 @@ def entry(tier: str, outcome: str = "completed", **tokens) -> LedgerEntry:
 def test_a_tier_the_governor_stopped_is_shed_with_503_and_retry_after():
     shed = shed_decision("flex", TIERS, counts(), frozenset({"flex"}), AdmissionConfig(power_retry_after_s=7.5))
     assert shed is not None and shed.reason == "power"
-    error = shed.error()
+    error = shed_error(shed)
     assert error.status_code == 503 and error.headers == {"Retry-After": "8"}
     assert error.body()["error"]["code"] == "power_budget_exceeded"
     assert shed_decision("default", TIERS, counts(), frozenset({"flex"}), AdmissionConfig()) is None
@@ -65,7 +66,7 @@ def test_load_sheds_only_sheddable_tiers_behind_a_deep_queue():
     deep = counts(priority=(4, 0))
     shed = shed_decision("flex", TIERS, deep, frozenset(), config, start_rate=2.0)
     assert shed is not None and shed.reason == "load" and shed.retry_after_s == 2.0  # 4 ahead at 2/s
-    assert shed.error().body()["error"]["code"] == "server_overloaded"
+    assert shed_error(shed).body()["error"]["code"] == "server_overloaded"
     assert shed_decision("default", TIERS, deep, frozenset(), config) is None  # not sheddable
     # Queued flex requests are behind a new default one, not ahead of it; but ahead of a flex one.
     assert shed_decision("flex", TIERS, counts(flex=(4, 0)), frozenset(), config) is not None

@@ -3,11 +3,9 @@
 - `TierTraffic` is the gateway's own view of each tier: sequences queued (sent to an engine, no
   token yet) and running, their prompt tokens, tokens generated, and a minute of recent TTFTs and
   ended requests (for the dashboard's live figures).
-- `shed_decision` (pure) says whether a request of a tier is shed: by power when the governor
-  stopped admitting the tier, by load when a sheddable tier would queue behind too many
-  sequences. A tier is never shed while a lower-priority tier has requests in flight, so a
-  `priority` request is never refused while a `flex` one runs. Shed requests get 503 with
-  Retry-After in the OpenAI error format, and a ledger row with outcome `shed`.
+- `control.admission.shed_decision` (pure, shared with the twin) says whether a request of a tier
+  is shed; `shed_error` makes its 503 with Retry-After in the OpenAI error format, and the request
+  gets a ledger row with outcome `shed`.
 - `LiveGovernor` runs the pure `control.governor` policy in the gateway every `interval_s`: it
   reads each worker's power (NVML where present, else the modeled power of the worker's hardware
   at the utilisation its token rate implies, labelled `modeled`), the tiers' load, the config's
@@ -25,7 +23,7 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI
@@ -47,6 +45,7 @@ from tokenfactory.control.governor import (
     scheduled_state,
     tier_demand,
 )
+from tokenfactory.control.admission import AdmissionConfig, Shed, TierCounts, shed_decision
 from tokenfactory.control.tiers import FactoryConfig
 from tokenfactory.gateway.auth import AdminAuth
 from tokenfactory.gateway.errors import APIError, bad_request
@@ -66,21 +65,6 @@ PACE_REACH_STEPS = 2.0
 
 
 # ---------------------------------------------------------------- the tiers' traffic
-
-
-@dataclass(slots=True)
-class TierCounts:
-    queued: int = 0
-    """Sequences sent to an engine that have no token yet."""
-    running: int = 0
-    """Sequences streaming tokens."""
-    queued_prompt_tokens: int = 0
-    generated_tokens: int = 0
-    """Completion tokens streamed since start."""
-
-    @property
-    def in_flight(self) -> int:
-        return self.queued + self.running
 
 
 @dataclass(slots=True)
@@ -185,52 +169,11 @@ def median(values: list[float]) -> float | None:
 # ---------------------------------------------------------------- shedding
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionConfig:
-    max_queued: int = 64
-    """A sheddable tier's request is shed when this many sequences of its priority or higher
-    already wait for their first token."""
-    power_retry_after_s: float = 5.0
-    """Retry-After of a request shed by the power budget (the governor decides every second or so;
-    a grid cut lasts longer)."""
-
-    def __post_init__(self) -> None:
-        if self.max_queued < 1 or self.power_retry_after_s <= 0:
-            raise ValueError("max_queued must be >= 1 and power_retry_after_s > 0")
-
-
-@dataclass(frozen=True, slots=True)
-class Shed:
-    reason: str
-    """`power` or `load`."""
-    retry_after_s: float
-    message: str
-
-    def error(self) -> APIError:
-        """503 with Retry-After (whole seconds), as OpenAI answers when it is overloaded."""
-        code = "power_budget_exceeded" if self.reason == "power" else "server_overloaded"
-        return APIError(503, self.message, type="service_unavailable_error", code=code,
-                        headers={"Retry-After": str(max(1, math.ceil(self.retry_after_s)))})
-
-
-def shed_decision(tier: str, tiers: FactoryConfig, counts: Mapping[str, TierCounts], power_shed: frozenset[str],
-                  config: AdmissionConfig, start_rate: float = 0.0) -> Shed | None:
-    """Whether a new request of `tier` is shed now, and why. `power_shed`: the tiers the governor
-    stopped admitting; `start_rate`: sequences started per second lately (for Retry-After)."""
-    priority = tiers.tiers[tier].priority
-    if any(counts[name].in_flight for name, spec in tiers.tiers.items() if spec.priority < priority):
-        return None  # the lower tiers give way first
-    if tier in power_shed:
-        return Shed("power", config.power_retry_after_s,
-                    f"The factory is under a power cut and not admitting service_tier `{tier}` now; "
-                    f"retry later or use a higher tier.")
-    ahead = sum(counts[name].queued for name, spec in tiers.tiers.items() if spec.priority >= priority)
-    if tiers.tiers[tier].sheddable and ahead >= config.max_queued:
-        wait = ahead / start_rate if start_rate > 0 else 1.0
-        return Shed("load", min(60.0, max(1.0, wait)),
-                    f"The server is overloaded: {ahead} requests are queued ahead of service_tier `{tier}`; "
-                    f"retry later.")
-    return None
+def shed_error(shed: Shed) -> APIError:
+    """503 with Retry-After (whole seconds), as OpenAI answers when it is overloaded."""
+    code = "power_budget_exceeded" if shed.reason == "power" else "server_overloaded"
+    return APIError(503, shed.message, type="service_unavailable_error", code=code,
+                    headers={"Retry-After": str(max(1, math.ceil(shed.retry_after_s)))})
 
 
 # ---------------------------------------------------------------- the live governor

@@ -25,7 +25,7 @@ from tokenfactory.control.tiers import (
     retry_after_header,
 )
 from tokenfactory.gateway.auth import Caller
-from tokenfactory.gateway.admission import Admission, Flight
+from tokenfactory.gateway.admission import Admission, Flight, shed_error
 from tokenfactory.gateway.errors import APIError, bad_request, forbidden, rate_limited
 from tokenfactory.gateway.protocol import random_id
 from tokenfactory.meter.energy import EnergyBook
@@ -68,7 +68,7 @@ class Metering:
         if shed is not None:  # recorded as shed, without counting against the key's limits
             account = RequestAccount(self, caller, tier, self.tiers.tiers[tier], model, now, time.monotonic())
             account.abandon(random_id("shed"), TokenUsage(0, 0, 0), "shed")
-            raise shed.error()
+            raise shed_error(shed)
         limit = self.limiter.admit(caller.key_id, tier, now)
         if limit is not None:
             raise rate_limited(limit.message, limit.limit, retry_after_header(limit))

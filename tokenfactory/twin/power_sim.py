@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from tokenfactory.control.admission import AdmissionConfig, TierCounts, shed_decision
 from tokenfactory.control.governor import (
     GovernorConfig,
     GovernorState,
@@ -53,7 +54,6 @@ from tokenfactory.control.governor import (
 )
 from tokenfactory.control.router import Router
 from tokenfactory.control.tiers import FactoryConfig, TokenUsage, price_usage
-from tokenfactory.gateway.admission import AdmissionConfig, TierCounts, shed_decision
 from tokenfactory.twin.clocks import ClockedCostModel, WorkerLoad, decode_shape, pick_clock
 from tokenfactory.twin.cost_model import shape_of
 from tokenfactory.twin.simulator import SimulationResult, Simulator, SimWorker, TwinConfig

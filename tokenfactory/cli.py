@@ -1,4 +1,4 @@
-"""`tokenfactory serve | keys create|list|revoke | usage | bench engine|serve|decode|routing|disagg|overhead|fidelity|constrained|twin|power|energy | twin replay|profile | plan`."""
+"""`tokenfactory serve | keys create|list|revoke | usage | bench engine|serve|decode|routing|disagg|overhead|transport|fidelity|constrained|twin|power|energy | twin replay|profile | plan`."""
 
 from __future__ import annotations
 
@@ -193,6 +193,8 @@ LAZY_COMMANDS: tuple[tuple[tuple[str, ...], str, str, str, str], ...] = (
      "aggregated vs every prefill:decode split in the twin, same GPUs"),
     (("bench", "overhead"), "tokenfactory.bench.overhead_bench", "add_arguments", "main",
      "what the gateway, the router and KV transfer add per request"),
+    (("bench", "transport"), "tokenfactory.bench.transport_bench", "add_arguments", "main",
+     "workers over ZMQ against workers as Ray actors: latency, tokens/s and KV hand-off, same run"),
     (("bench", "constrained"), "tokenfactory.bench.constrained_bench", "add_arguments", "main",
      "grammar-constrained against free decoding, same run"),
     (("bench", "agents"), "tokenfactory.bench.agents_bench", "add_arguments", "main",

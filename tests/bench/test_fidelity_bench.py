@@ -13,13 +13,15 @@ from tokenfactory.bench.fidelity_bench import (
     ReplayClock,
     fidelity_workload,
     live_prompt,
+    merge_profiles,
     replay_live,
     run_fidelity,
 )
 from tokenfactory.cli import main as cli_main
 from tokenfactory.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenfactory.engine.engine import EngineCore
-from tokenfactory.twin.profile import Profile, StepTimeFit, build_runner
+from tokenfactory.twin.cost_model import shape_of
+from tokenfactory.twin.profile import Profile, ProfilePoint, Slowdown, StepTimeFit, build_runner
 from tokenfactory.twin.workloads import LengthDistribution, TraceRequest, prompt_token_ids
 
 PROMPTS = LengthDistribution(48, 0.8, maximum=160)
@@ -99,9 +101,10 @@ def test_requests_arriving_behind_work_are_told_from_those_finding_the_engine_id
 def test_fidelity_with_a_given_profile_compares_both_sides(tiny_config, tiny_model_dir):
     per_token = 2 * 4 * 4 * 32 * 4
     profile = Profile(
-        points=[], fit=StepTimeFit((0.004, 1e-4, 2e-7, 1e-6, 0.0, 5e-4)),
+        points=[], fit=StepTimeFit((0.004, 1e-4, 2e-7, 1e-6, 0.0, 5e-4, 5e-4)),
         model=json.loads((tiny_model_dir / "config.json").read_text()),
         engine={"dtype": "float32", "clock": "cpu", "kv_cache_bytes": 256 * 16 * per_token},
+        slowdown=Slowdown((0.004, 0.012)),
     )
     workload = fidelity_workload(12, 40.0, PROMPTS, OUTPUTS, seed=3)
     result = run_fidelity(tiny_config, workload, grid=None, profile=profile, clock="cpu")
@@ -115,8 +118,26 @@ def test_fidelity_with_a_given_profile_compares_both_sides(tiny_config, tiny_mod
     assert math.isnan(result.step_model_error_where(lambda shape: False))  # no such steps
     ratios = result.ttft_ratios(arrived_idle=True) + result.ttft_ratios(arrived_idle=False)
     assert len(ratios) == 12 and all(r > 0 for r in ratios)
+    # The same twin with every step at its mean price, beside it: same tokens, other latencies.
+    assert result.at_mean is not None and result.at_mean.output_tokens == result.twin.output_tokens
+    assert result.at_mean.ttft != result.twin.ttft
     with pytest.raises(ValueError, match="clock"):
         run_fidelity(tiny_config, workload, grid=None, profile=profile, clock="wall")
+
+
+def test_two_sweeps_merge_into_one_profile_with_both_slowdown_series():
+    shapes = [shape_of([(n, 0)]) for n in (4, 16, 64, 128)] + [shape_of([(1, 64)] * b) for b in (1, 4, 16)]
+
+    def sweep(seconds: float, slowdown: Slowdown | None) -> Profile:
+        points = [ProfilePoint("prefill" if s.num_prefill_chunks else "decode", s, seconds, (seconds,))
+                  for s in shapes]
+        return Profile(points, StepTimeFit((seconds, 0, 0, 0, 0, 0, 0)), {}, {}, slowdown=slowdown)
+
+    merged = merge_profiles(sweep(0.01, Slowdown((1.0, 2.0))), sweep(0.03, Slowdown((3.0,))))
+    assert [p.samples for p in merged.points] == [(0.01, 0.03)] * len(shapes)
+    assert merged.fit.predict(shapes[0]) == pytest.approx(0.02)
+    assert merged.slowdown == Slowdown((1.0, 2.0, 3.0))
+    assert merge_profiles(sweep(0.01, None), sweep(0.03, None)).slowdown is None
 
 
 def test_a_comparison_passes_within_ten_percent():
@@ -129,7 +150,8 @@ def test_bench_fidelity_runs_end_to_end(tiny_model_dir, capsys):
             "--input-mean", "32", "--output-mean", "6", "--num-blocks", "256", "--clock", "cpu"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    for text in ("TTFT p90", "inter-token latency p50", "twin busy", "fitted model prices them", "fidelity goal"):
+    for text in ("TTFT p90", "inter-token latency p50", "twin busy", "fitted model prices them", "fidelity goal",
+                 "every step at its mean price"):
         assert text in out
     assert "PASS" in out or "MISS" in out
 

@@ -18,8 +18,10 @@ from tokenfactory.control.governor import (
     admit_tiers,
     budget_at,
     decide,
+    Pace,
+    PaceBucket,
+    PowerSpec,
     pace_power,
-    rest_s,
     scheduled_state,
     tier_demand,
 )
@@ -28,7 +30,7 @@ from tokenfactory.control.tiers import ConfigError, parse_factory_config
 HOUR = 3600.0
 T14 = 14 * HOUR
 WORKERS = [WorkerPower(i, idle_w=100.0, max_w=700.0, max_tokens_per_step=8192) for i in range(4)]
-CONFIG = GovernorConfig(static_cap_w=2800.0)
+CONFIG = GovernorConfig(static_cap_w=2800.0, pacing=False)  # the token-budget lever
 CUT_25_FROM_14_FOR_3H = GridEvent(start_s=T14, duration_s=3 * HOUR, cut_fraction=0.25, ramp_s=600.0)
 
 
@@ -201,47 +203,87 @@ PACED = WorkerPower(0, idle_w=400.0, max_w=700.0, max_tokens_per_step=64, rest_w
                     pace_step_s=0.2)
 
 
-def worst_window_w(steps: list[tuple[float, float]], pace_w: float, rest_w: float, window_s: float) -> float:
-    """The highest mean power over any `window_s` of back-to-back (seconds, watts) steps, each
-    followed by its `rest_s`: for a piecewise-constant draw the worst window starts or ends at a corner."""
-    spans, t = [], 0.0
-    for seconds, watts in steps:
-        spans.append((t, t + seconds, watts))
-        t += seconds
-        rest = rest_s(seconds, watts, pace_w, rest_w)
-        spans.append((t, t + rest, rest_w))
-        t += rest
+def paced_spans(steps: list[tuple[float, float, bool, float]], pace: Pace) -> list[tuple[float, float, float]]:
+    """(start, end, watts) of back-to-back (seconds, watts, protected, idle before) steps, each
+    started as soon as its `PaceBucket` allows."""
+    bucket, spans, t = PaceBucket(), [], 0.0
+    bucket.set(pace, 0.0)
+    for seconds, watts, protected, idle in steps:
+        start = t + idle
+        start += bucket.wait_s(start, protected)
+        spans.append((start, start + seconds, watts))
+        bucket.spend(start, seconds, watts)
+        t = start + seconds
+    return spans
 
+
+def worst_window_w(spans: list[tuple[float, float, float]], rest_w: float, window_s: float) -> float:
+    """The highest mean power over any `window_s`, resting at `rest_w` between the spans: for a
+    piecewise-constant draw the worst window starts or ends at a corner."""
     def mean(start: float) -> float:
         end = start + window_s
-        return sum(w * max(0.0, min(b, end) - max(a, start)) for a, b, w in spans) / window_s
+        return rest_w + sum((w - rest_w) * max(0.0, min(b, end) - max(a, start)) for a, b, w in spans) / window_s
 
     corners = [a for a, _, _ in spans] + [b - window_s for _, b, _ in spans]
-    return max(mean(c) for c in corners if 0.0 <= c <= t - window_s)
+    return max(mean(c) for c in corners if 0.0 <= c <= spans[-1][1] - window_s)
 
 
 def test_a_paced_worker_stays_under_its_share_in_every_one_second_window():
     share = 550.0
-    pace = pace_power(PACED, share, GovernorConfig(static_cap_w=share, pacing=True))
-    assert pace is not None and PACED.rest_w < pace < share
+    config = GovernorConfig(static_cap_w=share, pacing=True, pace_burst_s=0.3)
+    pace = pace_power(PACED, share, config, protect_priority=10)
+    assert pace is not None and PACED.rest_w < pace.pace_w < share
+    assert pace.capacity_j == pytest.approx((share - pace.pace_w) * config.window_s)
     rng = random.Random(0)
-    # Steps up to the longest the worker model allows (0.2 s at full power, longer at less).
-    lengths = [rng.uniform(0.01, 0.2) for _ in range(400)]
+    # Steps up to the longest the worker model allows (0.2 s at full power, longer at less), some
+    # with protected prompt work, some after an idle spell (the bucket fills).
+    lengths = [rng.uniform(0.01, 0.2) for _ in range(600)]
     steps = [(s, 700.0) if rng.random() < 0.6 else (s * 1.2, 600.0) for s in lengths]
-    assert worst_window_w(steps, pace, 100.0, 1.0) <= share + 1e-6
-    # Pacing at the share itself holds only on average: some 1 s window goes over.
-    assert worst_window_w(steps, share, 100.0, 1.0) > share + 5.0
-    # A step at or under the pace needs no rest; a rest is spent at the resting draw.
-    assert rest_s(0.1, pace, pace, 100.0) == 0.0
-    assert rest_s(0.1, 700.0, 400.0, 100.0) == pytest.approx(0.1)
+    steps = [(s, w, rng.random() < 0.3, rng.choice([0.0] * 8 + [0.5, 2.0])) for s, w in steps]
+    assert worst_window_w(paced_spans(steps, pace), PACED.rest_w, 1.0) <= share + 1e-6
+    # Resting after each step until it averages the share holds only on average: some 1 s window goes over.
+    at_share = Pace(share, PACED.rest_w, capacity_j=0.0, step_j=0.0)
+    assert worst_window_w(paced_spans(steps, at_share), PACED.rest_w, 1.0) > share + 5.0
+
+
+def test_the_protected_tiers_prompt_runs_its_chunks_back_to_back_from_a_full_bucket():
+    share = 550.0
+    pace = pace_power(PACED, share, GovernorConfig(static_cap_w=share, pace_burst_s=0.3), protect_priority=10)
+    assert pace is not None
+    bucket = PaceBucket()
+    bucket.set(pace, 0.0)
+    assert bucket.wait_s(0.0, protected=True) > 0  # a newly paced worker starts with no credit
+    now = 10.0  # idle long enough to fill the bucket
+    assert bucket.wait_s(now, protected=False) == 0.0
+    # Five 0.1 s chunks at full power (0.5 s, over the 0.3 s burst plus a step) start back to back
+    # while the credit lasts, then the rest wait for it.
+    waits = []
+    for _ in range(5):
+        waits.append(bucket.wait_s(now, protected=True))
+        now += waits[-1]
+        bucket.spend(now, 0.1, 700.0)
+        now += 0.1
+    assert waits[:3] == [0.0, 0.0, 0.0] and waits[-1] > 0
+    assert bucket.credit_j >= -1e-9
+    # A lower tier's step waits until the bucket is full again; an unpaced worker never waits.
+    assert bucket.wait_s(now, protected=False) == pytest.approx((pace.capacity_j - bucket.credit_j)
+                                                                / (pace.pace_w - pace.rest_w))
+    bucket.set(None, now)
+    assert bucket.wait_s(now, protected=False) == 0.0
+    # At full power there is no pace; a deep cut keeps the floor and a smaller bucket.
+    assert pace_power(PACED, 700.0, GovernorConfig(static_cap_w=700.0)) is None
+    deep = pace_power(PACED, 160.0, GovernorConfig(static_cap_w=160.0))
+    assert deep is not None and deep.pace_w == pytest.approx(100.0 + 0.05 * 600.0)
+    assert deep.capacity_j == pytest.approx(160.0 - deep.pace_w) and deep.step_j <= deep.capacity_j
 
 
 def test_pacing_keeps_whole_steps_and_leaves_more_capacity_than_small_steps():
     state = GovernorState(events=(GridEvent(0.0, HOUR, cut_fraction=0.25, ramp_s=0.0),))
     workers = [PACED, WorkerPower(1, 400.0, 700.0, 64, 100.0, 1024, 0.2)]
     demand = loads(flex=30, default=40, priority=20)
-    small = decide(GovernorConfig(static_cap_w=1400.0), state, workers, demand, now=10.0)
-    paced = decide(GovernorConfig(static_cap_w=1400.0, pacing=True), state, workers, demand, now=10.0)
+    small = decide(GovernorConfig(static_cap_w=1400.0, pacing=False), state, workers, demand, now=10.0)
+    paced = decide(GovernorConfig(static_cap_w=1400.0, pacing=True, pace_burst_s=0.0), state, workers, demand,
+                   now=10.0)
     assert [limit.token_budget for limit in paced.workers] == [1024, 1024]
     assert all(limit.pace_w is not None and limit.pace_w < limit.power_w for limit in paced.workers)
     assert all(limit.pace_w is None for limit in small.workers)
@@ -250,3 +292,6 @@ def test_pacing_keeps_whole_steps_and_leaves_more_capacity_than_small_steps():
     assert len(paced.shed_tiers) < len(small.shed_tiers)
     uncut = decide(GovernorConfig(static_cap_w=1400.0, pacing=True), GovernorState(), workers, demand, now=10.0)
     assert all(limit.pace_w is None for limit in uncut.workers)  # full power: no rests
+    # Pacing is the governor's default lever (it needs no permission); NVML caps are not.
+    assert GovernorConfig(static_cap_w=1.0).pacing and PowerSpec().pacing
+    assert not GovernorConfig(static_cap_w=1.0).gpu_power_caps

@@ -179,6 +179,18 @@ def test_least_loaded_counts_requests_then_free_blocks():
     assert LeastLoadedRouter().metrics.mode == "none"
 
 
+def test_least_loaded_takes_equally_loaded_workers_in_turn():
+    router = LeastLoadedRouter()
+    # Requests one at a time, each done before the next: every worker is idle at every decision.
+    assert [router.route(request_with_prefix(i), idle_workers(3)) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    workers = idle_workers(4)
+    workers[2].num_running = 1  # the turn skips a busier worker and goes on after the one chosen
+    assert [router.route(request_with_prefix(i), workers) for i in range(4)] == [1, 3, 0, 1]
+    # The same state and history give the same choice.
+    twin = LeastLoadedRouter()
+    assert [twin.route(request_with_prefix(i), idle_workers(3)) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+
+
 def test_session_affinity_holds_while_the_worker_is_alive_and_not_overloaded():
     router = RoundRobinRouter(session_affinity=True, max_waiting=4)
     workers = idle_workers(3)

@@ -4,6 +4,7 @@ the grid-event admin API."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -14,9 +15,14 @@ from tests.engine.test_scheduler import make_request, make_scheduler
 from tests.gateway.live_server import API_KEY, MODEL_NAME, LiveServer, gateway_config, metric
 from tokenfactory.control.tiers import builtin_config, parse_factory_config
 from tokenfactory.control.admission import AdmissionConfig, TierCounts, shed_decision
-from tokenfactory.gateway.admission import LiveGovernor, TierTraffic, shed_error
+from prometheus_client import CollectorRegistry
+
+from tokenfactory.control.governor import GovernorDecision, WorkerLimits
+from tokenfactory.gateway.admission import GovernorMetrics, LiveGovernor, TierTraffic, shed_error
 from tokenfactory.meter.ledger import LedgerEntry, read_entries
 from tokenfactory.runtime.client import AsyncEngineClient
+from tokenfactory.runtime.pool import ModelPools, ServedModel, WorkerPool
+from tokenfactory.twin.hardware import get_hardware
 from tokenfactory.runtime.wire import EngineLoad
 
 TIERS = builtin_config()  # flex (-10, sheddable) < default (0) < priority (10)
@@ -117,11 +123,40 @@ def test_modeled_power_follows_the_share_of_time_stepped_and_the_tokens_per_step
     config = gateway_config(tiny_model_dir)  # CPU: modeled from 10 W idle to 30 W busy
     max_tokens = config.scheduler.max_num_batched_tokens
     governor = LiveGovernor(builtin_config().power, AsyncEngineClient(config), TierTraffic(TIERS), "cpu", max_tokens)
-    assert governor.hardware.idle_w == 10 and governor.hardware.tdp_w == 30
+    assert governor.fleet[0].hardware.idle_w == 10 and governor.fleet[0].hardware.tdp_w == 30
     assert governor.modeled_power(0, EngineLoad(), now=100.0) == 10.0  # nothing to compare with yet: idle
     half_busy = EngineLoad(num_steps=10, step_seconds=0.5, num_tokens=10 * max_tokens // 2)
     assert governor.modeled_power(0, half_busy, now=101.0) == pytest.approx(10 + 20 * 0.5 * 0.5)
     assert governor.modeled_power(0, half_busy, now=102.0) == 10.0  # no step since: idle again
+
+
+CPU, H100 = get_hardware("cpu"), get_hardware("h100")
+
+
+def test_each_models_engines_are_governed_on_their_own_device_and_labelled_by_model(tiny_model_dir):
+    base = gateway_config(tiny_model_dir)
+    general = dataclasses.replace(base, served_model_name="general")
+    specialist = dataclasses.replace(base, served_model_name="specialist", device="cuda:1",
+                                     scheduler=dataclasses.replace(base.scheduler, max_num_batched_tokens=256))
+    pools = ModelPools([ServedModel(general, WorkerPool([AsyncEngineClient(general), AsyncEngineClient(general)], 16)),
+                        ServedModel(specialist, AsyncEngineClient(specialist))])
+    spec = builtin_config().power.model_copy(update={"hardware": None})
+    governor = LiveGovernor(spec, pools, TierTraffic(TIERS), "cpu", 64)
+    assert [(g.model, g.index, g.hardware.name, g.max_tokens_per_step) for g in governor.fleet] == [
+        ("general", 0, CPU.name, 1024), ("general", 1, CPU.name, 1024), ("specialist", 0, H100.name, 256)]
+    # The specialist's engine is modeled on its own hardware and step budget: half busy at half its tokens.
+    half = EngineLoad(num_steps=10, step_seconds=0.5, num_tokens=10 * 128)
+    governor.modeled_power(2, EngineLoad(), now=100.0)
+    assert governor.modeled_power(2, half, now=101.0) == pytest.approx(H100.idle_w + (H100.tdp_w - H100.idle_w) * 0.25)
+    # Every pool numbers its workers from 0: the metrics tell them apart by model.
+    registry = CollectorRegistry()
+    governor.decision = GovernorDecision(100.0, tuple(WorkerLimits(i, 10.0, 100 + i) for i in range(3)),
+                                         frozenset(TIERS.tiers))
+    GovernorMetrics(registry).update(governor)
+    budgets = {(labels["model"], labels["worker"]): value for labels, value in
+               ((s.labels, s.value) for family in registry.collect() for s in family.samples
+                if s.name == "tokenfactory_token_budget")}
+    assert budgets == {("general", "0"): 100, ("general", "1"): 101, ("specialist", "0"): 102}
 
 
 # ---------------------------------------------------------------- live
@@ -142,7 +177,7 @@ tiers:
   flex: {{priority: -10, sheddable: true}}
   default: {{priority: 0}}
   priority: {{priority: 10}}
-power: {{static_cap_w: 25, min_tokens_per_step: {MIN_TOKENS}}}
+power: {{static_cap_w: 25, min_tokens_per_step: {MIN_TOKENS}, pacing: false}}
 """
 
 
@@ -207,7 +242,7 @@ def test_a_power_cut_sheds_lower_tiers_with_503_and_records_them(governed, black
     assert metric(governed, "tokenfactory_tier_admitted", tier="flex") == 0
     assert metric(governed, "tokenfactory_power_budget_watts") == 0.0
     # The token-budget lever: the engine now schedules the floor, and says so in its load reports.
-    assert metric(governed, "tokenfactory_token_budget", worker="0") == MIN_TOKENS
+    assert metric(governed, "tokenfactory_token_budget", model=governed.model, worker="0") == MIN_TOKENS
     wait_for(lambda: governed.worker.load.token_budget == MIN_TOKENS)
 
 

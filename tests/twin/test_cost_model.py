@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from tokenfactory.twin.cost_model import BatchShape, CostModel, default_model, shape_of
+from tokenfactory.engine.config import ModelConfig
+from tokenfactory.twin.cost_model import LLAMA_3_70B, BatchShape, CostModel, default_model, shape_of
 from tokenfactory.twin.hardware import HARDWARE, get_hardware
 
 
@@ -64,11 +65,11 @@ def test_fp8_and_tensor_parallel_make_decode_faster(h200):
 
 
 def test_kv_capacity_is_memory_left_after_weights(h200):
-    # (141 GB - 16.06 GB of weights) x 0.9 / 128 KiB per token
-    assert h200.kv_capacity_tokens() == 857894
-    assert h200.kv_num_blocks(16) == 857894 // 16
+    # (141 GiB - 16.06 GB of weights) x 0.9 / 128 KiB per token
+    assert h200.kv_capacity_tokens() == 929289
+    assert h200.kv_num_blocks(16) == 929289 // 16
     h100 = CostModel(default_model(), get_hardware("h100"))
-    assert h100.kv_capacity_tokens() == int((80e9 - h100.weight_bytes) * 0.9 // 131072)
+    assert h100.kv_capacity_tokens() == int((80 * 2**30 - h100.weight_bytes) * 0.9 // 131072)
     assert dataclasses.replace(h200, precision="fp8").kv_capacity_tokens() > 2 * h200.kv_capacity_tokens()
     assert dataclasses.replace(h100, tp=2).kv_capacity_tokens() > 2 * h100.kv_capacity_tokens()
 
@@ -122,25 +123,52 @@ def test_a_decode_stretch_in_closed_form_matches_pricing_every_step(name, tp, ba
     assert model.decode_stretch(first, 0).num_steps == 0
 
 
-def test_a_stretch_crossing_from_the_compute_roof_to_the_bandwidth_roof():
-    # 256 fresh sequences on an H200 start compute bound; their growing KV soon makes them
-    # bandwidth bound: the closed form splits the sums where the roofs cross.
-    model = CostModel(default_model(), get_hardware("h200"))
-    first = shape_of([(1, 10)] * 256)
-    m, hw = model.model, model.hardware
+def test_a_stretch_on_the_attention_compute_roof_matches_pricing_every_step():
+    # On the CPU with an FP8 cache a decode's attention is compute bound (the other side of the
+    # max the closed form sums); on an H200 it streams the KV.
+    for hardware, compute_bound in (("cpu", True), ("h200", False)):
+        model = CostModel(default_model(), get_hardware(hardware), "fp8")
+        first = shape_of([(1, 10)] * 64)
+        peak, bandwidth = model.hardware.peak_flops("fp8"), model.hardware.hbm_bandwidth
+        per_token_compute = 4 * 32 * 32 * 128 / (peak * model.compute_efficiency)
+        per_token_kv = model.kv_bytes_per_token / (bandwidth * model.kv_bandwidth_efficiency)
+        assert (per_token_compute > per_token_kv) == compute_bound
+        steps, duration, energy = priced_one_by_one(model, first, 2000)
+        stretch = model.decode_stretch(first, 2000)
+        assert stretch.duration_s == pytest.approx(duration, rel=1e-12)
+        assert stretch.energy_j == pytest.approx(energy, rel=1e-12)
 
-    def compute_over_memory(k: int) -> float:
-        pairs, kv_read = first.attention_pairs + 256 * k, first.kv_read_tokens + 256 * k
-        attention = 4 * m.num_hidden_layers * m.num_attention_heads * m.head_dim * pairs
-        flops = 2 * model.layer_params * 256 + 2 * model.lm_head_params * 256 + attention
-        compute = flops / hw.peak_flops_bf16 / model.compute_efficiency
-        memory = (model.weight_bytes / model.bandwidth_efficiency
-                  + model.kv_bytes_per_token * (kv_read + 256) / model.kv_bandwidth_efficiency) / hw.hbm_bandwidth
-        return compute / memory
 
-    assert compute_over_memory(1) > 1 > compute_over_memory(2000)
-    steps, duration, energy = priced_one_by_one(model, first, 2000)
-    stretch = model.decode_stretch(first, 2000)
+def test_a_mixed_step_pays_its_decodes_kv_reads_on_top_of_its_prefill_gemms(h200):
+    # The projections and attention run one after the other: a prefill chunk's compute-bound
+    # GEMMs do not hide the decodes' KV streaming, so a mixed step costs about both.
+    prefill = h200.batch_cost(prefills=[(2048, 0)])
+    decodes = h200.batch_cost(decodes=[4096] * 128)
+    mixed = h200.batch_cost(prefills=[(2048, 0)], decodes=[4096] * 128)
+    kv_s = h200.kv_bytes_per_token * 128 * 4097 / (h200.hardware.hbm_bandwidth * h200.kv_bandwidth_efficiency)
+    assert kv_s > 0.5 * decodes.duration_s  # the decodes alone are mostly KV reads
+    # About the prefill (with 128 more GEMM rows) plus the KV reads, give or take the prefill's
+    # attention FLOPs, which the KV reads now outlast.
+    assert prefill.duration_s + 0.95 * kv_s < mixed.duration_s < prefill.duration_s * 2176 / 2048 + 1.01 * kv_s
+    assert mixed.duration_s > max(prefill.duration_s, decodes.duration_s) * 1.3
+
+
+def test_a_decode_batch_runs_the_cuda_graph_of_the_next_size_up():
+    fp8 = CostModel(ModelConfig.from_dict(LLAMA_3_70B), get_hardware("h200"), "fp8")
+    graphs = dataclasses.replace(fp8, graph_batch_sizes=(128, 256))
+
+    def gemm_bound(model: CostModel, batch: int) -> float:  # short contexts: the GEMMs dominate
+        return model.batch_cost(decodes=[16] * batch).duration_s
+
+    # 215 decodes of a 70B are compute bound: padded to 256 rows, they take as long as 256 do.
+    assert gemm_bound(graphs, 215) == pytest.approx(gemm_bound(fp8, 256), rel=0.01)
+    assert gemm_bound(graphs, 215) > 1.1 * gemm_bound(fp8, 215)
+    assert gemm_bound(graphs, 300) == gemm_bound(fp8, 300)  # above the largest graph: unpadded
+    mixed = {"prefills": [(100, 0)], "decodes": [16] * 115}  # a prefill chunk: no graph
+    assert graphs.batch_cost(**mixed) == fp8.batch_cost(**mixed)
+    first = shape_of([(1, 500)] * 215)
+    steps, duration, energy = priced_one_by_one(graphs, first, 300)
+    stretch = graphs.decode_stretch(first, 300)
     assert stretch.duration_s == pytest.approx(duration, rel=1e-12)
     assert stretch.energy_j == pytest.approx(energy, rel=1e-12)
 

@@ -1,5 +1,6 @@
 import argparse
 import base64
+import re
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,8 @@ def test_plan_prints_the_best_configurations_and_writes_the_frontier_png_and_htm
     assert png.startswith(PNG_MAGIC)
     page = (out / "plan.html").read_text()
     assert base64.b64encode(png).decode("ascii") in page  # embedded: the page stands alone
+    assert re.findall(r"(?:src|href)=", page) == ["src="]  # the image, and nothing it would fetch
+    assert "Cost per tier" not in page  # no --tiers, no tier section
     assert page.count("<tr") > 4 and "H200 SXM" in page and "$3.50/GPU-h" in page
 
 
@@ -189,9 +192,17 @@ def test_plan_takes_the_agentic_workload_and_prints_each_tiers_cost(tmp_path, ca
                     "--out", str(tmp_path)) == 0
     printed = capsys.readouterr().out
     assert "cost per tier" in printed
-    assert [line.split()[1] for line in printed.splitlines() if line.startswith(("│ flex", "│ priority"))] == \
-        ["flex", "priority"]
-    assert "6 agent tasks at 1 tasks/s" in (tmp_path / "plan.html").read_text()
+    rows = [[cell.strip() for cell in line.strip("│ ").split("│")] for line in printed.splitlines()
+            if line.startswith(("│ flex", "│ priority"))]
+    assert [row[0] for row in rows] == ["flex", "priority"]
+    page = (tmp_path / "plan.html").read_text()
+    assert "6 agent tasks at 1 tasks/s" in page
+    # The report carries the same table, cell for cell (the console may wrap the configuration).
+    tiers = page[page.index("<table class=tiers>"):]
+    tiers = tiers[:tiers.index("</table>")]
+    html_rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(<td>.*?)</tr>", tiers)]
+    assert [row[:4] for row in html_rows] == [row[:4] for row in rows]
+    assert all(row[2] != "-" for row in html_rows)  # one worker at this light load holds both SLOs
     assert run_plan("--workload", "agentic", "--tiers", "gold", "--out", str(tmp_path)) == 2
     assert "--tiers: gold not among the tiers flex, default, priority" in capsys.readouterr().out
     assert run_plan("--workload", "agentic", "--prompt-scale", "2", "--out", str(tmp_path)) == 2

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from tokenfactory.control.governor import GovernorConfig, GridEvent
+from tokenfactory.control.governor import PACE_BURST_S, GovernorConfig, GridEvent
 from tokenfactory.control.router import make_router
 from tokenfactory.control.tiers import builtin_config
 from tokenfactory.engine.config import SchedulerConfig
@@ -85,13 +85,14 @@ def busy(num_requests: int = 300):
     return poisson_workload(20.0, num_requests, LengthDistribution(1500, 0.5), LengthDistribution(60, 0.5), seed=1)
 
 
-def power_sim(events=(), clocks=None, use_governor=True, workload=None, num_workers=2, gpu_caps=False, pacing=False):
+def power_sim(events=(), clocks=None, use_governor=True, workload=None, num_workers=2, gpu_caps=False, pacing=False,
+              pace_burst_s=PACE_BURST_S):
     workload = workload or busy()
     config = TwinConfig(COST, num_workers=num_workers,
                         scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=256))
     tiers = assign_tiers(len(workload), {"flex": 0.3, "default": 0.5, "priority": 0.2}, seed=0)
     cap = num_workers * worker_power(COST, 8192).max_w
-    sim = PowerSimulator(config, make_router("kv"), builtin_config(), GovernorConfig(cap, gpu_power_caps=gpu_caps, pacing=pacing), events, tiers,
+    sim = PowerSimulator(config, make_router("kv"), builtin_config(), GovernorConfig(cap, gpu_power_caps=gpu_caps, pacing=pacing, pace_burst_s=pace_burst_s), events, tiers,
                          clocks=clocks, use_governor=use_governor)
     return sim, sim.run_power(workload), tiers
 
@@ -140,7 +141,9 @@ def test_a_power_cap_lowers_the_clock_until_the_step_fits():
 
 
 def test_tier_priority_reaches_the_scheduler():
-    _, run, tiers = power_sim(use_governor=False)
+    # Prompts at about 60% of what 2 H100 workers prefill: short queues, which priority orders.
+    workload = poisson_workload(25.0, 300, LengthDistribution(1500, 0.5), LengthDistribution(60, 0.5), seed=1)
+    _, run, tiers = power_sim(use_governor=False, workload=workload)
     ttft = {name: sorted(r.ttft for r, t in zip(run.result.records, tiers) if t == name and r.finish >= 0)
             for name in ("flex", "priority")}
     assert ttft["priority"][len(ttft["priority"]) // 2] < ttft["flex"][len(ttft["flex"]) // 2]
@@ -178,3 +181,22 @@ def test_pacing_holds_the_budget_at_every_sample_with_whole_steps_and_idle_rests
     assert pace_tokens is not None and pace_tokens > 2 * sim.powers[0].max_tokens_per_step
     assert paced.tiers["priority"].shed == 0
     assert paced.tiers["priority"].slo_attainment >= budgets.tiers["priority"].slo_attainment
+
+
+def test_paced_workers_keep_credit_for_priority_prompts_and_still_hold_every_sample():
+    event = GridEvent(start_s=4.0, duration_s=6.0, cut_fraction=0.4, ramp_s=1.0)
+    _, flat, tiers = power_sim((event,), pacing=True, pace_burst_s=0.0)
+    _, burst, _ = power_sim((event,), pacing=True)
+    for run in (flat, burst):
+        assert run.max_power_over_budget(event.start_s, event.start_s + event.duration_s) <= 1.0 + 1e-9
+
+    def priority_ttfts(run):
+        return [r.ttft for r, tier in zip(run.result.records, tiers)
+                if tier == "priority" and r.finish >= 0 and event.start_s <= r.arrival < event.end_s]
+
+    # With credit kept for them, priority prompts run their chunks back to back: they start sooner.
+    assert len(priority_ttfts(burst)) == len(priority_ttfts(flat)) > 10
+    assert max(priority_ttfts(burst)) < 0.85 * max(priority_ttfts(flat))
+    assert sum(priority_ttfts(burst)) < 0.85 * sum(priority_ttfts(flat))
+    # The lower tiers pay: they run at a lower pace.
+    assert burst.tiers["flex"].output_tokens <= flat.tiers["flex"].output_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -10,13 +11,14 @@ import pytest
 from tokenfactory.cli import main as cli_main
 from tokenfactory.control.router import RoundRobinRouter
 from tokenfactory.engine.config import CacheConfig, EngineConfig, ModelConfig
-from tokenfactory.twin.cost_model import BatchShape, shape_of
+from tokenfactory.twin.cost_model import BatchShape, StepCost, shape_of
 from tokenfactory.twin.hardware import HARDWARE
 from tokenfactory.twin.profile import (
     FEATURES,
     Profile,
     ProfiledCostModel,
     ProfileGrid,
+    Slowdown,
     StepTimeFit,
     features,
     fit_step_time,
@@ -25,8 +27,9 @@ from tokenfactory.twin.profile import (
 from tokenfactory.twin.simulator import Simulator, TwinConfig
 from tokenfactory.twin.workloads import TraceRequest
 
-TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3)
-"""Seconds per step, token, attention pair, KV token read, sampled row and prefill chunk."""
+TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3, 6e-4)
+"""Seconds per step, token, attention pair, KV token read, sampled row, prefill chunk, and per
+step of more than one token."""
 
 
 def grid_shapes() -> list[BatchShape]:
@@ -58,7 +61,7 @@ def test_the_fit_stays_close_under_noise():
 def test_the_fit_never_returns_a_negative_coefficient():
     # Timings that fall with attention pairs: plain least squares would give that a negative cost.
     shapes = grid_shapes()
-    samples = [(s, max(1e-3, exact(s, (0.01, 3e-4, 0, 0, 0, 0)) - 1e-8 * s.attention_pairs)) for s in shapes]
+    samples = [(s, max(1e-3, exact(s, (0.01, 3e-4, 0, 0, 0, 0, 0)) - 1e-8 * s.attention_pairs)) for s in shapes]
     fit = fit_step_time(samples)
     assert all(c >= 0 for c in fit.coefficients)
     assert fit.coefficients[FEATURES.index("attention_pair")] == 0
@@ -66,14 +69,14 @@ def test_the_fit_never_returns_a_negative_coefficient():
 
 def test_the_fit_refuses_too_few_or_non_positive_samples():
     shape = shape_of([(1, 10)])
-    with pytest.raises(ValueError, match="at least 6 samples"):
-        fit_step_time([(shape, 0.01)] * 5)
+    with pytest.raises(ValueError, match="at least 7 samples"):
+        fit_step_time([(shape, 0.01)] * 6)
     with pytest.raises(ValueError, match="positive"):
-        fit_step_time([(shape, 0.01)] * 5 + [(shape, 0.0)])
+        fit_step_time([(shape, 0.01)] * 6 + [(shape, 0.0)])
 
 
 SMALL_GRID = ProfileGrid(prefill_lengths=(4, 16), prefill_contexts=(0, 16), decode_batches=(1, 3),
-                         decode_contexts=(8, 24), mixed=((2, 8),), warmup=0, repeats=2)
+                         decode_contexts=(8, 24), mixed=((2, 8),), warmup=0, repeats=2, slowdown_steps=20)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,9 @@ def test_a_profile_steps_the_engine_through_the_grid_shapes(tiny_profile):
     assert (mixed.shape.num_tokens, mixed.shape.num_sampled, mixed.shape.num_prefill_chunks) == (2 + 8, 3, 1)
     assert all(p.shape.num_prefill_chunks == (p.kind != "decode") for p in tiny_profile.points)
     assert all(p.seconds > 0 and len(p.samples) == 2 for p in tiny_profile.points)
+    # The reference steps, timed back to back: twenty of them, their factors 1 on average.
+    assert tiny_profile.slowdown is not None and len(tiny_profile.slowdown.seconds) == 20
+    assert sum(tiny_profile.slowdown.factors) == pytest.approx(20)
 
 
 def test_a_profile_file_round_trips(tiny_profile, tmp_path):
@@ -108,10 +114,14 @@ def test_a_profile_file_round_trips(tiny_profile, tmp_path):
     assert data["engine"]["num_blocks"] == 64 and data["engine"]["threads"] == 1
     loaded = Profile.load(path)
     assert loaded.points == tiny_profile.points and loaded.fit == tiny_profile.fit
+    assert loaded.slowdown == tiny_profile.slowdown
+    del data["slowdown_seconds"]  # written before the series existed: the twin prices steps at their mean
+    path.write_text(json.dumps(data))
+    assert Profile.load(path).slowdown is None
     assert loaded.model_config().hidden_size == 256
-    for version in (1, 99):  # 1: fitted without the prefill-chunk feature
+    for version in (1, 2, 99):  # 1, 2: fitted without the prefill-chunk or multi-token feature
         path.write_text(json.dumps({**data, "version": version}))
-        with pytest.raises(ValueError, match="version 2"):
+        with pytest.raises(ValueError, match="version 3"):
             Profile.load(path)
 
 
@@ -143,10 +153,10 @@ def test_the_profiled_cost_model_prices_steps_by_the_fit():
     # The 4-token tail of a mostly cached prompt costs a prefill chunk more than a decode row.
     tail, row = shape_of([(4, 96)]), shape_of([(1, 99)])
     extra = 3 * TRUE[1] + (tail.attention_pairs - row.attention_pairs) * TRUE[2]  # same KV read, both sample
-    assert cost.step(tail).duration_s - cost.step(row).duration_s == pytest.approx(extra + TRUE[5])
+    assert cost.step(tail).duration_s - cost.step(row).duration_s == pytest.approx(extra + TRUE[5] + TRUE[6])
     assert cost.kv_num_blocks(16) == 64 and cost.kv_num_blocks(32) == 32
     with pytest.raises(ValueError, match="non-negative"):
-        cost_model((1.0, -1.0, 0, 0, 0, 0))
+        cost_model((1.0, -1.0, 0, 0, 0, 0, 0))
 
 
 def test_the_twin_runs_on_the_profiled_model():
@@ -164,3 +174,33 @@ def test_the_twin_runs_on_the_profiled_model():
     summary = Simulator(TwinConfig(cost=cost, num_workers=1, num_blocks=64), RoundRobinRouter()).run(workload).summary
     assert summary.num_finished == 12 and summary.output_tokens == 72
     assert summary.ttft.p90 > summary.ttft.p50 > prefill
+
+
+def test_a_slowdown_prices_a_step_at_the_mean_factor_over_its_stretch_of_busy_time():
+    slowdown = Slowdown((0.002, 0.006))  # factor 0.5 for 2 ms, then 1.5 for 6 ms
+    assert slowdown.factors == pytest.approx((0.5, 1.5))
+    assert slowdown.factor(0.0, 0.002) == pytest.approx(0.5) and slowdown.factor(0.002, 0.006) == pytest.approx(1.5)
+    assert slowdown.factor(0.001, 0.003) == pytest.approx((0.001 * 0.5 + 0.002 * 1.5) / 0.003)
+    assert slowdown.factor(0.009, 0.003) == pytest.approx(slowdown.factor(0.001, 0.003))  # it cycles
+    assert slowdown.factor(0.005, 0.016) == pytest.approx(slowdown.factor(0.0, 0.008)) == pytest.approx(1.25)
+    step = slowdown.apply(StepCost(0.002, 100.0), 0.0)
+    assert (step.duration_s, step.power_w) == pytest.approx((0.001, 100.0))
+    spread = Slowdown((1.0, 2.0, 3.0, 4.0))  # factors 0.4, 0.8, 1.2, 1.6
+    assert (spread.quantile(0.1), spread.quantile(0.5), spread.quantile(1.0)) == pytest.approx((0.4, 1.2, 1.6))
+    for bad in ((), (0.01, 0.0)):
+        with pytest.raises(ValueError, match="positive"):
+            Slowdown(bad)
+    with pytest.raises(ValueError, match="positive"):
+        slowdown.factor(0.0, 0.0)
+
+
+def test_the_twin_prices_a_worker_s_steps_through_the_slowdown_of_its_busy_time():
+    flat = (0.01, 0, 0, 0, 0, 0, 0)  # every step 10 ms at its mean
+    steady = cost_model(flat)
+    slowed = dataclasses.replace(cost_model(flat), slowdown=Slowdown((0.01, 0.03)))  # x0.5 for 10 ms, then x1.5
+    request = [TraceRequest(0.0, 40, 4)]  # a prefill step, then three decodes
+    # Slowed: 5 ms (all in the quick stretch), 10 ms (5 ms quick, 5 ms slow, of its price), then 15 ms twice.
+    for cost, first_token, finish in ((steady, 0.01, 0.04), (slowed, 0.005, 0.005 + 0.01 + 0.015 + 0.015)):
+        config = TwinConfig(cost=cost, num_workers=1, num_blocks=64)
+        (record,) = Simulator(config, RoundRobinRouter()).run(request).records
+        assert record.first_token == pytest.approx(first_token) and record.finish == pytest.approx(finish)

@@ -8,7 +8,8 @@ prefixes) is served twice, in this process:
   (`--clock cpu` replays them in the engine thread's CPU time instead: a busy machine disturbs
   that less, though not nothing);
 - twin: the `Simulator` replays it with a `ProfiledCostModel` from a profile of the same engine,
-  on the same scheduler configuration and the same number of KV blocks.
+  on the same scheduler configuration and the same number of KV blocks, each step at its fitted
+  price times the profile's `Slowdown` factor for it (the twin at mean prices is printed beside).
 
 It prints throughput, TTFT p50/p90 and inter-token latency p50/p90 of both, the twin's relative
 error on each, and PASS/MISS against 10% (issue 3's goal; the aim is 5%). The profile is measured
@@ -49,6 +50,7 @@ from tokenfactory.twin.profile import (
     ProfileGrid,
     ProfilePoint,
     ShapeRecordingRunner,
+    Slowdown,
     StepTimeFit,
     add_engine_arguments,
     build_runner,
@@ -226,6 +228,9 @@ class FidelityResult:
     """The twin with every step price scaled so that the live run's own steps are priced right
     in total: not a prediction (it reads the answer), but it separates the machine's load
     drifting between profile and live run from what the rest of the twin gets wrong."""
+    at_mean: Summary | None = None
+    """The twin pricing every step at its mean, without the profile's `Slowdown`: what the twin
+    predicted before it modeled the machine's variability."""
 
     @property
     def step_model_error(self) -> float:
@@ -273,13 +278,15 @@ def _summary(records: list[RequestRecord]) -> Summary:
 
 def merge_profiles(first: Profile, second: Profile) -> Profile:
     """One profile from two sweeps of the same grid: each point's mean over both sweeps'
-    repeats, refitted."""
+    repeats, refitted; their slowdown series one after the other."""
     points = [
         ProfilePoint(a.kind, a.shape, statistics.fmean(a.samples + b.samples), a.samples + b.samples)
         for a, b in zip(first.points, second.points, strict=True)
     ]
     fit = fit_step_time([(p.shape, p.seconds) for p in points])
-    return Profile(points, fit, first.model, first.engine, first.machine, first.wall_s + second.wall_s)
+    series = [s for profile in (first, second) if profile.slowdown for s in profile.slowdown.seconds]
+    return Profile(points, fit, first.model, first.engine, first.machine, first.wall_s + second.wall_s,
+                   Slowdown(tuple(series)) if series else None)
 
 
 def run_fidelity(config: EngineConfig, workload: list[TraceRequest], threads: int = 1,
@@ -321,6 +328,9 @@ def run_fidelity(config: EngineConfig, workload: list[TraceRequest], threads: in
         scale = 1 / (1 + result.step_model_error)
         rescaled = StepTimeFit(tuple(c * scale for c in profile.fit.coefficients), profile.fit.rms_relative_error)
         result.rescaled = simulate_run(config, runner.num_blocks, rescaled, profile, workload).summary
+    if profile.slowdown is not None:
+        steady = dataclasses.replace(profile, slowdown=None)
+        result.at_mean = simulate_run(config, runner.num_blocks, profile.fit, steady, workload).summary
     return result
 
 
@@ -441,10 +451,17 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
         p10, p90 = slowdown[len(slowdown) // 10], slowdown[len(slowdown) * 9 // 10]
         console.print(f"measured over predicted step time, second by second of the live run: p10 {p10:.2f}, "
                       f"p90 {p90:.2f} ({len(slowdown)} seconds)")
+    if result.at_mean is not None:
+        console.print(f"the twin without the profile's slowdown (every step at its mean price): "
+                      f"{_errors(result.live, result.at_mean)}")
     if result.rescaled is not None:
-        errors = ", ".join(f"{c.name.split(' (')[0]} {c.error:+.1%}" for c in compare(result.live, result.rescaled))
+        errors = _errors(result.live, result.rescaled)
         console.print(f"diagnostic, not a prediction: the twin with its step prices scaled to the live "
                       f"run's own steps ({1 / (1 + result.step_model_error):.2f}x): {errors}")
+
+
+def _errors(live: Summary, twin: Summary) -> str:
+    return ", ".join(f"{c.name.split(' (')[0]} {c.error:+.1%}" for c in compare(live, twin))
 
 
 def _median_text(values: list[float]) -> str:

@@ -3,11 +3,15 @@
 1. Gateway plus router: TTFT of two-token requests sent one at a time through `tokenfactory serve
    --workers 2` (HTTP, auth, tiers and ledger, the KV-aware router, SSE) against the same requests
    sent straight to one engine process from this process with the engine's own client (the
-   baseline). The two sides take turns, request by request, so the machine's load drifts over
-   both alike; the HTTP client is the standard library's, which adds little of its own. The
-   difference of the medians is what the gateway and the router add. On a busy machine the
-   prefill step's own time varies most, so each side's TTFT is also reported less the engine's
-   time in that step (from its load report), and the overhead again as their difference.
+   baseline). The two sides take turns, request by request (which goes first alternates), so the
+   machine's load drifts over both alike; the HTTP client is the standard library's, which adds
+   little of its own. The difference of the medians is what the gateway and the router add; the
+   median of the request-by-request differences is printed beside it. On a busy machine the
+   engine's own step time varies most, so each side's TTFT is also reported less the engine's
+   time in the request's two steps (prefill and decode, from the engine's load reports read
+   after the stream ended, by the same rule on both sides and for every request: the served
+   side cannot read its prefill step alone without racing the decode step), and the overhead
+   again as their difference.
 2. The router alone: microseconds per routing decision (hashing the prompt's blocks, the index lookup
    and the policy) for prompts of several lengths over 16 workers.
 3. KV transfer for disaggregated serving: bytes and milliseconds to copy a prompt's KV out of one
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import random
 import statistics
@@ -65,9 +70,12 @@ def main(args: argparse.Namespace) -> int:
     direct, served = ttft_both(config, model_dir, name, prompts)
     d50, s50 = (statistics.median(t.ttft_s for t in side) for side in (direct, served))
     print(f"TTFT p50, {args.requests} two-token requests of {args.prompt_len} tokens, one at a time: "
-          f"engine process direct {1000 * d50:.2f} ms, through gateway + kv router (2 workers) {1000 * s50:.2f} ms")
-    d_net, s_net = (_median_less_step(side) for side in (direct, served))
-    print(f"  the same less the engine's own prefill step: direct {_ms(d_net)}, through gateway + router {_ms(s_net)}")
+          f"engine process direct {1000 * d50:.2f} ms, through gateway + kv router (2 workers; uvicorn on "
+          f"{http_stack()}) {1000 * s50:.2f} ms")
+    d_net, s_net = (_median_less_steps(side) for side in (direct, served))
+    print(f"  the same less the engine's own time in the request's two steps: direct {_ms(d_net)}, "
+          f"through gateway + router {_ms(s_net)}")
+    paired = statistics.median(b.ttft_s - a.ttft_s for a, b in zip(direct, served, strict=True))
     for length in args.route_lens:
         print(f"router decision, {length}-token prompt, 16 workers: {route_decision_us(length):.0f} us")
     for length in args.transfer_lens:
@@ -77,12 +85,21 @@ def main(args: argparse.Namespace) -> int:
               f"prefill itself {t['prefill_ms']:.1f} ms")
     net = s_net - d_net if s_net is not None and d_net is not None else None
     print(f"gateway + router overhead at p50: {1000 * (s50 - d50):.2f} ms "
-          f"(less each request's own prefill step, the machine's noise in it gone: {_ms(net)})")
+          f"(median of the request-by-request differences {1000 * paired:.2f} ms; less each request's own "
+          f"engine steps, the machine's noise in them gone: {_ms(net)})")
     return 0
 
 
-def _median_less_step(side: list[FirstToken]) -> float | None:
-    """Median TTFT less the prefill step, over the requests whose step time is known."""
+def http_stack() -> str:
+    """The event loop and HTTP parser uvicorn serves with here: it takes uvloop and httptools when
+    they are installed (`pip install tokenfactory[fast]`), else asyncio's loop and h11."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    parser = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{loop} + {parser}"
+
+
+def _median_less_steps(side: list[FirstToken]) -> float | None:
+    """Median TTFT less the request's engine steps, over the requests whose step time is known."""
     known = [t.ttft_s - t.step_s for t in side if t.step_s is not None]
     return statistics.median(known) if known else None
 
@@ -95,8 +112,9 @@ def _ms(seconds: float | None) -> str:
 class FirstToken:
     ttft_s: float
     step_s: float | None
-    """The engine's own time in the step that computed the prompt and sampled the first token
-    (None: not known apart from the next step's)."""
+    """The engine's own time in the request's two steps: the one that computed the prompt and
+    sampled the first token, and the one that sampled the second (None: some other step ran
+    meanwhile, so the two cannot be told apart from it)."""
 
 
 ENGINE_FLAGS = ["--num-blocks", "2048"]
@@ -145,14 +163,13 @@ async def first_token_direct(client: AsyncEngineClient, request_id: str, prompt:
     """The first token's timing; the request is then read to its end, so both sides end idle."""
     before = client.load
     t0 = time.perf_counter()
-    first = None
+    ttft = None
     async for _ in client.generate(request_id, prompt, TWO_TOKENS):
-        if first is None:
+        if ttft is None:
             ttft = time.perf_counter() - t0
-            after = client.load  # as of the step that sampled this token
-            one_step = after.num_steps - before.num_steps == 1
-            first = FirstToken(ttft, after.step_seconds - before.step_seconds if one_step else None)
-    return first
+    after = client.load  # as of the step that sampled the last token
+    return FirstToken(ttft, _two_steps_s([(before.num_steps, before.step_seconds)],
+                                         [(after.num_steps, after.step_seconds)]))
 
 
 def first_token_served(http: HTTPConnection, health: HTTPConnection, model: str, prompt: list[int]) -> FirstToken:
@@ -166,14 +183,13 @@ def first_token_served(http: HTTPConnection, health: HTTPConnection, model: str,
     response = http.getresponse()
     if response.status != 200:
         raise RuntimeError(f"the gateway answered {response.status}: {response.read().decode()}")
-    first = None
+    ttft = None
     while line := response.readline():
-        if first is None and line.startswith(b"data: {") and b'"choices":[{' in line:
+        if ttft is None and line.startswith(b"data: {") and b'"choices":[{' in line:
             ttft = time.perf_counter() - t0
-            first = FirstToken(ttft, _prefill_step_s(before, _steps(health)))
-    if first is None:
+    if ttft is None:
         raise RuntimeError("the stream ended without a token")
-    return first
+    return FirstToken(ttft, _two_steps_s(before, _steps(health)))
 
 
 def _steps(health: HTTPConnection) -> list[tuple[int, float]]:
@@ -183,12 +199,12 @@ def _steps(health: HTTPConnection) -> list[tuple[int, float]]:
     return [(w["num_steps"], w["step_seconds"]) for w in workers]
 
 
-def _prefill_step_s(before: list[tuple[int, float]], after: list[tuple[int, float]]) -> float | None:
-    """The time of the one step a request took so far, from /health readings around it; None when
-    the decode step had already ended too (then the two cannot be told apart)."""
+def _two_steps_s(before: list[tuple[int, float]], after: list[tuple[int, float]]) -> float | None:
+    """The time of a two-token request's two steps, from (steps, seconds) readings of each engine
+    around it; None when some other step ran meanwhile."""
     steps = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
     seconds = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
-    return seconds if steps == 1 else None
+    return seconds if steps == 2 else None
 
 
 def route_decision_us(prompt_len: int, block_size: int = 16, num_workers: int = 16, repeats: int = 200) -> float:

@@ -9,9 +9,10 @@ the static cap (its maximum: 2 x 4 x 700 W), so the load needs the full budget, 
 must cost something. The trace spans about an hour, so it is tiled (repeated back to back, each
 copy's prompts unique) to cover the lead, the ramps, the cut and a tail; the tiling is printed.
 The cut run is made with each of the governor's levers (`--levers`): token budgets per step,
-pacing (`GovernorConfig.pacing`: whole steps with idle rests between them, live with the config's
-`power.pacing: true`) and GPU power caps (`GovernorConfig.gpu_power_caps`, NVML caps, off by default
-live), all with the same tier shedding. It checks: fleet power / budget at every
+pacing (`GovernorConfig.pacing`, the default live too: whole steps started when a bucket of energy
+credit allows, idle rests between them, `--pace-burst` seconds of full-power steps kept for the
+protected tier's prompts) and GPU power caps (`GovernorConfig.gpu_power_caps`, NVML caps, off by
+default live), all with the same tier shedding. It checks: fleet power / budget at every
 1-second sample from the end of the ramp-in to the start of the ramp-out (PASS if never above
 1.0), `priority` SLO attainment in the cut run (PASS if >= 99%), and prints what each tier lost in
 tokens and revenue against the uncut run. (With token budgets alone the power holds but
@@ -19,7 +20,11 @@ tokens and revenue against the uncut run. (With token budgets alone the power ho
 first, yet in the default setup the cut leaves each worker about 54 tokens a step, and a step of
 few tokens still reads all the weights (about 14 ms): a prompt longer than about 2,000 tokens
 needs more steps than fit in `priority`'s 0.5 s TTFT target, whatever the order. A cap lowers
-the clock instead and keeps the steps whole; pacing keeps them whole and idles between them.)
+the clock instead and keeps the steps whole; pacing keeps them whole and idles between them. The
+trace has many prompts of 4,000-4,200 tokens, about a third of a second of full-power steps:
+paced with a rest after every step they take close to `priority`'s 0.5 s, so pacing keeps
+credit for them and runs their chunks back to back, paying for it with a lower pace for the
+lower tiers.)
 
 `bench energy` replays the trace on the same fleet twice: every worker at its maximum SM clock,
 and energy-aware (each worker's clock re-picked every second by `twin.clocks.pick_clock`, the
@@ -39,7 +44,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tokenfactory.control.governor import GovernorConfig, GridEvent
+from tokenfactory.control.governor import PACE_BURST_S, GovernorConfig, GridEvent
 from tokenfactory.control.router import ROUTERS, make_router
 from tokenfactory.control.tiers import builtin_config
 from tokenfactory.engine.config import ModelConfig, SchedulerConfig
@@ -77,7 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cap-w", type=float, default=None, help="static cap, watts (default: the fleet's maximum)")
     parser.add_argument("--levers", choices=(*LEVERS, "all"), default="all",
                         help="the cut run's levers: token budgets per step, pacing (whole steps and idle rests, "
-                             "no NVML needed), GPU power caps (NVML, off by default live), or one run of each")
+                             "no NVML needed; the default live), GPU power caps (NVML, off by default live), "
+                             "or one run of each")
+    parser.add_argument("--pace-burst", type=float, default=PACE_BURST_S,
+                        help="pacing: credit kept for the protected tier's prompts, seconds of full-power steps")
 
 
 def add_energy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,8 +137,9 @@ def main(args: argparse.Namespace) -> int:
     console = Console(width=max(Console().width, 120))
     if not _check(args, console):
         return 0
-    if args.hours <= 0 or not 0 < args.cut < 1 or args.ramp_min < 0 or args.lead_min < 0:
-        console.print("[red]need --hours > 0, --cut in (0, 1), --ramp-min >= 0 and --lead-min >= 0[/red]")
+    if args.hours <= 0 or not 0 < args.cut < 1 or args.ramp_min < 0 or args.lead_min < 0 or args.pace_burst < 0:
+        console.print("[red]need --hours > 0, --cut in (0, 1), --ramp-min >= 0, --lead-min >= 0 "
+                      "and --pace-burst >= 0[/red]")
         return 2
     cost = _cost(args)
     twin = _twin(args, cost)
@@ -151,7 +160,8 @@ def main(args: argparse.Namespace) -> int:
     runs: dict[str, PowerRun] = {}
     for name in ["no cut", *levers]:
         started = time.perf_counter()
-        governor = GovernorConfig(cap, gpu_power_caps=name == "GPU caps", pacing=name == "pacing")
+        governor = GovernorConfig(cap, gpu_power_caps=name == "GPU caps", pacing=name == "pacing",
+                                  pace_burst_s=args.pace_burst)
         simulator = PowerSimulator(twin, make_router(args.router), builtin_config(), governor,
                                    () if name == "no cut" else (event,), tiers)
         runs[name] = simulator.run_power(workload)

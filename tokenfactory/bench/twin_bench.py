@@ -12,15 +12,18 @@
   PASS under 10 minutes. `--limit N` runs N requests on a fleet scaled down to the same load per
   GPU.
 - `--calibration`: the twin's offline throughput (every request queued at once, fixed lengths,
-  as `trtllm-bench throughput` runs) beside NVIDIA's published TensorRT-LLM measurements, and
-  the roofline's decode step time over its HBM-bandwidth bound across batch sizes.
+  the batch limits `trtllm-bench throughput` sets, see `benchmark_scheduler`) beside NVIDIA's
+  published TensorRT-LLM measurements for two model sizes and six length pairs (`--jobs` anchors
+  at once), and the roofline's decode step time over its HBM-bandwidth bound across batch sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -67,15 +70,32 @@ class Anchor:
 
 
 # NVIDIA TensorRT-LLM documentation, "Performance Overview" (perf-overview.md, the v1.0 tables):
-# `trtllm-bench throughput`, PyTorch backend, ModelOpt FP8 checkpoints, every request queued at
-# once, "Total Output Throughput (tokens/sec)", one H200 SXM 141GB (TP1). The request counts
-# are the ones that page lists per sequence-length pair.
+# `trtllm-bench throughput`, PyTorch backend, ModelOpt FP8 checkpoints (FP8 weights and KV cache),
+# every request queued at once, "Total Output Throughput (tokens/sec)", one H200 SXM 141GB (TP1).
+# The request counts are the ones that page lists per sequence-length pair. The two Llama-3.1-8B
+# anchors marked "fit" set the cost model's two efficiency factors; every other row is a prediction.
 TRTLLM = "NVIDIA TensorRT-LLM perf overview, H200 SXM TP1 FP8"
 ANCHORS = [
-    Anchor("Llama-3.1-8B 1000/1000", LLAMA_3_8B, 1000, 1000, 3000, 17_744, TRTLLM),
-    Anchor("Llama-3.1-8B 2048/128", LLAMA_3_8B, 2048, 128, 3000, 3_538, TRTLLM),
+    Anchor("Llama-3.1-8B 1000/1000 (fit)", LLAMA_3_8B, 1000, 1000, 3000, 17_744, TRTLLM),
+    Anchor("Llama-3.1-8B 2048/128 (fit)", LLAMA_3_8B, 2048, 128, 3000, 3_538, TRTLLM),
+    Anchor("Llama-3.1-8B 128/2048", LLAMA_3_8B, 128, 2048, 3000, 26_221, TRTLLM),
+    Anchor("Llama-3.1-8B 2048/2048", LLAMA_3_8B, 2048, 2048, 1500, 12_194, TRTLLM),
+    Anchor("Llama-3.1-8B 5000/500", LLAMA_3_8B, 5000, 500, 1500, 3_902, TRTLLM),
+    Anchor("Llama-3.1-8B 20000/2000", LLAMA_3_8B, 20000, 2000, 1000, 1_804, TRTLLM),
     Anchor("Llama-3.3-70B 1000/1000", LLAMA_3_70B, 1000, 1000, 3000, 2_909, TRTLLM),
+    Anchor("Llama-3.3-70B 2048/128", LLAMA_3_70B, 2048, 128, 3000, 442, TRTLLM),
+    Anchor("Llama-3.3-70B 128/2048", LLAMA_3_70B, 128, 2048, 3000, 4_336, TRTLLM),
+    Anchor("Llama-3.3-70B 2048/2048", LLAMA_3_70B, 2048, 2048, 1500, 2_003, TRTLLM),
+    Anchor("Llama-3.3-70B 5000/500", LLAMA_3_70B, 5000, 500, 1500, 566, TRTLLM),
+    Anchor("Llama-3.3-70B 20000/2000", LLAMA_3_70B, 20000, 2000, 1000, 283, TRTLLM),
 ]
+KV_MEMORY_FRACTION = 0.95
+"""Share of the memory left after the weights that the benchmark gives the KV cache: the perf
+overview's runs set kv_cache_free_gpu_mem_fraction to 0.95 (falling back to 0.90 on OOM)."""
+MAX_BATCH, MIN_BUDGET, MAX_BUDGET = 4096, 2048, 32768
+"""trtllm-bench's bounds on the batch it sizes and on its tokens per step."""
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 1024, 2048, 4096, 8192)
+"""The perf overview's llm_options.yml: CUDA graphs at these decode batch sizes, padding on."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="a quick run: N requests (see the module doc)")
     parser.add_argument("--trace", default=str(MOONCAKE_TRACE), help="the Mooncake trace (speed mode)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="--day: pods simulated at once, one process each (default: 2 cores)")
+                        help="--day: pods simulated at once, --calibration: anchors; one process each "
+                             "(default: 2 cores)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -94,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
         console.print("[red]--limit must be at least 1[/red]")
         return 2
     if args.calibration:
-        return calibration(console)
+        return calibration(console, max(1, args.jobs))
     if args.day:
         if args.jobs < 1:
             console.print("[red]--jobs must be at least 1[/red]")
@@ -174,27 +195,56 @@ def day(console: Console, num_requests: int, jobs: int = 1) -> int:
     return 0
 
 
+def benchmark_scheduler(model: CostModel, input_len: int, output_len: int,
+                        block_size: int = TwinConfig.block_size) -> SchedulerConfig:
+    """The batch limits the published runs had. TensorRT-LLM's default capacity policy admits a
+    request only when its whole KV (prompt and every output token) fits, so it never evicts;
+    trtllm-bench sizes the batch from the requests whose whole sequence fits the KV cache (rounded
+    up; the policy then runs only those), and the tokens per step as that batch x (1 + input /
+    output), the prefill rate that keeps pace with the batch's decodes. Our scheduler admits on a prompt's blocks and preempts by recompute when
+    the cache runs short; capping it at the requests whose blocks fit whole gives the same batch
+    and no preemption (uncapped, a 70B on one H200 admits twice what it can finish and recomputes)."""
+    fits_whole = model.kv_num_blocks(block_size) // math.ceil((input_len + output_len) / block_size)
+    if fits_whole < 1:
+        raise ValueError(f"one {input_len}+{output_len} token sequence does not fit the KV cache")
+    batch = min(fits_whole, MAX_BATCH)
+    budget = min(max(math.ceil(batch * (1 + input_len / output_len)), MIN_BUDGET), MAX_BUDGET)
+    return SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=batch)
+
+
 def offline_throughput(model: CostModel, anchor: Anchor) -> float:
-    """Output tokens/s of one worker given every request at once (fixed lengths)."""
-    config = TwinConfig(
-        model, num_workers=1,
-        scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=1024),
-    )
+    """Output tokens/s of one worker given every request at once (fixed lengths), with the
+    published runs' batch limits (`benchmark_scheduler`)."""
+    config = TwinConfig(model, num_workers=1, scheduler=benchmark_scheduler(model, anchor.input_len, anchor.output_len))
     workload = [TraceRequest(0.0, anchor.input_len, anchor.output_len, uid=i) for i in range(anchor.num_requests)]
     return Simulator(config).run(workload).summary.output_tokens_per_s
 
 
-def calibration(console: Console) -> int:
+def anchor_model(anchor: Anchor) -> CostModel:
+    """The roofline of the published setup: one H200, FP8 weights and KV, the benchmark's KV share
+    and CUDA graphs."""
+    return CostModel(ModelConfig.from_dict(anchor.model), get_hardware("h200"), "fp8",
+                     activation_reserve=1 - KV_MEMORY_FRACTION, graph_batch_sizes=GRAPH_BATCH_SIZES)
+
+
+def _twin_throughput(anchor: Anchor) -> float:
+    return offline_throughput(anchor_model(anchor), anchor)
+
+
+def calibration(console: Console, jobs: int = 1) -> int:
     table = Table(title="twin (roofline) vs published real-GPU throughput, offline, output tokens/s")
     for column in ("setup", "published", "twin", "twin / published", "source"):
         table.add_column(column, justify="left" if column in ("setup", "source") else "right")
     h200 = get_hardware("h200")
-    for anchor in ANCHORS:
-        model = CostModel(ModelConfig.from_dict(anchor.model), h200, "fp8")
-        twin = offline_throughput(model, anchor)
-        table.add_row(f"{anchor.name} ({anchor.num_requests} req.)", f"{anchor.published_tokens_per_s:,.0f}",
-                      f"{twin:,.0f}", f"{twin / anchor.published_tokens_per_s:.2f}", anchor.source)
+    with ProcessPoolExecutor(max_workers=jobs) as pool:  # the anchors share nothing
+        ratios = []
+        for anchor, twin in zip(ANCHORS, pool.map(_twin_throughput, ANCHORS)):
+            ratios.append(twin / anchor.published_tokens_per_s)
+            table.add_row(f"{anchor.name} ({anchor.num_requests} req.)", f"{anchor.published_tokens_per_s:,.0f}",
+                          f"{twin:,.0f}", f"{ratios[-1]:.2f}", anchor.source)
     console.print(table)
+    console.print(f"twin / published over {len(ratios)} anchors: {min(ratios):.2f}-{max(ratios):.2f}, "
+                  f"geometric mean {math.prod(ratios) ** (1 / len(ratios)):.2f}")
     bound = Table(title="Llama-3-8B bf16 on H200, decode step (context 2048) over the HBM-bandwidth bound (goal 1x-2x)")
     for column in ("batch", "step (ms)", "bound (ms)", "ratio"):
         bound.add_column(column, justify="right")

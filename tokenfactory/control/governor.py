@@ -17,17 +17,31 @@ and a step's power rises with its size, so a floor above the power share would b
 
 Token budgets alone miss on an accelerator: a step of few tokens still reads all the weights, so
 it takes nearly as long as a full one, and a long prompt needs many such slow steps. Pacing
-(`GovernorConfig.pacing`; live with the config's `power.pacing: true`) keeps the steps whole and
-spends the share in time instead: after each step the worker rests (idle) until the step and its
-rest average `pace_w` (`rest_s`). Any window then holds whole step-and-rest cycles at `pace_w` plus at most one step
-beyond them, so `pace_power` sets `pace_w` below the share by what one step can add to a window
-of `window_s` (the governor's sampling window): the average holds at every sample, not just in
-the long run. Tier shedding stays as above, over the capacity pacing leaves. Pacing takes the
-token budget's place in the levers' order (first, with tier shedding; it needs no permission), and
-NVML power caps (`gpu_power_caps`, off by default: they need the permission to set them) come last
-and replace both: the GPU lowers its clock to fit, so the steps keep their size and no rest is
-needed. Caps buy more tokens per joule than rests (dynamic power falls faster than the clock), which
-is why a capped fleet meets `priority`'s TTFT where a paced one falls a little short.
+(`GovernorConfig.pacing`, the default; live the config's `power.pacing`) keeps the steps whole
+and spends the share in time instead, through a bucket of energy credit (`PaceBucket`, the same
+code in the twin and in the engine process):
+
+- credit grows at `pace_w` less what the worker draws (while it rests or idles, `pace_w - rest_w`
+  per second; a step takes `(step_w - pace_w) x step_s`), and never above `capacity_j`;
+- a step starts only while the credit covers the most one step can take (`step_j`), so the
+  credit never falls below zero; a step without prompt work of the protected tier (the top
+  priority) waits for a full bucket, so the rest of the bucket is kept for that tier's prompts,
+  whose chunks then run back to back instead of resting after each.
+
+Why every window holds: over any window [a, a + W] the energy drawn is pace_w x W less the
+credit's net gain and less any credit lost at the cap, so at most
+pace_w x W + credit(a) - credit(a + W) <= pace_w x W + capacity_j (credit(a) <= capacity_j and
+credit(a + W) >= 0). `pace_power` picks `capacity_j = (share - pace_w) x window_s`, so every
+window of `window_s` (the governor's sampling window) averages at most the share, not just the
+long run. It sets `pace_w` so that the bucket holds one step's reach (`WorkerPower.pace_step_s`)
+plus `GovernorConfig.pace_burst_s` of steps at full power for the protected tier: a worker that
+had room (idle, or lower tiers shed) runs a `priority` prompt flat out. The lower tiers pay for
+that burst in throughput: they run at `pace_w`, under the share by the bucket's size per window.
+
+Tier shedding stays as above, over the capacity pacing leaves. Pacing takes the token budget's
+place in the levers' order (first, with tier shedding; it needs no permission), and NVML power
+caps (`gpu_power_caps`, off by default: they need the permission to set them) come last and
+replace both: the GPU lowers its clock to fit, so the steps keep their size and no rest is needed.
 
 The factory config's `power` section (`PowerSpec`) holds the static cap and the scheduled grid
 events (daily at a UTC time, or once at a date and time); `scheduled_state` turns them, with the
@@ -38,6 +52,7 @@ events an admin added at runtime, into the state `decide` reads. `gateway/admiss
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from datetime import time as time_of_day
@@ -83,6 +98,11 @@ class GridEvent:
         return self.cut_fraction * (1.0 - (now - end) / self.ramp_s)
 
 
+PACE_BURST_S = 0.3
+"""A paced worker's credit for the protected tier, in seconds of full-power steps: enough for a
+4,000-token prompt of a 70B model on 4 H100s (`bench power`) against `priority`'s 0.5 s TTFT."""
+
+
 @dataclass(frozen=True, slots=True)
 class GovernorConfig:
     static_cap_w: float
@@ -91,10 +111,12 @@ class GovernorConfig:
     """Also decide a power cap per GPU (for NVML to apply); off by default."""
     min_gpu_cap_w: float = 100.0
     """The lowest GPU cap to ask for (drivers refuse lower limits)."""
-    pacing: bool = False
-    """Pace whole steps with rests instead of shrinking them (see the module doc)."""
+    pacing: bool = True
+    """Pace whole steps with rests instead of shrinking them (see the module doc); False: token budgets."""
     window_s: float = 1.0
     """Power is sampled over windows this long; a paced worker keeps every one under its share."""
+    pace_burst_s: float = PACE_BURST_S
+    """Credit a paced worker keeps for the protected tier's prompts, in seconds of full-power steps."""
     min_pace_fraction: float = 0.05
     """The least share of its dynamic power a paced worker keeps (near zero would starve everyone)."""
 
@@ -151,6 +173,22 @@ def add_event(state: GovernorState, event: GridEvent, now: float) -> GovernorSta
 
 
 @dataclass(frozen=True, slots=True)
+class Pace:
+    """A paced worker's bucket of energy credit (see the module doc and `PaceBucket`)."""
+
+    pace_w: float
+    """Credit is earned at this rate, less what the worker draws: its mean power in the long run."""
+    rest_w: float
+    """The worker's draw while no step runs."""
+    capacity_j: float
+    """The most credit the bucket holds: what a window may hold above `pace_w`."""
+    step_j: float
+    """The most one step can take from the bucket: a step starts only while the credit covers it."""
+    protect_priority: int | None = None
+    """Steps with prompt work of this priority or above may start before the bucket is full."""
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerLimits:
     worker_id: int
     power_w: float
@@ -158,8 +196,12 @@ class WorkerLimits:
     token_budget: int
     """Tokens per step the worker may schedule."""
     gpu_cap_w: float | None = None
-    pace_w: float | None = None
-    """Paced: after each step the worker rests until the step and its rest average this (None: unpaced)."""
+    pace: Pace | None = None
+    """Paced: the worker's bucket (None: unpaced)."""
+
+    @property
+    def pace_w(self) -> float | None:
+        return self.pace.pace_w if self.pace is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,25 +242,82 @@ def token_budget(worker: WorkerPower, power_w: float) -> int:
     return math.floor(worker.max_tokens_per_step * fraction)
 
 
-def pace_power(worker: WorkerPower, power_w: float, config: GovernorConfig) -> float | None:
-    """The mean power of a paced worker's step-and-rest cycles that keeps every window of
-    `config.window_s` at `power_w` or below; None when the worker may run flat out. A window holds
-    whole cycles at the pace plus at most one step beyond them, which adds at most
-    (max - pace) x `pace_step_s` joules, so pace x W + (max - pace) x t <= share x W."""
+def pace_power(worker: WorkerPower, power_w: float, config: GovernorConfig,
+               protect_priority: int | None = None) -> Pace | None:
+    """The bucket that keeps every window of `config.window_s` at `power_w` or below (see the module
+    doc); None when the worker may run flat out. A step of `pace_step_s` full-power seconds takes at
+    most (max - pace) x `pace_step_s` from it (a step under full power takes less per second of its
+    reach), and the bucket holds that plus `pace_burst_s` of the same for the protected tier, so
+    (share - pace) x W = (max - pace) x (t + burst)."""
     if power_w >= worker.max_w:
         return None
     rest = worker.resting_w
-    reach = worker.pace_step_s / config.window_s
+    reach = (worker.pace_step_s + config.pace_burst_s) / config.window_s
     pace = (power_w - worker.max_w * reach) / (1.0 - reach) if reach < 1.0 else -math.inf
-    return max(pace, rest + config.min_pace_fraction * (worker.max_w - rest))
+    # Under a deep cut the floor wins and the burst shrinks (below it, one step may overdraw).
+    pace = max(pace, rest + config.min_pace_fraction * (worker.max_w - rest))
+    capacity = max(0.0, (power_w - pace) * config.window_s)
+    step = min(capacity, (worker.max_w - pace) * worker.pace_step_s)
+    return Pace(pace, rest, capacity, step, protect_priority)
 
 
-def rest_s(step_s: float, step_w: float, pace_w: float, rest_w: float) -> float:
-    """How long to rest after a step of `step_s` seconds at `step_w` watts so that the step and its
-    rest (at `rest_w`) average `pace_w`."""
-    if step_w <= pace_w:
-        return 0.0
-    return step_s * (step_w - pace_w) / max(pace_w - rest_w, 1e-9)
+MIN_WAIT_S = 1e-6
+"""The shortest rest `PaceBucket` asks for."""
+
+
+class PaceBucket:
+    """One paced worker's energy credit (see the module doc), on the caller's clock: the twin's
+    simulated seconds or the engine process's monotonic ones."""
+
+    def __init__(self) -> None:
+        self.pace: Pace | None = None
+        self.credit_j = 0.0
+        self.at = 0.0
+        """The credit is counted up to this time (the end of the last step, or later)."""
+
+    def set(self, pace: Pace | None, now: float) -> None:
+        """A new pace (None: unpaced). Credit carries over, within the new capacity; a worker that
+        was unpaced starts with none."""
+        if pace is not None and self.pace is not None:
+            self._earn(now)
+            self.credit_j = min(self.credit_j, pace.capacity_j)
+        else:
+            self.credit_j, self.at = 0.0, now
+        self.pace = pace
+
+    def protects(self, has_prompt_work: Callable[[int], bool]) -> bool:
+        """Whether the next step would carry protected prompt work, asked of the worker's scheduler
+        (`Scheduler.has_prompt_work`)."""
+        pace = self.pace
+        return pace is not None and pace.protect_priority is not None and has_prompt_work(pace.protect_priority)
+
+    def wait_s(self, now: float, protected: bool) -> float:
+        """Seconds from `now` until a step may start (0: at once); `protected`: the step carries
+        prompt work of the protected tier, so one step's reach of credit is enough."""
+        pace = self.pace
+        if pace is None:
+            return 0.0
+        self._earn(now)
+        need = (pace.step_j if protected else pace.capacity_j) - self.credit_j
+        if need <= 1e-9:
+            return max(0.0, self.at - now)
+        # At least a microsecond: a wait under the clock's resolution would wake to the same credit.
+        return max(0.0, self.at - now) + max(need / max(pace.pace_w - pace.rest_w, 1e-9), MIN_WAIT_S)
+
+    def spend(self, start: float, step_s: float, step_w: float) -> None:
+        """A step from `start`, `step_s` long at `step_w` watts on average."""
+        pace = self.pace
+        if pace is None:
+            return
+        self._earn(start)
+        self.credit_j = min(pace.capacity_j, self.credit_j - (step_w - pace.pace_w) * step_s)
+        self.at = max(self.at, start + step_s)
+
+    def _earn(self, now: float) -> None:
+        pace = self.pace
+        if pace is not None and now > self.at:
+            self.credit_j = min(pace.capacity_j, self.credit_j + (pace.pace_w - pace.rest_w) * (now - self.at))
+            self.at = now
 
 
 def admit_tiers(loads: list[TierLoad], capacity_tokens: float) -> tuple[frozenset[str], tuple[str, ...]]:
@@ -247,19 +346,20 @@ def decide(config: GovernorConfig, state: GovernorState, workers: list[WorkerPow
     """Per-worker power shares, token budgets and GPU caps, and the tiers to admit, at `now`."""
     budget = budget_at(config, state, now)
     shares = share_power(budget, workers)
+    protect = max((t.priority for t in loads), default=None)
     limits = []
     capacity = 0.0
     for w in workers:
         share = shares[w.worker_id]
         cap = max(config.min_gpu_cap_w, share) if config.gpu_power_caps else None
-        pace = pace_power(w, share, config) if config.pacing and cap is None else None
+        pace = pace_power(w, share, config, protect) if config.pacing and cap is None else None
         if pace is None:
             limits.append(WorkerLimits(w.worker_id, share, token_budget(w, share), cap))
             capacity += limits[-1].token_budget
             continue
         # Whole steps for a share of the time: as many tokens as a step at the pace's power would get.
         limits.append(WorkerLimits(w.worker_id, share, w.pace_tokens or w.max_tokens_per_step, None, pace))
-        capacity += w.max_tokens_per_step * (pace - w.resting_w) / (w.max_w - w.resting_w)
+        capacity += w.max_tokens_per_step * (pace.pace_w - w.resting_w) / (w.max_w - w.resting_w)
     if budget >= sum(w.max_w for w in workers):
         # Power does not bind: the fleet at full tilt fits the budget, so no tier is refused for
         # power (a burst's queued prompts are the load-shedding rule's business, not this one's).
@@ -344,8 +444,10 @@ class PowerSpec(_Spec):
     interval_s: float = Field(default=1.0, gt=0, le=60, description="how often the live governor decides")
     min_tokens_per_step: int = Field(default=16, ge=1,
                                      description="the lowest token budget it sets (near zero would starve everyone)")
-    pacing: bool = Field(default=False, description="keep steps whole and rest between them under a cut "
-                                                    "(false: shrink the tokens per step instead)")
+    pacing: bool = Field(default=True, description="keep steps whole and rest between them under a cut "
+                                                   "(false: shrink the tokens per step instead)")
+    pace_burst_s: float = Field(default=PACE_BURST_S, ge=0, le=0.9,
+                                description="paced: credit kept for the top tier's prompts, seconds at full power")
     hardware: str | None = Field(default=None,
                                  description="power model of the workers where NVML is absent (default: by device)")
 

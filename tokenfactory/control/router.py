@@ -162,6 +162,12 @@ def by_id(choice: Choice) -> WorkerId:
     return choice.worker.worker_id
 
 
+def next_in_turn(choices: list[Choice], last: WorkerId | None) -> Choice:
+    """The choice with the lowest worker id above `last`, wrapping around to the lowest."""
+    ordered = sorted(choices, key=by_id)
+    return next((c for c in ordered if last is not None and c.worker.worker_id > last), ordered[0])
+
+
 class KVAwareRouter(Router):
     """Least cost, counting the prefix each worker already holds and the work each was given
     (see module doc), among the workers not overloaded (all of them when every one is).
@@ -240,9 +246,7 @@ class RoundRobinRouter(Router):
         self._last: WorkerId | None = None
 
     def _choose(self, request: RouteRequest, choices: list[Choice]) -> Choice:
-        ordered = sorted(choices, key=by_id)
-        after = [c for c in ordered if self._last is None or c.worker.worker_id > self._last]
-        chosen = after[0] if after else ordered[0]
+        chosen = next_in_turn(choices, self._last)
         self._last = chosen.worker.worker_id
         return chosen
 
@@ -259,11 +263,23 @@ class RandomRouter(Router):
 
 
 class LeastLoadedRouter(Router):
-    """Fewest requests (running + waiting); then most free blocks; then lowest id."""
+    """Fewest requests (running + waiting); then most free blocks; ties taken in turn.
+
+    Workers equally loaded (all of them, when requests come one at a time and each finishes before
+    the next) take turns by id after the last one chosen: the lowest id would take them all."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._last: WorkerId | None = None
 
     def _choose(self, request: RouteRequest, choices: list[Choice]) -> Choice:
-        return min(choices, key=lambda c: (c.worker.num_running + c.worker.num_waiting,
-                                           -c.worker.num_free_blocks, c.worker.worker_id))
+        def load(c: Choice) -> tuple[int, int]:
+            return c.worker.num_running + c.worker.num_waiting, -c.worker.num_free_blocks
+
+        least = min(load(c) for c in choices)
+        chosen = next_in_turn([c for c in choices if load(c) == least], self._last)
+        self._last = chosen.worker.worker_id
+        return chosen
 
 
 ROUTERS: dict[str, type[Router]] = {

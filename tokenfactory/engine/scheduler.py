@@ -99,7 +99,7 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         """Queue a request; raises ValueError for one that could never run."""
-        self._check_admissible(request)
+        self.check_admissible(request)
         self._enqueue(request)
 
     def _enqueue(self, request: Request) -> None:
@@ -116,7 +116,7 @@ class Scheduler:
         cannot run now (blocks short, `max_num_seqs` reached, or fewer than `min_cached_tokens`
         cached): then it is queued like a new request and recomputes, as after a preemption.
         """
-        self._check_admissible(request)
+        self.check_admissible(request)
         num_cached = min(self.kv.lookup_prefix(request), num_computed_tokens)
         num_cached -= num_cached % self.kv.block_size
         if (num_cached < min_cached_tokens or len(self._running) >= self.config.max_num_seqs
@@ -131,7 +131,10 @@ class Scheduler:
         bisect.insort(self._running, request, key=_serving_order)
         return num_cached
 
-    def _check_admissible(self, request: Request) -> None:
+    def check_admissible(self, request: Request) -> None:
+        """Raise ValueError if `request` could never run here: its id in use, its prompt longer than
+        the context window, prompt plus max_tokens more than the whole cache, or a prompt over the
+        step budget without chunked prefill."""
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         max_tokens = request.num_prompt_tokens + request.sampling.max_tokens
@@ -426,6 +429,18 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return self._num_waiting
+
+    def has_prompt_work(self, min_priority: int) -> bool:
+        """Whether a request of `min_priority` or above still has prompt tokens to compute (waiting,
+        or running mid-prefill): a paced engine lets such work start sooner (`governor.PaceBucket`)."""
+        if self._num_waiting and self._peek_waiting().priority >= min_priority:
+            return True
+        for request in self._running:  # serving order: the highest priority first
+            if request.priority < min_priority:
+                return False
+            if request.num_tokens - request.num_computed_tokens > 1:
+                return True
+        return False
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(

@@ -6,13 +6,14 @@
 - `control.admission.shed_decision` (pure, shared with the twin) says whether a request of a tier
   is shed; `shed_error` makes its 503 with Retry-After in the OpenAI error format, and the request
   gets a ledger row with outcome `shed`.
-- `LiveGovernor` runs the pure `control.governor` policy in the gateway every `interval_s`: it
-  reads each worker's power (NVML where present, else the modeled power of the worker's hardware
-  at the utilisation its token rate implies, labelled `modeled`), the tiers' load, the config's
-  scheduled grid events and those the admin API added, and applies the levers: each engine's
-  token budget per step or, with `power.pacing: true`, its pace (whole steps, and a rest after
-  each so that the worker's power over any `interval_s` stays within its share); and the tiers
-  admitted.
+- `LiveGovernor` runs the pure `control.governor` policy in the gateway every `interval_s` over
+  every engine of every model, each on its own model's device and power model (`GovernedEngine`):
+  it reads each device's power (NVML where present, else the modeled power of the engine's
+  hardware at the utilisation its token rate implies, labelled `modeled`), the tiers' load, the
+  config's scheduled grid events and those the admin API added, and applies the levers: each
+  engine's pace (`power.pacing`, the default: whole steps, started when the engine's
+  `governor.PaceBucket` allows, so that its power over any `interval_s` stays within its share) or
+  its token budget per step; and the tiers admitted.
 """
 
 from __future__ import annotations
@@ -203,6 +204,32 @@ def engines_of(worker: Worker | ModelPools) -> list[Worker]:
     return list(worker.workers) if isinstance(worker, (WorkerPool, ModelPools)) else [worker]
 
 
+@dataclass(frozen=True, slots=True)
+class GovernedEngine:
+    """One engine of the governor's fleet, with its own model's device and power model."""
+
+    model: str
+    index: int
+    """Its place in its model's pool (the `worker` label of its metrics)."""
+    engine: Worker
+    device: str
+    hardware: Hardware
+    max_tokens_per_step: int
+
+
+def fleet_of(worker: Worker | ModelPools, device: str, max_tokens_per_step: int,
+             hardware: str | None) -> list[GovernedEngine]:
+    """Every model's engines on their own model's device and step budget (`ModelPools`), or the
+    engines of one worker or pool on `device` with `max_tokens_per_step`, as model `default`.
+    `hardware`: the config's power model where NVML is absent (None: by device)."""
+    if isinstance(worker, ModelPools):
+        return [GovernedEngine(name, i, engine, served.config.device, default_hardware(served.config.device, hardware),
+                               served.config.scheduler.max_num_batched_tokens)
+                for name, served in worker.models.items() for i, engine in enumerate(served.engines)]
+    return [GovernedEngine("default", i, engine, device, default_hardware(device, hardware), max_tokens_per_step)
+            for i, engine in enumerate(engines_of(worker))]
+
+
 @dataclass(slots=True)
 class _EngineWatch:
     """The last load seen of one engine, to turn its counters into rates."""
@@ -216,10 +243,12 @@ class LiveGovernor:
     """The power governor in the gateway: reads power and load, decides, applies the levers."""
 
     spec: PowerSpec
-    worker: Worker
+    worker: Worker | ModelPools
     traffic: TierTraffic
     device: str
+    """The device of a plain worker's engines (every model brings its own in `ModelPools`)."""
     max_tokens_per_step: int
+    """A plain worker's step budget (likewise)."""
     clock: Callable[[], float] = time.time
     """Wall time: grid events are scheduled in it."""
     admin_events: tuple[GridEvent, ...] = ()
@@ -231,16 +260,19 @@ class LiveGovernor:
     history: deque[Sample] = field(default_factory=lambda: deque(maxlen=600))
     step_s: float | None = None
     """The engines' mean step time over the last round they stepped in (None: none seen yet)."""
-    hardware: Hardware = field(init=False)
-    _sensor: PowerSensor | None = field(init=False, default=None)
+    fleet: list[GovernedEngine] = field(init=False)
+    _sensors: dict[str, PowerSensor] = field(init=False, default_factory=dict)
+    """NVML sensors by device, where present (engines on one device share its reading)."""
     _watch: dict[int, _EngineWatch] = field(init=False, default_factory=dict)
     _step_totals: tuple[int, float] = field(init=False, default=(0, 0.0))
     _generated: deque[tuple[float, dict[str, int]]] = field(init=False, default_factory=lambda: deque(maxlen=6))
 
     def __post_init__(self) -> None:
-        self.hardware = default_hardware(self.device, self.spec.hardware)
-        sensor = sensor_for(self.device, self.spec.hardware)
-        self._sensor = sensor if sensor.source == "measured" else None
+        self.fleet = fleet_of(self.worker, self.device, self.max_tokens_per_step, self.spec.hardware)
+        for device in {g.device for g in self.fleet}:
+            sensor = sensor_for(device, self.spec.hardware)
+            if sensor.source == "measured":
+                self._sensors[device] = sensor
 
     @property
     def shed_tiers(self) -> frozenset[str]:
@@ -267,28 +299,25 @@ class LiveGovernor:
         """One round: read, decide, apply. Dead workers get no share."""
         now = self.clock()
         self.admin_events = tuple(e for e in self.admin_events if not e.over(now))
-        engines = engines_of(self.worker)
-        alive = [i for i, e in enumerate(engines) if e.is_alive]
-        hw = self.hardware
-        self.observe_steps([engines[i].load for i in alive])
+        alive = [i for i, g in enumerate(self.fleet) if g.engine.is_alive]
+        self.observe_steps([self.fleet[i].engine.load for i in alive])
         # What one step can add to a power window beyond the pace: the governor sees only the
         # engines' mean step, so it allows twice that for the longer ones.
         reach = PACE_REACH_STEPS * (self.step_s or 0.0)
-        powers = [WorkerPower(i, hw.idle_w, hw.tdp_w, self.max_tokens_per_step, hw.idle_w, None, reach)
-                  for i in alive]
-        cap = self.spec.static_cap_w if self.spec.static_cap_w is not None else self.hardware.tdp_w * len(engines)
-        config = GovernorConfig(static_cap_w=cap, pacing=self.spec.pacing, window_s=self.spec.interval_s)
+        powers = [WorkerPower(i, hw.idle_w, hw.tdp_w, g.max_tokens_per_step, hw.idle_w, None, reach)
+                  for i in alive for g in [self.fleet[i]] for hw in [g.hardware]]
+        cap = self.spec.static_cap_w
+        cap = cap if cap is not None else sum(g.hardware.tdp_w for g in self.fleet)
+        config = GovernorConfig(static_cap_w=cap, pacing=self.spec.pacing, window_s=self.spec.interval_s,
+                                pace_burst_s=self.spec.pace_burst_s)
         state = scheduled_state(self.spec, self.admin_events, now)
         decision = decide(config, state, powers, self.traffic.loads(self.step_s), now)
         for limit in decision.workers:
-            engine = engines[limit.worker_id]
+            engine = self.fleet[limit.worker_id].engine
             if isinstance(engine, AsyncEngineClient):
                 engine.set_token_budget(self.applied_budget(limit))
-                engine.set_pace(limit.pace_w, hw.idle_w)
-        if self._sensor is not None:  # the engines share one device: read it once
-            self.power_w, self.power_source = self._sensor.read().watts, "measured"
-        else:
-            self.power_w = sum(self.modeled_power(i, engines[i].load, now) for i in alive)
+                engine.set_pace(limit.pace)
+        self.power_w, self.power_source = self.read_power(alive, now)
         self.cap_w = config.static_cap_w
         self.history.append(Sample(now, decision.budget_w, self.power_w, self._token_rates(now)))
         self.decision = decision
@@ -303,17 +332,27 @@ class LiveGovernor:
         if steps > last_steps and seconds > last_seconds:
             self.step_s = (seconds - last_seconds) / (steps - last_steps)
 
+    def read_power(self, alive: list[int], now: float) -> tuple[float, str]:
+        """Fleet power and its source: each device with NVML read once, the other engines modeled
+        (`measured`, `modeled`, or `mixed` when some of each)."""
+        modeled = [i for i in alive if self.fleet[i].device not in self._sensors]
+        watts = sum(sensor.read().watts for sensor in self._sensors.values())
+        watts += sum(self.modeled_power(i, self.fleet[i].engine.load, now) for i in modeled)
+        source = "modeled" if not self._sensors else "measured" if not modeled else "mixed"
+        return watts, source
+
     def modeled_power(self, index: int, load: EngineLoad, now: float) -> float:
-        """The hardware's modeled power at the utilisation the engine's last interval implies: the
-        share of time it stepped x its tokens per step / the maximum."""
+        """Engine `index`'s modeled power at the utilisation its last interval implies: the share
+        of time it stepped x its tokens per step / its maximum, on its own hardware."""
+        engine = self.fleet[index]
         last = self._watch.get(index)
         self._watch[index] = _EngineWatch(now, load)
         utilisation = 0.0
         if last is not None and now > last.at and load.num_steps > last.load.num_steps:
             busy = min(1.0, (load.step_seconds - last.load.step_seconds) / (now - last.at))
             per_step = (load.num_tokens - last.load.num_tokens) / (load.num_steps - last.load.num_steps)
-            utilisation = max(0.0, busy * min(1.0, per_step / self.max_tokens_per_step))
-        return ModeledPowerSensor(self.hardware, utilisation).read().watts
+            utilisation = max(0.0, busy * min(1.0, per_step / engine.max_tokens_per_step))
+        return ModeledPowerSensor(engine.hardware, utilisation).read().watts
 
     def _token_rates(self, now: float) -> dict[str, float]:
         """Completion tokens per second by tier over the last five rounds (tokens come in bursts)."""
@@ -333,9 +372,9 @@ class GovernorMetrics:
         self.power = Gauge("tokenfactory_fleet_power_watts", "Fleet power as the governor reads it", ["source"],
                            registry=r)
         self.token_budget = Gauge("tokenfactory_token_budget", "Tokens per step the governor allows a worker",
-                                  ["worker"], registry=r)
+                                  ["model", "worker"], registry=r)
         self.pace = Gauge("tokenfactory_pace_watts", "The mean power a paced worker's steps and rests keep to "
-                          "(0: unpaced)", ["worker"], registry=r)
+                          "(0: unpaced)", ["model", "worker"], registry=r)
         self.admitted = Gauge("tokenfactory_tier_admitted", "1 while the governor admits the tier, else 0",
                               ["tier"], registry=r)
         self.queued = Gauge("tokenfactory_tier_queued_sequences", "Sequences waiting for their first token",
@@ -348,8 +387,10 @@ class GovernorMetrics:
         if decision is not None:
             self.budget.set(decision.budget_w)
             for limit in decision.workers:
-                self.token_budget.labels(str(limit.worker_id)).set(governor.applied_budget(limit))
-                self.pace.labels(str(limit.worker_id)).set(limit.pace_w or 0.0)
+                engine = governor.fleet[limit.worker_id]
+                labels = (engine.model, str(engine.index))
+                self.token_budget.labels(*labels).set(governor.applied_budget(limit))
+                self.pace.labels(*labels).set(limit.pace_w or 0.0)
             for tier in governor.traffic.counts:
                 self.admitted.labels(tier).set(0 if tier in decision.shed_tiers else 1)
         self.power.labels(governor.power_source).set(governor.power_w)

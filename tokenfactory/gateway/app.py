@@ -30,9 +30,9 @@ from tokenfactory.control.tiers import FactoryConfig, builtin_config
 from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.tokenizer import Tokenizer
 from tokenfactory.gateway.admission import Admission, AdmissionConfig, add_grid_event_routes
-from tokenfactory.gateway.auth import AdminAuth, APIKeyAuth, Caller
+from tokenfactory.gateway.auth import AdminAuth, APIKeyAuth
 from tokenfactory.gateway.dashboard import add_dashboard_routes
-from tokenfactory.gateway.errors import APIError, bad_request, install_error_handlers, model_not_found
+from tokenfactory.gateway.errors import APIError, bad_request, install_error_handlers, model_not_found, read_body
 from tokenfactory.gateway.metering import Metering
 from tokenfactory.gateway.protocol import (
     ChatCompletionRequest,
@@ -85,8 +85,8 @@ def build_app(
     tiers = tiers if tiers is not None else builtin_config()
     store = KeyStore(db_path) if db_path is not None else None
     metering = Metering(tiers, clock=clock or time.time, metrics=FactoryMetrics(), energy=pools.energy)
-    # One governor for the whole fleet. It models every engine as the first model's device, and
-    # a budget above an engine's own step budget is clamped by that engine.
+    # One governor for the whole fleet: every model's engines, each on its own model's device and
+    # step budget (the device and budget passed here serve only a plain worker).
     metering.admission = Admission(tiers, pools, configs[0].device,
                                    max(c.scheduler.max_num_batched_tokens for c in configs),
                                    admission, clock=clock or time.time, registry=metering.metrics.registry)
@@ -125,20 +125,28 @@ def build_app(
             raise model_not_found(model)
         return serving
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request,
-                               caller: Caller = Depends(auth)) -> Response:
+    # The two generation routes are plain Starlette routes: FastAPI's per-request machinery
+    # (dependency solving, a JSON parse and then a validation of the parsed dict) cost about
+    # 0.3 ms of each request's time to first token; here the caller is identified first (a bad
+    # key is a 401 whatever the body) and the raw body is validated by pydantic in one pass.
+    async def chat_completions(request: Request) -> Response:
+        caller = await auth(request)
+        body = await read_body(request, ChatCompletionRequest)
         session = session_id(request, body)
         serving = serving_for(request, body.model)
         account = metering.open(caller, body.service_tier, body.model)
         return await serving.chat(body, account, request.is_disconnected, session)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(auth)) -> Response:
+    async def completions(request: Request) -> Response:
+        caller = await auth(request)
+        body = await read_body(request, CompletionRequest)
         session = session_id(request, body)
         serving = serving_for(request, body.model)
         account = metering.open(caller, body.service_tier, body.model)
         return await serving.completions(body, account, request.is_disconnected, session)
+
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_route("/v1/completions", completions, methods=["POST"])
 
     add_admin_routes(app, AdminAuth(admin_key), store, tiers)
     add_grid_event_routes(app, AdminAuth(admin_key), metering.admission)
@@ -186,7 +194,9 @@ def model_health(model: ServedModel) -> dict:
         metrics = worker.router.metrics
         body["router"] = {"policy": type(worker.router).__name__, "mode": metrics.mode,
                           "decisions": metrics.decisions,
-                          "mean_predicted_overlap_tokens": round(metrics.mean_predicted_overlap_tokens, 3)}
+                          "mean_predicted_overlap_tokens": round(metrics.mean_predicted_overlap_tokens, 3),
+                          "forgone_overlap_tokens": metrics.forgone_overlap_tokens,
+                          "affinity_hits": metrics.affinity_hits}
     return body
 
 

@@ -24,6 +24,7 @@ from typing import Protocol
 import zmq
 import zmq.asyncio
 
+from tokenfactory.control.governor import Pace
 from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.kv_cache import KVEvent
 from tokenfactory.engine.outputs import EngineCoreOutput
@@ -338,10 +339,11 @@ class AsyncEngineClient:
                 self._send(SetTokenBudget(tokens))
                 self.token_budget = tokens
 
-    def set_pace(self, pace_w: float | None, rest_w: float = 0.0) -> None:
-        """Ask the engine to rest after each step until the step and the rest average `pace_w`
-        watts (None: no rests). Sent only when it changes; a dead engine is left alone."""
-        pace = SetPace(pace_w, rest_w if pace_w is not None else 0.0)
+    def set_pace(self, limits: Pace | None) -> None:
+        """Pace the engine's steps with the governor's bucket (`wire.SetPace`; None: no rests).
+        Sent only when it changes; a dead engine is left alone."""
+        pace = SetPace(None) if limits is None else SetPace(limits.pace_w, limits.rest_w, limits.capacity_j,
+                                                            limits.step_j, limits.protect_priority)
         if pace != self.pace and self.is_alive:
             with contextlib.suppress(EngineDeadError):
                 self._send(pace)

@@ -4,7 +4,8 @@ The gateway does every piece of HTTP and text work elsewhere, so this process on
 (1) takes the requests and aborts that arrived, (2) runs one step, (3) sends that step's outputs as
 one message. It reads its inbox without waiting while it has work and blocks on it only when idle,
 so the accelerator is never starved by request traffic. Paced by the power governor (`SetPace`),
-it rests after each step for `control.governor.rest_s`, still reading its inbox while it rests.
+it starts a step only when its `control.governor.PaceBucket` allows (the twin runs the same code),
+still reading its inbox while it rests: a request of the protected tier may let it start sooner.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import traceback
 
 import zmq
 
-from tokenfactory.control.governor import rest_s
+from tokenfactory.control.governor import Pace, PaceBucket
 from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.engine import EngineCore
 from tokenfactory.engine.outputs import EngineCoreOutput
@@ -87,19 +88,18 @@ class EngineLoop:
         self.num_tokens = 0
         self._parent = multiprocessing.parent_process()
         self._last_parent_check = time.monotonic()
-        self.pace: SetPace = SetPace(None)
-        self._rest_until = 0.0
-        """Paced: no step starts before this (time.monotonic)."""
+        self.pace = PaceBucket()
+        """Paced (`SetPace`): a step starts when this bucket allows, on time.monotonic."""
 
     def run(self) -> None:
         while True:
             outputs: list[EngineCoreOutput] = []
             rejected: dict[str, str] = {}
-            rest = self._rest_until - time.monotonic()
+            rest = self._rest_s() if self.core.has_work() else 0.0
             received = self._receive(outputs, rejected, block=not self.core.has_work(), wait_s=rest)
             if received is None:
                 return
-            if self.core.has_work() and time.monotonic() >= self._rest_until:
+            if self.core.has_work() and self._rest_s() <= 0.0:
                 outputs.extend(self._step())
             kv_events = self.core.take_kv_events()
             kv_ready = self._export_prefills(outputs)
@@ -121,10 +121,12 @@ class EngineLoop:
         self.num_tokens += sum(tokens_by_request.values())
         self.step_seconds += duration
         self.num_steps += 1
-        if self.pace.pace_w is not None:
-            rest = rest_s(duration, self.energy.last_watts, self.pace.pace_w, self.pace.rest_w)
-            self._rest_until = time.monotonic() + rest
+        self.pace.spend(time.monotonic() - duration, duration, self.energy.last_watts)
         return outputs
+
+    def _rest_s(self) -> float:
+        """How long the pace asks the next step to wait (0: none)."""
+        return self.pace.wait_s(time.monotonic(), self.pace.protects(self.core.scheduler.has_prompt_work))
 
     def _receive(self, outputs: list[EngineCoreOutput], rejected: dict[str, str], block: bool,
                  wait_s: float = 0.0) -> int | None:
@@ -157,9 +159,10 @@ class EngineLoop:
             elif isinstance(msg, SetTokenBudget):
                 self.core.scheduler.set_token_budget(msg.tokens)
             elif isinstance(msg, SetPace):
-                self.pace = msg
-                if msg.pace_w is None:
-                    self._rest_until = 0.0
+                pace = None if msg.pace_w is None else Pace(msg.pace_w, msg.rest_w, msg.capacity_j, msg.step_j,
+                                                            msg.protect_priority)
+                if pace != self.pace.pace:
+                    self.pace.set(pace, time.monotonic())
 
     def _add(self, msg: AddRequest, rejected: dict[str, str]) -> None:
         request = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, priority=msg.priority)

@@ -55,12 +55,17 @@ class SetTokenBudget(msgspec.Struct, tag=True, array_like=True):
 
 
 class SetPace(msgspec.Struct, tag=True, array_like=True):
-    """Pace the engine (a power governor's lever): after each step it rests until the step and the
-    rest average `pace_w` watts, the step at its meter's power and the rest at `rest_w`
-    (`control.governor.rest_s`). `pace_w` None: no rests."""
+    """Pace the engine (a power governor's lever, `control.governor.Pace`): a step starts only when
+    a bucket of energy credit, earned at `pace_w` less the draw (`rest_w` while resting, the meter's
+    power while stepping) and holding at most `capacity_j`, covers `step_j`; steps without prompt
+    work of `protect_priority` or above wait for a full bucket. The defaults rest after each step
+    until it and its rest average `pace_w`. `pace_w` None: no rests."""
 
     pace_w: float | None
     rest_w: float = 0.0
+    capacity_j: float = 0.0
+    step_j: float = 0.0
+    protect_priority: int | None = None
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True):

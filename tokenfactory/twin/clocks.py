@@ -11,9 +11,10 @@ and what published H100 frequency sweeps show (energy per decode token falls as 
 lowered to about half, then the step time grows).
 
 Assumptions of this model (stated, not measured here):
-- step time at clock f: compute roof / f; memory roof unchanged down to `memory_knee` of the
-  clock, below it growing as knee / f (too few SM cycles left to keep HBM streaming); the fixed
-  per-step overhead and all-reduces unchanged (host and links, not SM-bound);
+- step time at clock f: per kind of kernel (GEMMs, attention; they run in turn, their times
+  add), the larger of compute roof / f and memory roof; the memory roof unchanged down to
+  `memory_knee` of the clock, below it growing as knee / f (too few SM cycles left to keep HBM
+  streaming); the fixed per-step overhead and all-reduces unchanged (host and links, not SM-bound);
 - power = idle + (TDP - idle) x min(1, hbm_share x HBM activity + SM activity x f^3), activity =
   the share of the step spent at that roof: a compute-bound step draws TDP at full clock, a
   memory-bound one `hbm_share` of the dynamic power (the memory system streaming, at any SM
@@ -89,18 +90,10 @@ class ClockedCostModel:
     def capped(self, power_cap_w: float | None) -> ClockedCostModel:
         return ClockedCostModel(self.base, self.clock, self.power, power_cap_w)
 
-    def roofs(self, batch: BatchShape) -> tuple[float, float, float]:
-        """(compute seconds, memory seconds, fixed seconds) of a step at full clock: the same
-        terms as `CostModel.step`, efficiencies applied."""
-        b, m, hw, tp = self.base, self.base.model, self.base.hardware, self.base.tp
-        attention_flops = 4 * m.num_hidden_layers * m.num_attention_heads * m.head_dim * batch.attention_pairs
-        flops = (2 * b.layer_params * batch.num_tokens + 2 * b.lm_head_params * batch.num_sampled
-                 + attention_flops) / tp
-        kv_bytes = b.kv_bytes_per_token * (batch.kv_read_tokens + batch.num_tokens)
-        compute_s = flops / hw.peak_flops(b.precision) / b.compute_efficiency
-        memory_s = (b.weight_bytes / b.bandwidth_efficiency + kv_bytes / b.kv_bandwidth_efficiency) / (
-            hw.hbm_bandwidth * tp)
-        return compute_s, memory_s, b._allreduce_s(batch.num_tokens) + b.step_overhead_s
+    def roofs(self, batch: BatchShape) -> tuple[tuple[tuple[float, float], ...], float]:
+        """((compute seconds, memory seconds) per kind of kernel, fixed seconds) of a step at full
+        clock: `CostModel.kernel_roofs`, the same terms as `CostModel.step`."""
+        return self.base.kernel_roofs(batch), self.base.fixed_s(batch.num_tokens)
 
     def step(self, batch: BatchShape) -> StepCost:
         roofs = self.roofs(batch)
@@ -118,12 +111,13 @@ class ClockedCostModel:
                 high = middle
         return self._at_clock(roofs, low)
 
-    def _at_clock(self, roofs: tuple[float, float, float], f: float) -> StepCost:
-        compute_s, memory_s, fixed_s = roofs
+    def _at_clock(self, roofs: tuple[tuple[tuple[float, float], ...], float], f: float) -> StepCost:
+        kernels, fixed_s = roofs
         p = self.power
-        compute_s /= f
-        memory_s *= max(1.0, p.memory_knee / f)
-        duration = max(compute_s, memory_s) + fixed_s
+        slowdown = max(1.0, p.memory_knee / f)
+        duration = sum(max(c / f, m * slowdown) for c, m in kernels) + fixed_s  # the kinds run in turn
+        compute_s = sum(c for c, _ in kernels) / f
+        memory_s = sum(m for _, m in kernels) * slowdown
         activity = p.hbm_share * memory_s / duration + compute_s / duration * f ** p.sm_exponent
         hw = self.base.hardware
         return StepCost(duration, self.tp * (hw.idle_w + (hw.tdp_w - hw.idle_w) * min(1.0, activity)))

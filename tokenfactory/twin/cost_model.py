@@ -1,22 +1,26 @@
 """A roofline cost model of one engine step: its duration and power on given hardware.
 
-Per step and per GPU of a tensor-parallel group:
-    time  = max(FLOPs / (peak x compute_efficiency),
-                weight bytes / (HBM bandwidth x bandwidth_efficiency)
-                + KV bytes / (HBM bandwidth x kv_bandwidth_efficiency))
-            + all-reduce time + a fixed per-step overhead (kernel launches, scheduling, sampling)
-    FLOPs = 2 x layer params x tokens + 2 x lm_head params x sampled rows + attention FLOPs
+A step runs two kinds of kernels one after the other in every layer: the dense projections
+(GEMMs over all the step's tokens, streaming the weights) and attention (each chunk against its
+own context, streaming the KV cache). Each kind is bound by its own roof, and since they do not
+overlap their times add. Per step and per GPU of a tensor-parallel group:
+    time  = max(GEMM FLOPs / (peak x compute_efficiency), weight bytes / (HBM x bandwidth_efficiency))
+          + max(attention FLOPs / (peak x compute_efficiency), KV bytes / (HBM x kv_bandwidth_efficiency))
+          + all-reduce time + a fixed per-step overhead (kernel launches, scheduling, sampling)
+    GEMM FLOPs = 2 x layer params x tokens + 2 x lm_head params x sampled rows
     weight bytes: read once per step; KV bytes: read for every chunk's context, plus written
 Attention FLOPs count QK^T and PV: 4 x layers x heads x head_dim per (query, key) pair; a chunk
 of n tokens after s computed ones has n*s + n(n+1)/2 pairs (quadratic for prefill, linear per
-decode token). Power is idle + (TDP - idle) x utilisation, the utilisation being the share of the
-step spent at whichever roof binds it (a GPU running its kernels as fast as they go draws about
-TDP; the fixed overhead and all-reduces draw about idle).
+decode token). One roof over the whole step (the max of all FLOPs and all bytes) would let a
+mixed step hide its decodes' KV reads under its prefill's GEMMs, which a GPU running the kernels
+in sequence cannot do. Power is idle + (TDP - idle) x utilisation, the utilisation being the share
+of the step spent at the roofs (a GPU running its kernels as fast as they go draws about TDP; the
+fixed overhead and all-reduces draw about idle).
 
 A stretch of pure-decode steps (the same sequences, one more context token each per step) is
-priced in closed form: each roof is affine in the step number, so the step time is the max of two
-affine functions plus constants, and a sum of such terms over a range of steps is two arithmetic
-series split where the roofs cross (`CostModel.decode_stretch`).
+priced in closed form: the GEMM term is the same every step, and each attention roof is affine in
+the step number, so the sum over a range of steps is a constant times the count plus two
+arithmetic series split where the attention roofs cross (`CostModel.decode_stretch`).
 """
 
 from __future__ import annotations
@@ -119,22 +123,26 @@ class CostModel:
     precision: str = "bf16"
     tp: int = 1
     # Where the factors come from (`tokenfactory bench twin --calibration` prints the check): NVIDIA's
-    # published TensorRT-LLM throughput of one H200 (FP8, offline; twin_bench.ANCHORS). Each anchor
-    # is bound by mostly one roof, so each pins one factor; the decode-step test keeps the result
-    # between the bandwidth bound and twice it.
-    compute_efficiency: float = 0.45
-    """Fraction of peak dense FLOP/s a step's GEMMs and attention reach end to end. From the
-    prefill-bound anchor (Llama-3.1-8B, 2048 in / 128 out: 3,538 output tok/s is 27.6 prompts of
-    2048 tokens a second, about 0.9 PFLOP/s, 46% of the 1,979 TFLOP/s FP8 peak); 0.6 (a GEMM
-    benchmark's figure) put the twin 33% above it. Larger models' larger GEMMs reach more: the
-    twin comes out 30% under the Llama-3.3-70B anchor, which one factor for all sizes cannot fix."""
+    # published TensorRT-LLM throughput of one H200 (FP8, offline; twin_bench.ANCHORS), replayed
+    # with the batch limits and CUDA graphs those runs had. Two Llama-3.1-8B anchors, each bound
+    # mostly by one roof, set the two factors below; the ten other anchors (8B and 70B, 128 to
+    # 20,000 prompt tokens) are predictions, all within 0.96-1.12 of the published figures. One
+    # compute efficiency fits both sizes: the 70B's old shortfall (0.70) came from running twice
+    # the batch its KV cache holds and recomputing the preempted prompts, not from its GEMMs.
+    compute_efficiency: float = 0.52
+    """Fraction of peak dense FLOP/s that the GEMMs and attention's matmuls reach end to end,
+    the elementwise kernels between them (norms, activation, FP8 quantisation) included. From the
+    prefill-bound anchor (Llama-3.1-8B, 2048 in / 128 out, 3,538 output tok/s: 27.6 prompts of
+    2048 tokens a second, about 0.9 PFLOP/s of GEMMs plus the decodes' KV reads on top); FP8 GEMM
+    benchmarks on Hopper reach 60-70% of the dense peak on large shapes, before those kernels."""
     bandwidth_efficiency: float = 0.8
     """Fraction of peak HBM bandwidth reached streaming the weights (large contiguous reads, as
     memory-copy benchmarks reach 80-90% of peak): an estimate no anchor contradicts."""
-    kv_bandwidth_efficiency: float = 0.55
+    kv_bandwidth_efficiency: float = 0.75
     """Fraction of peak HBM bandwidth reached by attention reading and writing the paged KV cache
-    (scattered blocks, FP8 dequantisation, uneven sequence lengths). From the decode-bound anchor
-    (Llama-3.1-8B, 1000 / 1000: 17,744 tok/s); at the weights' 0.8 the twin ran 42% above it."""
+    (scattered 16-token blocks, uneven sequence lengths, FP8 dequantisation). From the
+    decode-bound anchor (Llama-3.1-8B, 1000 / 1000, 17,744 tok/s: about 950 sequences at once,
+    reading some 90 GB of KV a step), below the weights' contiguous 0.8."""
     step_overhead_s: float = 3e-4
     """Per step: launches, sampling, the scheduler; mostly hidden by CUDA graphs, not entirely
     (an estimate: the live engine's profile, `twin profile`, measures its own)."""
@@ -142,6 +150,11 @@ class CostModel:
     """Fraction of the memory left after the weights kept for activations, CUDA context and
     fragmentation: the KV cache gets the rest, as TensorRT-LLM's kv_cache_free_gpu_mem_fraction
     (default 0.9) gives it."""
+    graph_batch_sizes: tuple[int, ...] = ()
+    """Batch sizes at which the engine captured CUDA graphs for decode-only steps: such a step
+    runs the graph of the next size up, so its GEMMs compute the padding rows too (their
+    attention reads next to nothing). A batch above the largest runs unpadded; () pads nothing.
+    TensorRT-LLM pads this way (`cuda_graph_config.enable_padding`), vLLM to its capture sizes."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_BYTES:
@@ -199,45 +212,67 @@ class CostModel:
 
     # --- a step -----------------------------------------------------------------------------
 
+    def kernel_roofs(self, batch: BatchShape) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((GEMM compute s, weight streaming s), (attention compute s, KV streaming s)) of a
+        step, efficiencies applied: each kind of kernel takes the larger of its pair, and the
+        step the sum of both (plus `fixed_s`)."""
+        hw, tp = self.hardware, self.tp
+        peak, bandwidth = hw.peak_flops(self.precision) * tp * self.compute_efficiency, hw.hbm_bandwidth * tp
+        padding = self._graph_padding(batch.num_tokens) if not batch.num_prefill_chunks else 0
+        gemm_flops = (2 * self.layer_params * (batch.num_tokens + padding)
+                      + 2 * self.lm_head_params * (batch.num_sampled + padding))
+        kv_bytes = self.kv_bytes_per_token * (batch.kv_read_tokens + batch.num_tokens)
+        return ((gemm_flops / peak, self._weights_s),
+                (self._attention_flops_per_pair * batch.attention_pairs / peak,
+                 kv_bytes / (bandwidth * self.kv_bandwidth_efficiency)))
+
+    def fixed_s(self, num_tokens: int) -> float:
+        """The part of a step at no roof: all-reduces and the per-step overhead."""
+        return self._allreduce_s(num_tokens) + self.step_overhead_s
+
     def step(self, batch: BatchShape) -> StepCost:
         """Duration and power of one step (all numbers per GPU of the TP group)."""
-        m, hw, tp = self.model, self.hardware, self.tp
-        attention_flops = 4 * m.num_hidden_layers * m.num_attention_heads * m.head_dim * batch.attention_pairs
-        flops = (
-            2 * self.layer_params * batch.num_tokens
-            + 2 * self.lm_head_params * batch.num_sampled
-            + attention_flops
-        ) / tp
-        kv_bytes = self.kv_bytes_per_token * (batch.kv_read_tokens + batch.num_tokens)
-        bandwidth = hw.hbm_bandwidth * tp
-        compute_s = flops / hw.peak_flops(self.precision)
-        streaming_s = (self.weight_bytes / self.bandwidth_efficiency + kv_bytes / self.kv_bandwidth_efficiency) / bandwidth
-        roof_s = max(compute_s / self.compute_efficiency, streaming_s)
-        duration = roof_s + self._allreduce_s(batch.num_tokens) + self.step_overhead_s
+        (gemm_s, weights_s), (attention_s, kv_s) = self.kernel_roofs(batch)
+        roof_s = max(gemm_s, weights_s) + max(attention_s, kv_s)
+        duration = roof_s + self.fixed_s(batch.num_tokens)
         utilisation = min(1.0, roof_s / duration)
-        power = tp * (hw.idle_w + (hw.tdp_w - hw.idle_w) * utilisation)
-        return StepCost(duration, power)
+        hw = self.hardware
+        return StepCost(duration, self.tp * (hw.idle_w + (hw.tdp_w - hw.idle_w) * utilisation))
+
+    def _graph_padding(self, num_decodes: int) -> int:
+        """Rows a decode-only step of `num_decodes` runs beyond them (`graph_batch_sizes`)."""
+        return min((size for size in self.graph_batch_sizes if size >= num_decodes), default=num_decodes) - num_decodes
+
+    @cached_property
+    def _weights_s(self) -> float:
+        """Streaming the weights once: the GEMMs' bandwidth roof."""
+        return self.weight_bytes / (self.hardware.hbm_bandwidth * self.tp * self.bandwidth_efficiency)
+
+    @cached_property
+    def _attention_flops_per_pair(self) -> int:
+        m = self.model
+        return 4 * m.num_hidden_layers * m.num_attention_heads * m.head_dim
 
     def decode_stretch(self, first: BatchShape, max_steps: int, time_limit_s: float = math.inf) -> StretchCost:
         """The pure-decode steps that follow `first` (a decode-only step: one token per sequence),
         each sequence one token longer per step: as many as end strictly within `time_limit_s`,
         at most `max_steps`. The same sums as pricing each step with `step`, in O(log steps)."""
-        m, hw, tp, n = self.model, self.hardware, self.tp, first.num_tokens
-        peak = hw.peak_flops(self.precision) * tp
-        attention = 4 * m.num_hidden_layers * m.num_attention_heads * m.head_dim
-        # Step k (k >= 1 after `first`): compute time c0 + c1 k at peak; bytes: the weights plus
-        # KV growing by n tokens a step (weights / bandwidth + kv0 + kv1 k at peak bandwidth).
-        c0 = (2 * self.layer_params * n + 2 * self.lm_head_params * first.num_sampled
-              + attention * first.attention_pairs) / peak
-        c1 = attention * n / peak
-        bandwidth = hw.hbm_bandwidth * tp
-        kv0, kv1 = self.kv_bytes_per_token * (first.kv_read_tokens + n) / bandwidth, self.kv_bytes_per_token * n / bandwidth
-        weights = self.weight_bytes / bandwidth
-        ce, be, ke = self.compute_efficiency, self.bandwidth_efficiency, self.kv_bandwidth_efficiency
-        fixed = self._allreduce_s(n) + self.step_overhead_s
+        hw, tp, n = self.hardware, self.tp, first.num_tokens
+        peak, bandwidth = hw.peak_flops(self.precision) * tp, hw.hbm_bandwidth * tp
+        ce, ke = self.compute_efficiency, self.kv_bandwidth_efficiency
+        # Every step: the same GEMMs. Step k (k >= 1 after `first`): attention compute a0 + a1 k
+        # (n more pairs a step) against KV streaming kv0 + kv1 k (n more tokens a step).
+        padding = self._graph_padding(n)
+        gemm = max((2 * self.layer_params * (n + padding) + 2 * self.lm_head_params * (first.num_sampled + padding))
+                   / (peak * ce), self._weights_s)
+        a0 = self._attention_flops_per_pair * first.attention_pairs / (peak * ce)
+        a1 = self._attention_flops_per_pair * n / (peak * ce)
+        kv0 = self.kv_bytes_per_token * (first.kv_read_tokens + n) / (bandwidth * ke)
+        kv1 = self.kv_bytes_per_token * n / (bandwidth * ke)
+        fixed = self.fixed_s(n)
 
         def roof(steps: int) -> float:
-            return _sum_max_affine(c0 / ce, c1 / ce, weights / be + kv0 / ke, kv1 / ke, 1, steps)
+            return gemm * steps + _sum_max_affine(a0, a1, kv0, kv1, 1, steps)
 
         def duration(steps: int) -> float:
             return roof(steps) + fixed * steps
@@ -252,7 +287,7 @@ class CostModel:
                     high = middle - 1
         steps = high
         total = duration(steps)
-        # energy = duration x power = tp x (idle x duration + (tdp - idle) x time at the roof)
+        # energy = duration x power = tp x (idle x duration + (tdp - idle) x time at the roofs)
         return StretchCost(steps, total, tp * (hw.idle_w * total + (hw.tdp_w - hw.idle_w) * roof(steps)))
 
     def _allreduce_s(self, num_tokens: int) -> float:

@@ -153,7 +153,7 @@ class DisaggregatedSimulator(Simulator):
         decode_id = self._route_among(route, range(self.num_prefill, len(self.workers)), self.router)
         decode = self.workers[decode_id]
         try:  # the decode worker must be able to hold it whole, not just its prompt
-            decode.scheduler._check_admissible(request)
+            decode.scheduler.check_admissible(request)
         except ValueError:
             return self._reject(request_id)
         if self.index is not None:  # what the router believes that worker caches, as in the pool

@@ -1,8 +1,10 @@
 """The accelerator catalog: one frozen record per chip, datasheet numbers with their sources.
 
-FLOP/s are dense (no 2:4 sparsity) tensor-core peaks per GPU. Bytes are decimal (1 GB = 1e9 B),
-as the datasheets print them. Idle power and prices are not on datasheets: they are estimates,
-marked as such, and meant to be overridden for a real plan.
+FLOP/s are dense (no 2:4 sparsity) tensor-core peaks per GPU. Bandwidths are decimal (1 TB/s =
+1e12 B/s), as the datasheets print them; HBM capacities are binary: HBM stacks come in powers of
+two of GiB, so the datasheets' "80 GB" is 80 GiB (five 16 GiB stacks; nvidia-smi shows 81,559 MiB
+on an H100 SXM, 143,771 MiB, about 141 GiB, on an H200). Idle power and prices are not on
+datasheets: they are estimates, marked as such, and meant to be overridden for a real plan.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 TERA = 1e12
 GIGA = 1e9
+GIB = 2**30
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +53,7 @@ HARDWARE: dict[str, Hardware] = {
         peak_flops_bf16=989 * TERA,
         peak_flops_fp8=1979 * TERA,
         hbm_bandwidth=3.35 * TERA,
-        hbm_capacity=80 * GIGA,
+        hbm_capacity=80 * GIB,
         interconnect_bandwidth=900 * GIGA,
         tdp_w=700,
         idle_w=70,
@@ -64,7 +67,7 @@ HARDWARE: dict[str, Hardware] = {
         peak_flops_bf16=989 * TERA,
         peak_flops_fp8=1979 * TERA,
         hbm_bandwidth=4.8 * TERA,
-        hbm_capacity=141 * GIGA,
+        hbm_capacity=141 * GIB,
         interconnect_bandwidth=900 * GIGA,
         tdp_w=700,
         idle_w=75,
@@ -77,7 +80,7 @@ HARDWARE: dict[str, Hardware] = {
         peak_flops_bf16=2250 * TERA,
         peak_flops_fp8=4500 * TERA,
         hbm_bandwidth=8.0 * TERA,
-        hbm_capacity=180 * GIGA,
+        hbm_capacity=180 * GIB,
         interconnect_bandwidth=1800 * GIGA,
         tdp_w=1000,
         idle_w=120,
@@ -92,7 +95,7 @@ HARDWARE: dict[str, Hardware] = {
         peak_flops_bf16=2500 * TERA,
         peak_flops_fp8=5000 * TERA,
         hbm_bandwidth=8.0 * TERA,
-        hbm_capacity=186 * GIGA,
+        hbm_capacity=186 * GIB,
         interconnect_bandwidth=1800 * GIGA,
         tdp_w=1200,
         idle_w=150,

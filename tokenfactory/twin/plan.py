@@ -19,7 +19,8 @@ With `--tiers`, each tier of the factory config (its SLO, its prices) gets its o
 "what does it cost": a tighter SLO holds only at a lighter load, and a lighter load costs more
 per token. Each point's requests are checked against every tier's SLO, and a tier's cost is the
 lowest $ per million output tokens of any point where the tier's SLO holds for --min-attainment of
-the requests, beside what the tier's prices charge for that point's token mix.
+the requests, beside what the tier's prices charge for that point's token mix (printed, in the
+HTML report, and marked on the PNG).
 
 Prices and power come from the hardware catalog (`twin/hardware.py`); a YAML file overrides
 any field of a known chip, or adds a chip with all its fields (`load_hardware_file`).
@@ -44,7 +45,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from tokenfactory.control.disagg import DisaggConfig
 from tokenfactory.control.router import ROUTERS, make_router
@@ -603,33 +603,17 @@ def main(args: argparse.Namespace) -> int:
     if not top:
         console.print("[yellow]no configuration meets the SLO at any load: relax the SLO or add load levels[/yellow]")
     console.print(report.points_table(frontier, f"Pareto frontier: {label} against tokens/s per user"))
-    if tier_names:
-        console.print(tier_table(tier_costs(points, tiers, tier_names, args.min_attainment), args.min_attainment))
+    costs = tier_costs(points, tiers, tier_names, args.min_attainment)
+    if costs:
+        console.print(report.tier_table(costs, args.min_attainment))
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "plan.png"
-    report.draw_frontier(points, frontier, args.min_attainment, y, label, png, title)
+    report.draw_frontier(points, frontier, args.min_attainment, y, label, png, title, costs)
     page = args.out / "plan.html"
     page.write_text(report.html_report(title, describe_inputs(args, hardware, num_gpus), points, top, frontier,
-                                       args.min_attainment, png))
+                                       args.min_attainment, png, costs))
     console.print(f"{total} simulations in {wall:.1f} s; wrote {png} and {page}", highlight=False)
     return 0
-
-
-def tier_table(costs: list[TierCost], min_attainment: float) -> Table:
-    table = Table(title=f"cost per tier: the cheapest point where the tier's SLO holds for {min_attainment:.0%} "
-                        "of requests")
-    for name in ("tier", "SLO TTFT / ITL", "$/Mtok", "price $/Mtok", "configuration", "load", "SLO met"):
-        table.add_column(name, justify="left" if name in ("tier", "configuration") else "right")
-    for c in costs:
-        slo = f"{c.slo.ttft_s:g} s / {1e3 * c.slo.itl_s:g} ms"
-        if c.point is None:
-            table.add_row(c.tier, slo, "-", "-", "the SLO holds at no point searched", "-", "-")
-            continue
-        p = c.point
-        table.add_row(c.tier, slo, f"{c.usd_per_million_tokens:.3f}", f"{c.price_usd_per_million:.3f}",
-                      p.candidate.label, f"x{p.speedup:g} ({p.offered_rps:.1f} req/s)",
-                      f"{p.tier_attainment[c.tier]:.0%}")
-    return table
 
 
 def fits(candidate: Candidate, setup: Setup) -> bool:
@@ -656,7 +640,7 @@ def describe_inputs(args: argparse.Namespace, hardware: Hardware, num_gpus: int)
         ("workload", f"{workload}, prompts x{args.prompt_scale:g}, speedups {', '.join(f'{s:g}' for s in args.speedups)}"),
         ("model", "Llama-3.1-8B shape"),
         ("hardware", f"{hardware.name}: {hardware.peak_flops_bf16 / 1e12:.0f} BF16 TFLOP/s, "
-                     f"{hardware.hbm_bandwidth / 1e12:.2f} TB/s, {hardware.hbm_capacity / 1e9:.0f} GB, "
+                     f"{hardware.hbm_bandwidth / 1e12:.2f} TB/s, {hardware.hbm_capacity / 2**30:.0f} GiB, "
                      f"TDP {hardware.tdp_w:.0f} W, idle {hardware.idle_w:.0f} W, ${hardware.price_per_hour:.2f}/GPU-h"),
         ("budget", f"{num_gpus} GPUs ({num_gpus * hardware.tdp_w * args.pue / 1e3:.1f} kW provisioned at TDP, PUE {args.pue:g})"),
         ("SLO", f"TTFT <= {args.slo_ttft:g} s and mean ITL <= {1e3 * args.slo_itl:g} ms for "

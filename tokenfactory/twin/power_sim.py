@@ -16,10 +16,12 @@ live governor's rounds in simulated time:
 - with `GovernorConfig.gpu_power_caps` the decision's per-worker caps are applied instead of the
   token budgets, as NVML power caps: each step runs at the highest clock whose power fits
   (`ClockedCostModel.power_cap_w`);
-- with `GovernorConfig.pacing` a paced worker keeps whole steps (`WorkerPower.pace_tokens`) and,
-  after each, rests at idle power for `governor.rest_s` before its next step, as the live engine
-  process does; its skipped-ahead decode stretches end within `pace_step_s`, so that a stretch
-  adds no more to a power window than one step;
+- with `GovernorConfig.pacing` a paced worker keeps whole steps (`WorkerPower.pace_tokens`) and
+  starts each only when its `governor.PaceBucket` allows, resting at idle power meanwhile, as the
+  live engine process does: a full bucket for most steps, one step's credit for a step with the
+  protected tier's prompt work (a resting worker that gets such a request wakes as soon as its
+  credit allows); its skipped-ahead decode stretches end within `pace_step_s`, so that a stretch
+  takes no more from the bucket than one step;
 - optionally, a clock policy (`twin.clocks.pick_clock`) sets each worker's SM clock for its load
   at the same rounds (energy-aware operation); each worker's steps are priced at its own clock.
 
@@ -45,11 +47,11 @@ from tokenfactory.control.governor import (
     GovernorConfig,
     GovernorState,
     GridEvent,
+    PaceBucket,
     TierLoad,
     WorkerPower,
     budget_at,
     decide,
-    rest_s,
     tier_demand,
 )
 from tokenfactory.control.router import Router
@@ -204,8 +206,9 @@ class PowerSimulator(Simulator):
         self._step_s = config.cost.step(shape_of([(power.max_tokens_per_step, 0)])).duration_s
         """A full-power step's duration (the demand's time scale)."""
         self.worker_cost = [config.cost] * len(self.workers)
-        self._pace_w: list[float | None] = [None] * len(self.workers)
-        self._rest_until = [0.0] * len(self.workers)
+        self._buckets = [PaceBucket() for _ in self.workers]
+        self._resting: list[float | None] = [None] * len(self.workers)
+        """Per worker: when its rest ends (its wake-up is in the step heap), or None."""
         self.counts = {name: TierCounts() for name in tiers.tiers}
         self.shed_tiers: frozenset[str] = frozenset()
         self.shed_ids: set[str] = set()
@@ -237,7 +240,8 @@ class PowerSimulator(Simulator):
                 # step, or with GPU caps on, its power share as the cap (the GPU lowers its clock to
                 # fit, so the steps keep their size).
                 full = limit.power_w >= power.max_w - 1e-9
-                self._pace_w[worker.index] = limit.pace_w
+                self._buckets[worker.index].set(limit.pace, at)
+                self._wake_sooner(worker)
                 if limit.gpu_cap_w is not None:
                     cost = self.worker_cost[worker.index]
                     self.worker_cost[worker.index] = cost.capped(None if full else limit.gpu_cap_w)
@@ -281,7 +285,7 @@ class PowerSimulator(Simulator):
         # Skipped-ahead steps also end before the next round, which may change a token budget,
         # and while a worker is paced, within a paced step's reach (a stretch rests as one step).
         bound = min(super()._arrival_bound(*args, **kwargs), self._next_tick)
-        if any(pace is not None for pace in self._pace_w):
+        if any(bucket.pace is not None for bucket in self._buckets):
             bound = min(bound, self.now + max(self.powers[0].pace_step_s, 1e-6))
         return bound
 
@@ -301,6 +305,7 @@ class PowerSimulator(Simulator):
         index = super()._arrive(request_id, trace, self.tiers.tiers[tier].priority)
         if index is None:
             return None
+        self._wake_sooner(self.workers[index])
         self._tier_by_id[request_id] = tier
         counts = self.counts[tier]
         counts.queued += 1
@@ -312,11 +317,14 @@ class PowerSimulator(Simulator):
         index = worker.index
         if worker.busy or not worker.scheduler.has_unfinished():
             return
-        if self._rest_until[index] > self.now:
+        bucket = self._buckets[index]
+        wait = bucket.wait_s(self.now, bucket.protects(worker.scheduler.has_prompt_work))
+        if wait > 0:
             # Resting: a completion with no step in flight wakes the worker when the rest is over.
             worker.busy = True
+            self._resting[index] = self.now + wait
             self._seq += 1
-            heapq.heappush(self._steps, (self._rest_until[index], self._seq, index))
+            heapq.heappush(self._steps, (self.now + wait, self._seq, index))
             return
         busy_s, energy_j = worker.busy_s, worker.energy_j
         self.cost = self.worker_cost[index]  # each worker's steps at its own clock
@@ -324,13 +332,29 @@ class PowerSimulator(Simulator):
             super()._start_step(worker)
         finally:
             self.cost = self.config.cost
-        pace = self._pace_w[index]
         step_s = worker.busy_s - busy_s
-        if pace is not None and step_s > 0:
-            rest = rest_s(step_s, (worker.energy_j - energy_j) / step_s, pace, self.powers[index].resting_w)
-            self._rest_until[index] = self.now + step_s + rest
+        if step_s > 0:
+            bucket.spend(self.now, step_s, (worker.energy_j - energy_j) / step_s)
+
+    def _wake_sooner(self, worker: SimWorker) -> None:
+        """A resting worker whose bucket now allows a step sooner (protected work arrived, or the
+        pace changed) has its wake-up moved earlier."""
+        index, until = worker.index, self._resting[worker.index]
+        if until is None:
+            return
+        bucket = self._buckets[index]
+        sooner = self.now + bucket.wait_s(self.now, bucket.protects(worker.scheduler.has_prompt_work))
+        if sooner >= until - 1e-12:
+            return
+        for i, (at, seq, which) in enumerate(self._steps):
+            if which == index and at == until:
+                self._steps[i] = (sooner, seq, index)
+                heapq.heapify(self._steps)
+                self._resting[index] = sooner
+                return
 
     def _end_step(self, worker: SimWorker) -> None:
+        self._resting[worker.index] = None
         super()._end_step(worker)
         queued, running = self._queued[worker.index], self._running[worker.index]
         for request_id in [r for r in queued if self._records[r].first_token >= 0]:

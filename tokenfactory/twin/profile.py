@@ -10,11 +10,13 @@ every sample.
 Step time is then fitted as a non-negative sum over the shape's features
 
     seconds = a + b x tokens + c x attention pairs + d x KV tokens read + e x sampled rows
-              + f x prefill chunks
+              + f x prefill chunks + g x [more than one token]
 
 minimising relative error (a 10 ms decode step matters as much as a 1 s prefill), and
 `ProfiledCostModel` stands in for the roofline: same interface, step time from the fit, power
-still from the hardware's utilisation model.
+still from the hardware's utilisation model. A profile also keeps the machine's `Slowdown`: one
+reference step timed back to back, whose variation over busy time the twin applies to its steps,
+since the upper percentiles of latency come from the stretches a busy machine runs slow.
 
 Contexts are built cheaply through the prefix cache: each row of a decode batch extends its own
 prompt computed once (distinct ones: rows sharing KV memory read faster than unrelated requests
@@ -26,6 +28,7 @@ spoils one sample of many points (the median drops it) rather than every sample 
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import itertools
 import json
@@ -53,21 +56,26 @@ from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost, step_s
 from tokenfactory.twin.hardware import HARDWARE, Hardware
 
 PROFILE_FORMAT = "tokenfactory-step-profile"
-PROFILE_VERSION = 2
-"""2: the prefill_chunk feature (version 1 files lack it, and their fit would misprice prefills)."""
+PROFILE_VERSION = 3
+"""2: the prefill_chunk feature (version 1 files lack it, and their fit would misprice prefills).
+3: the multi_token feature."""
 
-FEATURES = ("step", "token", "attention_pair", "kv_read_token", "sampled_row", "prefill_chunk")
+FEATURES = ("step", "token", "attention_pair", "kv_read_token", "sampled_row", "prefill_chunk", "multi_token")
 """What each fitted coefficient costs (seconds per step, per computed token, ...). A prefill
 chunk takes the runner's own path (an attention call per layer, a mask after a cached prefix):
 0.4-0.8 ms against a 3.4-4.4 ms step on a 2-core CPU. Without its own term that cost leaks into
 the per-step and per-token prices: decode-only steps look dearer than they are, and the short
-tail of a mostly cached prompt cheaper."""
+tail of a mostly cached prompt cheaper. A step of more than one token pays a fixed extra over a
+lone token (on a 2-core CPU the second decode row added 0.8 ms, each one after it 0.2-0.4 ms: a
+likely the cheaper matrix-vector path a single row's products take). Without that term, one line through
+both left the relative errors of a live run's one-row and three-row decode steps 10-11% apart
+(the one-row ones, most steps of a lightly loaded engine, priced high); with it, 2-3%."""
 
 
 def features(shape: BatchShape) -> tuple[float, ...]:
     """The fit's regressors, in FEATURES order."""
     return (1.0, shape.num_tokens, shape.attention_pairs, shape.kv_read_tokens, shape.num_sampled,
-            shape.num_prefill_chunks)
+            shape.num_prefill_chunks, float(shape.num_tokens > 1))
 
 
 class ShapeRecordingRunner(ModelRunner):
@@ -99,7 +107,7 @@ class StepTimeFit:
 def fit_step_time(samples: Sequence[tuple[BatchShape, float]]) -> StepTimeFit:
     """Non-negative least squares of relative error over (shape, seconds) samples.
 
-    With six features, trying every subset of them (ordinary least squares on each, keeping the
+    With seven features, trying every subset of them (ordinary least squares on each, keeping the
     best whose coefficients are all non-negative) is exact and simpler than an active-set solver.
     """
     if len(samples) < len(FEATURES):
@@ -128,6 +136,63 @@ def fit_step_time(samples: Sequence[tuple[BatchShape, float]]) -> StepTimeFit:
     return StepTimeFit(coefficients, float(np.sqrt(best_error / len(samples))))
 
 
+@dataclass(frozen=True)
+class Slowdown:
+    """How much slower than usual this machine ran, moment by moment: one reference step (a few
+    decode rows) timed back to back by `twin profile`, each step standing for the stretch of busy
+    time it took. A shared machine slows for stretches of tens to hundreds of steps (on a busy
+    2-core machine a live step's time over its fitted price correlates 0.5 with the next step's
+    and 0.2 with the 50th's); the requests that decode through a slow stretch make the upper
+    percentiles of inter-token latency, which a twin pricing every step at its mean misses (by
+    10-15% at p90 there, even with prices fitted to the live run's own steps).
+
+    The twin prices a step starting at a worker's busy time t at its fitted price times the mean
+    factor over [t, t + price) of this timeline (cycling): a long prefill averages the short
+    bursts out as it does on the machine, where one factor per step would give it a short
+    decode's variance. Factors are each reference step's time over their plain mean: the
+    profile's prices are plain means over steps, which fall less often in slow stretches (each
+    takes longer there), and the twin's steps, walking the same timeline, fall there as rarely."""
+
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.seconds or min(self.seconds) <= 0:
+            raise ValueError("a slowdown series needs at least one positive step time")
+
+    @cached_property
+    def factors(self) -> tuple[float, ...]:
+        mean = statistics.fmean(self.seconds)
+        return tuple(s / mean for s in self.seconds)
+
+    @cached_property
+    def _timeline(self) -> tuple[list[float], list[float]]:
+        """Busy time at the end of each reference step, and the factor's integral up to there."""
+        return (list(itertools.accumulate(self.seconds)),
+                list(itertools.accumulate(s * f for s, f in zip(self.seconds, self.factors))))
+
+    def _integral(self, t: float) -> float:
+        ends, areas = self._timeline
+        cycles, t = divmod(t, ends[-1])
+        i = min(bisect.bisect_right(ends, t), len(ends) - 1)
+        before_t, before_area = (ends[i - 1], areas[i - 1]) if i else (0.0, 0.0)
+        return cycles * areas[-1] + before_area + (t - before_t) * self.factors[i]
+
+    def factor(self, start_s: float, duration_s: float) -> float:
+        """The mean factor over `duration_s` of busy time from `start_s`."""
+        if duration_s <= 0:
+            raise ValueError(f"a step lasts a positive time, got {duration_s}")
+        return (self._integral(start_s + duration_s) - self._integral(start_s)) / duration_s
+
+    def quantile(self, q: float) -> float:
+        """The factor below which a fraction `q` of the reference steps ran."""
+        ordered = sorted(self.factors)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def apply(self, cost: StepCost, busy_s: float) -> StepCost:
+        """`cost` (a step's price at the mean) as the machine pays it from `busy_s` of busy time."""
+        return StepCost(cost.duration_s * self.factor(busy_s, cost.duration_s), cost.power_w)
+
+
 # --- the profile ------------------------------------------------------------------------------
 
 
@@ -154,16 +219,23 @@ class ProfileGrid:
     """4: the tail of a prompt mostly served from the prefix cache (a chunk's own cost shows)."""
     prefill_contexts: tuple[int, ...] = (0, 512)
     """Tokens already cached before the chunk (multiples of the block size)."""
-    decode_batches: tuple[int, ...] = (1, 4, 8, 16, 32)
+    decode_batches: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32)
+    """2 and 3: at moderate load most steps decode a few rows, and there the time is not linear
+    in rows (on a 2-core CPU the second row added 0.8 ms, the next ones 0.2-0.4 ms each)."""
     decode_contexts: tuple[int, ...] = (64, 512)
-    mixed: tuple[tuple[int, int], ...] = ((4, 64), (16, 32), (16, 256), (32, 128))
-    """(decode rows, prefill chunk tokens) stepped together; decodes at the first decode context."""
+    mixed: tuple[tuple[int, int], ...] = ((1, 32), (2, 128), (4, 64), (16, 32), (16, 256), (32, 128))
+    """(decode rows, prefill chunk tokens) stepped together; decodes at the first decode context.
+    A prompt arriving at a lightly loaded engine rides along with one or two decoding rows."""
     warmup: int = 1
     repeats: int = 5
+    slowdown_steps: int = 1000
+    """Reference steps for the machine's `Slowdown`, timed back to back, a share after each pass
+    over the grid (0: none)."""
 
     def __post_init__(self) -> None:
-        if self.repeats < 1 or self.warmup < 0:
-            raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
+        if self.repeats < 1 or self.warmup < 0 or self.slowdown_steps < 0:
+            raise ValueError(f"repeats must be >= 1, warmup and slowdown_steps >= 0, got {self.repeats}, "
+                             f"{self.warmup} and {self.slowdown_steps}")
         values = [*self.prefill_lengths, *self.decode_batches, *(v for pair in self.mixed for v in pair)]
         if any(v < 1 for v in values):
             raise ValueError("prefill lengths, decode batches and mixed sizes must be positive")
@@ -194,6 +266,7 @@ class Profile:
     """device, dtype, clock, threads, block_size, num_blocks, kv_cache_bytes."""
     machine: dict = field(default_factory=dict)
     wall_s: float = 0.0
+    slowdown: Slowdown | None = None
 
     def to_json(self) -> dict:
         return {
@@ -212,6 +285,7 @@ class Profile:
                 {"kind": p.kind, **dataclasses.asdict(p.shape), "seconds": p.seconds, "samples": list(p.samples)}
                 for p in self.points
             ],
+            "slowdown_seconds": list(self.slowdown.seconds) if self.slowdown else [],
         }
 
     @classmethod
@@ -239,6 +313,7 @@ class Profile:
                 data["engine"],
                 data.get("machine", {}),
                 float(data.get("wall_s", 0.0)),
+                Slowdown(tuple(float(t) for t in data["slowdown_seconds"])) if data.get("slowdown_seconds") else None,
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed profile: {e!r}") from None
@@ -334,7 +409,12 @@ class _Driver:
 
     def decode(self, batch: int, context: int, warmup: int, prefill: int = 0) -> tuple[BatchShape, float]:
         """One step decoding `batch` rows with contexts spread evenly up to `context`, with a
-        fresh `prefill`-token prompt riding along if given (after `warmup` steps alike).
+        fresh `prefill`-token prompt riding along if given (after `warmup` steps alike)."""
+        return self.decode_steps(batch, context, warmup + 1, prefill)[-1]
+
+    def decode_steps(self, batch: int, context: int, steps: int, prefill: int = 0) -> list[tuple[BatchShape, float]]:
+        """`steps` timed steps back to back of `batch` decode rows, contexts spread evenly up to
+        `context` (each step one token longer), with a fresh `prefill`-token prompt riding along.
 
         Spread, as in a running batch: the runner pads every decode row to the longest one
         (30% dearer on this CPU than equal rows of the same total), and a `BatchShape` only
@@ -344,27 +424,37 @@ class _Driver:
         block = self.core.kv.block_size
         contexts = [max(1, round(context * (i + 1) / batch)) for i in range(batch)]
         shared = [(c - 1) // block * block for c in contexts]
-        steps = warmup + 1
         prefixes = [self.cached_prefix(s, i) for i, s in enumerate(shared)]  # before any row starts
         rows = [self.add(prefix + self.prompts.fresh(c - s),
                          steps + batch + 1)  # the first rows may decode while the last prefill
                 for prefix, c, s in zip(prefixes, contexts, shared)]
         while any(r.num_output_tokens == 0 for r in rows):
             self.core.step()
+        timed = []
         for _ in range(steps):
             if prefill:
                 self.add(self.prompts.fresh(prefill), 1)
-            shape, seconds = self.step()
+            timed.append(self.step())
         self.core.abort([r.request_id for r in rows])
         self.drain()
-        return shape, seconds
+        return timed
+
+    def slowdown(self, num_steps: int, batch: int = 4, context: int = 64, run: int = 16) -> Slowdown:
+        """`num_steps` reference steps (`batch` decode rows), timed back to back in runs of `run`
+        (then fresh rows, so contexts stay near `context`)."""
+        seconds: list[float] = []
+        while len(seconds) < num_steps:
+            seconds += [t for _, t in self.decode_steps(batch, context, min(run, num_steps - len(seconds)))]
+        return Slowdown(tuple(seconds))
 
 
 def measure(core: EngineCore, runner: ShapeRecordingRunner, grid: ProfileGrid, clock: str = "wall",
-            on_step: Callable[[str], None] = lambda kind: None) -> list[ProfilePoint]:
+            on_step: Callable[[str], None] = lambda kind: None) -> tuple[list[ProfilePoint], Slowdown | None]:
     """Step the engine through the grid `repeats` times over; the engine must be idle and use
     `runner`. Passes over the whole grid, not repeats back to back, so that a burst of load from
-    elsewhere spoils one sample of many points (the median drops it), not every sample of one."""
+    elsewhere spoils one sample of many points (the median drops it), not every sample of one.
+    After each pass, its share of the `Slowdown` reference steps (so the series spans the
+    profile's time, slow minutes and quick ones)."""
     if core.has_work():
         raise ValueError("the engine must be idle to be profiled")
     driver = _Driver(core, runner, CLOCKS[clock])
@@ -379,6 +469,7 @@ def measure(core: EngineCore, runner: ShapeRecordingRunner, grid: ProfileGrid, c
     ]
     shapes: list[BatchShape] = []
     times: list[list[float]] = [[] for _ in plan]
+    reference: list[float] = []
     for repeat in range(grid.repeats):
         for i, (kind, run) in enumerate(plan):
             shape, seconds = run()
@@ -386,10 +477,15 @@ def measure(core: EngineCore, runner: ShapeRecordingRunner, grid: ProfileGrid, c
                 shapes.append(shape)
             times[i].append(seconds)
             on_step(kind)
-    return [
+        share = grid.slowdown_steps * (repeat + 1) // grid.repeats - len(reference)
+        if share:
+            reference += driver.slowdown(share, context=grid.decode_contexts[0]).seconds
+        on_step("slowdown")
+    points = [
         ProfilePoint(kind, shape, statistics.fmean(samples), tuple(samples))
         for (kind, _), shape, samples in zip(plan, shapes, times)
     ]
+    return points, Slowdown(tuple(reference)) if reference else None
 
 
 def build_runner(config: EngineConfig, threads: int) -> ShapeRecordingRunner:
@@ -409,7 +505,7 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid = ProfileGrid(), thre
     profile_config = dataclasses.replace(config, scheduler=grid.scheduler_config())
     core = EngineCore(profile_config, runner)
     started = time.perf_counter()
-    points = measure(core, runner, grid, clock, on_step)
+    points, slowdown = measure(core, runner, grid, clock, on_step)
     wall = time.perf_counter() - started
     fit = fit_step_time([(p.shape, p.seconds) for p in points])
     model = json.loads((Path(config.model_path) / "config.json").read_text())
@@ -431,7 +527,7 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid = ProfileGrid(), thre
         "torch": torch.__version__,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
-    return Profile(points, fit, model, engine, machine, wall)
+    return Profile(points, fit, model, engine, machine, wall, slowdown)
 
 
 # --- the cost model ---------------------------------------------------------------------------
@@ -441,7 +537,8 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid = ProfileGrid(), thre
 class ProfiledCostModel:
     """The twin's cost model from a profile: step time from the fitted model of this machine's
     engine; power from the hardware's utilisation model (the roofline's ideal time over the
-    measured time), labelled modeled like the roofline's."""
+    measured time), labelled modeled like the roofline's. With the profile's `slowdown` the
+    simulator prices each step at the machine's factor for it (`Slowdown.apply`)."""
 
     model: ModelConfig
     fit: StepTimeFit
@@ -450,6 +547,7 @@ class ProfiledCostModel:
     kv_bytes_per_token: int
     hardware: Hardware = HARDWARE["cpu"]
     tp: int = 1
+    slowdown: Slowdown | None = None
 
     @classmethod
     def from_profile(cls, profile: Profile, hardware: Hardware | None = None) -> ProfiledCostModel:
@@ -457,7 +555,7 @@ class ProfiledCostModel:
         itemsize = DTYPES[profile.engine["dtype"]]
         per_token = 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim * itemsize
         return cls(model, profile.fit, int(profile.engine["kv_cache_bytes"]), per_token,
-                   hardware or HARDWARE["cpu"])
+                   hardware or HARDWARE["cpu"], slowdown=profile.slowdown)
 
     def __post_init__(self) -> None:
         if len(self.fit.coefficients) != len(FEATURES) or any(c < 0 for c in self.fit.coefficients):
@@ -508,7 +606,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 QUICK_GRID = ProfileGrid(prefill_lengths=(8, 32, 64), prefill_contexts=(0, 32), decode_batches=(1, 4),
-                         decode_contexts=(16, 48), mixed=((2, 16),), warmup=1, repeats=2)
+                         decode_contexts=(16, 48), mixed=((2, 16),), warmup=1, repeats=2, slowdown_steps=32)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -533,19 +631,23 @@ def grid_of(args: argparse.Namespace) -> ProfileGrid:
 def run_profile(config: EngineConfig, grid: ProfileGrid, threads: int,
                 runner: ShapeRecordingRunner | None = None, clock: str = "wall") -> Profile:
     """Profile with a progress bar on the terminal."""
-    with Progress(TextColumn("profiling {task.description:7}"), BarColumn(), MofNCompleteColumn(),
+    with Progress(TextColumn("profiling {task.description:8}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), transient=True) as progress:
-        task = progress.add_task("", total=grid.num_points * grid.repeats)
+        task = progress.add_task("", total=(grid.num_points + 1) * grid.repeats)
         return profile_engine(config, grid, threads, runner, clock,
                               lambda kind: progress.update(task, advance=1, description=kind))
 
 
 def describe(profile: Profile) -> str:
-    names = ("s/step", "s/token", "s/attention pair", "s/KV token read", "s/sampled row", "s/prefill chunk")
+    names = ("s/step", "s/token", "s/attention pair", "s/KV token read", "s/sampled row", "s/prefill chunk",
+             "s/step of more than one token")
     terms = ", ".join(f"{c:.3g} {n}" for c, n in zip(profile.fit.coefficients, names))
     return (f"{len(profile.points)} grid points in {profile.wall_s:.1f} s ({profile.engine.get('clock')} clock); "
             f"step time = {terms} "
-            f"(rms relative error {profile.fit.rms_relative_error:.1%})")
+            f"(rms relative error {profile.fit.rms_relative_error:.1%})"
+            + (f"; slowdown over {len(profile.slowdown.seconds)} reference steps: p10 "
+               f"{profile.slowdown.quantile(0.1):.2f}, p90 {profile.slowdown.quantile(0.9):.2f} of the mean"
+               if profile.slowdown else ""))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -165,6 +165,9 @@ class Simulator:
         ]
         self._hasher = (PromptHasher(config.block_size)
                         if config.enable_prefix_caching or self.index is not None else None)
+        self._slowdown = getattr(config.cost, "slowdown", None)
+        """A profiled machine's step-time variability over its busy time (`twin.profile.Slowdown`),
+        or None. With it every step is priced on its own (no skipping ahead): the factor moves."""
         self._steps: list[tuple[float, int, int]] = []
         """Heap of step completions: (time, sequence, worker index)."""
         self._seq = 0
@@ -337,8 +340,10 @@ class Simulator:
         shape = step_shape(scheduled)
         worker.busy, worker.in_flight = True, scheduled
         cost = self.cost.step(shape)
+        if self._slowdown is not None:
+            cost = self._slowdown.apply(cost, worker.busy_s)
         end = self._charge(worker, self.now, cost.duration_s, cost.energy_j, 1, shape.num_tokens)
-        if self.config.fast_forward and self._is_pure_decode(worker, scheduled, shape):
+        if self.config.fast_forward and self._slowdown is None and self._is_pure_decode(worker, scheduled, shape):
             end = self._skip_ahead(worker, shape, end)
         self._seq += 1
         heapq.heappush(self._steps, (end, self._seq, worker.index))

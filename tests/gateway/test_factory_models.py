@@ -179,8 +179,12 @@ def test_requests_land_in_their_own_pool_and_are_priced_per_model(factory):
                       outcome="completed") >= len(request_ids)
     assert metric(factory, "tokenfactory_kv_cache_usage_ratio", model="general", worker="1") >= 0
     assert metric(factory, "tokenfactory_requests_running", model="specialist", worker="0") == 0
+    factory.app.state.metering.admission.tick()  # a governor decision for the dashboard to show
     data = httpx.get(f"{factory.url}/dashboard/data", timeout=10).json()
     assert data["model"] == "general, specialist"
+    # Workers named as /metrics names them: the model and the number within its pool.
+    assert [(w["model"], w["worker"]) for w in data["workers"]] == [("general", 0), ("general", 1),
+                                                                    ("specialist", 0)]
 
 
 def test_the_power_governor_spans_every_pool(factory):

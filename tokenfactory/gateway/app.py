@@ -147,6 +147,7 @@ def build_app(
 
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
+    document_generation_routes(app)
 
     add_admin_routes(app, AdminAuth(admin_key), store, tiers)
     add_grid_event_routes(app, AdminAuth(admin_key), metering.admission)
@@ -178,6 +179,39 @@ def build_app(
         return Response(metering.metrics.render(worker_samples(pools)), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+GENERATION_ROUTES = (("/v1/chat/completions", ChatCompletionRequest, "Create a chat completion"),
+                     ("/v1/completions", CompletionRequest, "Create a completion"))
+
+
+def document_generation_routes(app: FastAPI) -> None:
+    """Put the two plain Starlette generation routes back into `/openapi.json` (FastAPI documents only
+    its own routes): their request bodies are the same pydantic models `read_body` validates with."""
+    make_schema = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = make_schema()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model, summary in GENERATION_ROUTES:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            schema["paths"][path] = {"post": {
+                "summary": summary,
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}},
+                "responses": {"200": {"description": "The completion, or with `stream` an SSE stream of chunks"},
+                              "400": {"description": "Invalid request (OpenAI error format)"},
+                              "401": {"description": "Missing or unknown API key"},
+                              "404": {"description": "Unknown model"},
+                              "429": {"description": "Over a rate limit or quota"},
+                              "503": {"description": "Shed by load or power"}}}}
+        return schema
+
+    app.openapi = openapi
 
 
 def model_health(model: ServedModel) -> dict:

@@ -73,8 +73,10 @@ def dashboard_data(admission: Admission, model: str, electricity_usd_per_kwh: fl
             **per_token(ended, electricity_usd_per_kwh),
         },
         "tiers": tiers,
-        "workers": [{"worker_id": w.worker_id, "power_share_w": w.power_w,
-                     "token_budget": governor.applied_budget(w)}
+        # Workers named as /metrics names them: the model and the worker's number within its pool.
+        "workers": [{"worker_id": w.worker_id, "model": governor.fleet[w.worker_id].model,
+                     "worker": governor.fleet[w.worker_id].index, "power_share_w": w.power_w,
+                     "token_budget": governor.applied_budget(w), "pace_w": w.pace_w}
                     for w in (decision.workers if decision is not None else ())],
         "events": [event_json(v, now) for v in governor.events() if _recent(v, now)],
         "history": {

@@ -89,7 +89,8 @@ function render(data) {
     <td>${t.running}</td><td>${t.queued}</td><td>${t.shed}</td><td>${fmt(t.tokens_per_s, 1)}</td><td>${seconds(t.ttft_p50_s)}</td>
     <td>${fmt(t.joules_per_token, 3)}</td><td>${t.usd_per_mtok === null ? "–" : "$" + fmt(t.usd_per_mtok, 3)}</td></tr>`).join("");
   document.querySelector("#workers tbody").innerHTML = data.workers.map((w) => `<tr>
-    <td>${w.worker_id}</td><td>${fmt(w.power_share_w, 1)} W</td><td>${w.token_budget}</td></tr>`).join("");
+    <td>${esc(w.model)} ${w.worker}</td><td>${fmt(w.power_share_w, 1)} W</td><td>${w.token_budget}</td>
+    <td>${w.pace_w === null ? "–" : fmt(w.pace_w, 1) + " W"}</td></tr>`).join("");
   document.querySelector("#events tbody").innerHTML = data.events.map((e) => `<tr>
     <td>${esc(e.name || "(unnamed)")}</td><td>${esc(e.source)}</td><td>${utcDay(e.start_s)} ${utc(e.start_s)}–${utc(e.end_s)}</td>
     <td>${fmt(e.cut_fraction * 100, 0)}%</td><td>${fmt(e.cut_now * 100, 0)}%</td>

@@ -304,8 +304,10 @@ class LiveGovernor:
         # What one step can add to a power window beyond the pace: the governor sees only the
         # engines' mean step, so it allows twice that for the longer ones.
         reach = PACE_REACH_STEPS * (self.step_s or 0.0)
-        powers = [WorkerPower(i, hw.idle_w, hw.tdp_w, g.max_tokens_per_step, hw.idle_w, None, reach)
-                  for i in alive for g in [self.fleet[i]] for hw in [g.hardware]]
+        powers = []
+        for i in alive:
+            hw = self.fleet[i].hardware
+            powers.append(WorkerPower(i, hw.idle_w, hw.tdp_w, self.fleet[i].max_tokens_per_step, hw.idle_w, None, reach))
         cap = self.spec.static_cap_w
         cap = cap if cap is not None else sum(g.hardware.tdp_w for g in self.fleet)
         config = GovernorConfig(static_cap_w=cap, pacing=self.spec.pacing, window_s=self.spec.interval_s,

@@ -14,7 +14,6 @@ every queued ledger entry. With a database (`db_path`), keys come from it and us
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -47,7 +46,7 @@ from tokenfactory.gateway.serving import OpenAIServing
 from tokenfactory.meter.keys import KeyRecord, KeyStore
 from tokenfactory.meter.ledger import Ledger
 from tokenfactory.meter.metrics import FactoryMetrics, WorkerSample
-from tokenfactory.runtime.client import AsyncEngineClient, Worker
+from tokenfactory.runtime.client import AsyncEngineClient, Worker, cancel_and_wait
 from tokenfactory.runtime.pool import ModelPools, ServedModel, WorkerPool
 from tokenfactory.runtime.wire import EngineLoad
 
@@ -104,9 +103,7 @@ def build_app(
         try:
             yield
         finally:
-            governor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await governor
+            await cancel_and_wait(governor)
             await pools.shutdown()
             if metering.ledger is not None:
                 metering.ledger.close()  # commits whatever is still queued

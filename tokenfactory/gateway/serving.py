@@ -67,7 +67,7 @@ from tokenfactory.gateway.protocol import (
     now_s,
     random_id,
 )
-from tokenfactory.runtime.client import EngineDeadError, RequestRejectedError, Worker
+from tokenfactory.runtime.client import EngineDeadError, RequestRejectedError, Worker, cancel_and_wait
 
 T = TypeVar("T")
 
@@ -428,9 +428,7 @@ class OpenAIServing:
                 if done:
                     break
                 if await is_disconnected():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                    await cancel_and_wait(task)
                     raise ClientDisconnected()
             return await task
 

@@ -58,6 +58,13 @@ LIVENESS_CHECK_MS = 500
 """How long the reader waits for output before checking that the engine process still lives."""
 
 
+async def cancel_and_wait(task: asyncio.Future) -> None:
+    """Cancel `task` and wait until it has finished unwinding (its cancellation swallowed)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 class EngineDeadError(RuntimeError):
     """The engine process is gone; the request cannot finish."""
 
@@ -362,9 +369,7 @@ class AsyncEngineClient:
     async def shutdown(self) -> None:
         """Stop the engine process (politely, then by force) and fail what is still in flight."""
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await cancel_and_wait(self._reader)
         if self._process is not None and self._process.is_alive():
             with contextlib.suppress(zmq.ZMQError, EngineDeadError):
                 self._send(Shutdown())

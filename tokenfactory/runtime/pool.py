@@ -37,7 +37,6 @@ stopping every worker, the power governor's view of every engine, and the energy
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -56,7 +55,14 @@ from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.kv_cache import KVEvent, prompt_block_hashes
 from tokenfactory.engine.outputs import EngineCoreOutput
 from tokenfactory.engine.request import SamplingParams
-from tokenfactory.runtime.client import AsyncEngineClient, EngineDeadError, KVWorker, RequestRejectedError, Worker
+from tokenfactory.runtime.client import (
+    AsyncEngineClient,
+    EngineDeadError,
+    KVWorker,
+    RequestRejectedError,
+    Worker,
+    cancel_and_wait,
+)
 from tokenfactory.runtime.wire import EngineLoad, Ready
 
 logger = logging.getLogger(__name__)
@@ -213,9 +219,7 @@ class WorkerPool:
 
     async def shutdown(self) -> None:
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+            await cancel_and_wait(self._supervisor)
             self._supervisor = None
         await asyncio.gather(*(w.shutdown() for w in self.workers), return_exceptions=True)
 

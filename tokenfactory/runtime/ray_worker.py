@@ -39,7 +39,7 @@ import zmq
 from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.outputs import EngineCoreOutput, KVTransfer
 from tokenfactory.engine.request import SamplingParams
-from tokenfactory.runtime.client import AsyncEngineClient, EngineDeadError
+from tokenfactory.runtime.client import AsyncEngineClient, EngineDeadError, cancel_and_wait
 from tokenfactory.runtime.kv_transfer import InlineTransport
 from tokenfactory.runtime.wire import (
     Abort,
@@ -322,9 +322,7 @@ class RayEngineClient(AsyncEngineClient):
     async def shutdown(self) -> None:
         """Kill the actor (it holds nothing that outlives it) and fail what is still in flight."""
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await cancel_and_wait(self._reader)
             self._reader = None
         if self._actor is not None:
             with contextlib.suppress(ray.exceptions.RayError):

@@ -14,6 +14,7 @@ from tokenfactory.bench.fidelity_bench import (
     fidelity_workload,
     live_prompt,
     merge_profiles,
+    pooled,
     replay_live,
     run_fidelity,
 )
@@ -21,6 +22,7 @@ from tokenfactory.cli import main as cli_main
 from tokenfactory.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenfactory.engine.engine import EngineCore
 from tokenfactory.twin.cost_model import shape_of
+from tokenfactory.twin.metrics import RequestRecord, summarize
 from tokenfactory.twin.profile import Profile, ProfilePoint, Slowdown, StepTimeFit, build_runner
 from tokenfactory.twin.workloads import LengthDistribution, TraceRequest, prompt_token_ids
 
@@ -101,15 +103,17 @@ def test_requests_arriving_behind_work_are_told_from_those_finding_the_engine_id
 def test_fidelity_with_a_given_profile_compares_both_sides(tiny_config, tiny_model_dir):
     per_token = 2 * 4 * 4 * 32 * 4
     profile = Profile(
-        points=[], fit=StepTimeFit((0.004, 1e-4, 2e-7, 1e-6, 0.0, 5e-4, 5e-4)),
+        points=[], fit=StepTimeFit((0.004, 1e-4, 2e-7, 1e-6, 0.0, 5e-4, 5e-4, 3e-4)),
         model=json.loads((tiny_model_dir / "config.json").read_text()),
         engine={"dtype": "float32", "clock": "cpu", "kv_cache_bytes": 256 * 16 * per_token},
         slowdown=Slowdown((0.004, 0.012)),
     )
     workload = fidelity_workload(12, 40.0, PROMPTS, OUTPUTS, seed=3)
-    result = run_fidelity(tiny_config, workload, grid=None, profile=profile, clock="cpu")
-    assert result.live.num_finished == result.twin.num_finished == 12
-    assert result.live.output_tokens == result.twin.output_tokens == sum(r.output_length for r in workload)
+    result = run_fidelity(tiny_config, workload, grid=None, profile=profile, clock="cpu", rounds=2)
+    assert result.live.num_finished == result.twin.num_finished == 24  # two rounds pooled on each side
+    assert result.live.output_tokens == result.twin.output_tokens == 2 * sum(r.output_length for r in workload)
+    assert [r.num_finished for r in result.live_rounds] == [12, 12]
+    assert result.live.duration_s == pytest.approx(sum(r.duration_s for r in result.live_rounds))
     assert [c.name.split(" (")[0] for c in result.comparisons] == [
         "throughput", "TTFT p50", "TTFT p90", "inter-token latency p50", "inter-token latency p90"]
     assert all(r.first_token >= r.arrival for r in result.run.records)
@@ -117,27 +121,47 @@ def test_fidelity_with_a_given_profile_compares_both_sides(tiny_config, tiny_mod
     assert result.step_model_error_where(lambda shape: True) == result.step_model_error
     assert math.isnan(result.step_model_error_where(lambda shape: False))  # no such steps
     ratios = result.ttft_ratios(arrived_idle=True) + result.ttft_ratios(arrived_idle=False)
-    assert len(ratios) == 12 and all(r > 0 for r in ratios)
+    assert len(ratios) == 24 and all(r > 0 for r in ratios)
     # The same twin with every step at its mean price, beside it: same tokens, other latencies.
-    assert result.at_mean is not None and result.at_mean.output_tokens == result.twin.output_tokens
-    assert result.at_mean.ttft != result.twin.ttft
+    assert result.at_mean is not None and len(result.at_mean) == len(result.twin_rounds) == 2
+    assert [s.output_tokens for s in result.at_mean] == [s.output_tokens for s in result.twin_rounds]
+    assert result.at_mean[0].ttft != result.twin_rounds[0].ttft
+    # Each metric is its median over the rounds (of two: their mean) on either side.
+    ttft = [1000 * s.ttft.p50 for s in result.live_rounds]
+    assert result.comparisons[1].live == pytest.approx(sum(ttft) / 2)
     with pytest.raises(ValueError, match="clock"):
         run_fidelity(tiny_config, workload, grid=None, profile=profile, clock="wall")
 
 
 def test_two_sweeps_merge_into_one_profile_with_both_slowdown_series():
-    shapes = [shape_of([(n, 0)]) for n in (4, 16, 64, 128)] + [shape_of([(1, 64)] * b) for b in (1, 4, 16)]
+    shapes = [shape_of([(n, 0)]) for n in (4, 16, 64, 128)] + [shape_of([(1, 64)] * b) for b in (1, 4, 16, 32)]
 
     def sweep(seconds: float, slowdown: Slowdown | None) -> Profile:
         points = [ProfilePoint("prefill" if s.num_prefill_chunks else "decode", s, seconds, (seconds,))
                   for s in shapes]
-        return Profile(points, StepTimeFit((seconds, 0, 0, 0, 0, 0, 0)), {}, {}, slowdown=slowdown)
+        return Profile(points, StepTimeFit((seconds, 0, 0, 0, 0, 0, 0, 0)), {}, {}, slowdown=slowdown)
 
-    merged = merge_profiles(sweep(0.01, Slowdown((1.0, 2.0))), sweep(0.03, Slowdown((3.0,))))
+    merged = merge_profiles([sweep(0.01, Slowdown((1.0, 2.0))), sweep(0.03, Slowdown((3.0,)))])
     assert [p.samples for p in merged.points] == [(0.01, 0.03)] * len(shapes)
     assert merged.fit.predict(shapes[0]) == pytest.approx(0.02)
     assert merged.slowdown == Slowdown((1.0, 2.0, 3.0))
-    assert merge_profiles(sweep(0.01, None), sweep(0.03, None)).slowdown is None
+    assert merge_profiles([sweep(0.01, None), sweep(0.03, None)]).slowdown is None
+
+
+def test_rounds_pool_into_one_run_one_after_the_other():
+    def record(arrival: float, first: float, finish: float, tokens: int) -> RequestRecord:
+        return RequestRecord(arrival, 10, first, finish, finish, tokens)
+
+    first = [record(0.0, 0.1, 1.0, 5), record(0.5, 0.7, 2.0, 5)]
+    second = [record(0.0, 0.3, 4.0, 10), record(1.0, 1.1, 1.5, 2)]
+    both = pooled([first, second])
+    assert [r.arrival for r in both] == [0.0, 0.5, 2.0, 3.0]  # the second round starts where the first ended
+    assert [r.ttft for r in both] == pytest.approx([0.1, 0.2, 0.3, 0.1])
+    summary = summarize(both, num_rejected=0, num_gpus=1, energy_j=0.0, price_per_gpu_hour=0.0)
+    assert summary.duration_s == pytest.approx(2.0 + 4.0)
+    assert summary.output_tokens_per_s == pytest.approx(22 / 6.0)
+    unfinished = pooled([[RequestRecord(0.0, 10)], first])
+    assert unfinished[0].first_token == -1.0 and unfinished[1].arrival == 0.0
 
 
 def test_a_comparison_passes_within_ten_percent():

@@ -87,3 +87,26 @@ def test_two_steps_are_read_only_when_no_other_step_ran():
     assert _two_steps_s(before, [(11, 1.1), (5, 0.6)]) == pytest.approx(0.2)  # summed over engines
     assert _two_steps_s(before, [(11, 1.1), (4, 0.5)]) is None  # the decode step not taken yet
     assert _two_steps_s(before, [(13, 1.3), (4, 0.5)]) is None  # another request's step in between
+
+
+def test_other_methods_on_the_generation_routes_go_through_fastapi(http):
+    assert http.get("/v1/completions").status_code == 405
+
+
+def test_a_middleware_added_to_the_app_wraps_the_generation_routes_too(tiny_model_dir):
+    seen: list[str] = []
+
+    class Seen:
+        def __init__(self, app) -> None:
+            self.app = app
+
+        async def __call__(self, scope, receive, send) -> None:
+            if scope["type"] == "http":
+                seen.append(scope["path"])
+            await self.app(scope, receive, send)
+
+    app = build_app(EngineConfig.from_pretrained(tiny_model_dir, served_model_name="tiny"), api_keys=[KEY])
+    app.add_middleware(Seen)
+    response = TestClient(app).post("/v1/completions", content=b"{}", headers={"Authorization": "Bearer wrong"})
+    assert error_of(response, 401)["code"] == "invalid_api_key"
+    assert seen == ["/v1/completions"]

@@ -92,7 +92,8 @@ def test_bad_settings_are_refused(h200):
 def test_shape_of_counts_attention_pairs():
     assert shape_of([(3, 0)]) == BatchShape(num_tokens=3, attention_pairs=6, kv_read_tokens=3, num_sampled=1,
                                             num_prefill_chunks=1)
-    assert shape_of([(1, 10), (1, 20)]) == BatchShape(2, 11 + 21, 32, 2)
+    assert shape_of([(1, 10), (1, 20)]) == BatchShape(2, 11 + 21, 32, 2, num_decode_rows=2)
+    assert shape_of([(1, 10), (4, 0)]) == BatchShape(5, 11 + 10, 15, 2, num_prefill_chunks=1, num_decode_rows=1)
 
 
 def priced_one_by_one(model: CostModel, first: BatchShape, max_steps: int, limit: float = float("inf")):

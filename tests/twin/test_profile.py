@@ -14,6 +14,7 @@ from tokenfactory.engine.config import CacheConfig, EngineConfig, ModelConfig
 from tokenfactory.twin.cost_model import BatchShape, StepCost, shape_of
 from tokenfactory.twin.hardware import HARDWARE
 from tokenfactory.twin.profile import (
+    DECODE_SETTLE,
     FEATURES,
     Profile,
     ProfiledCostModel,
@@ -27,9 +28,9 @@ from tokenfactory.twin.profile import (
 from tokenfactory.twin.simulator import Simulator, TwinConfig
 from tokenfactory.twin.workloads import TraceRequest
 
-TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3, 6e-4)
-"""Seconds per step, token, attention pair, KV token read, sampled row, prefill chunk, and per
-step of more than one token."""
+TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3, 6e-4, 7e-4)
+"""Seconds per step, token, attention pair, KV token read, sampled row, prefill chunk, per step
+of more than one token, and per step with decode rows."""
 
 
 def grid_shapes() -> list[BatchShape]:
@@ -61,7 +62,7 @@ def test_the_fit_stays_close_under_noise():
 def test_the_fit_never_returns_a_negative_coefficient():
     # Timings that fall with attention pairs: plain least squares would give that a negative cost.
     shapes = grid_shapes()
-    samples = [(s, max(1e-3, exact(s, (0.01, 3e-4, 0, 0, 0, 0, 0)) - 1e-8 * s.attention_pairs)) for s in shapes]
+    samples = [(s, max(1e-3, exact(s, (0.01, 3e-4, 0, 0, 0, 0, 0, 0)) - 1e-8 * s.attention_pairs)) for s in shapes]
     fit = fit_step_time(samples)
     assert all(c >= 0 for c in fit.coefficients)
     assert fit.coefficients[FEATURES.index("attention_pair")] == 0
@@ -69,10 +70,10 @@ def test_the_fit_never_returns_a_negative_coefficient():
 
 def test_the_fit_refuses_too_few_or_non_positive_samples():
     shape = shape_of([(1, 10)])
-    with pytest.raises(ValueError, match="at least 7 samples"):
-        fit_step_time([(shape, 0.01)] * 6)
+    with pytest.raises(ValueError, match="at least 8 samples"):
+        fit_step_time([(shape, 0.01)] * 7)
     with pytest.raises(ValueError, match="positive"):
-        fit_step_time([(shape, 0.01)] * 6 + [(shape, 0.0)])
+        fit_step_time([(shape, 0.01)] * 7 + [(shape, 0.0)])
 
 
 SMALL_GRID = ProfileGrid(prefill_lengths=(4, 16), prefill_contexts=(0, 16), decode_batches=(1, 3),
@@ -95,8 +96,10 @@ def test_a_profile_steps_the_engine_through_the_grid_shapes(tiny_profile):
     for point in tiny_profile.points:
         if point.kind == "decode":  # one token per row, every row samples
             assert point.shape.num_sampled == point.shape.num_tokens
-    # Three rows decoding at contexts spread evenly up to 8 (their prompts fit one setup step).
-    assert ("decode", shape_of([(1, 3), (1, 5), (1, 8)])) in shapes
+    # Three rows decoding at contexts spread evenly up to 8 (their prompts fit one setup step),
+    # timed after the settling steps, each a token longer.
+    settled = DECODE_SETTLE
+    assert ("decode", shape_of([(1, 3 + settled), (1, 5 + settled), (1, 8 + settled)])) in shapes
     (mixed,) = [p for p in tiny_profile.points if p.kind == "mixed"]
     assert (mixed.shape.num_tokens, mixed.shape.num_sampled, mixed.shape.num_prefill_chunks) == (2 + 8, 3, 1)
     assert all(p.shape.num_prefill_chunks == (p.kind != "decode") for p in tiny_profile.points)
@@ -119,9 +122,9 @@ def test_a_profile_file_round_trips(tiny_profile, tmp_path):
     path.write_text(json.dumps(data))
     assert Profile.load(path).slowdown is None
     assert loaded.model_config().hidden_size == 256
-    for version in (1, 2, 99):  # 1, 2: fitted without the prefill-chunk or multi-token feature
+    for version in (1, 2, 3, 99):  # 1-3: fitted without the prefill-chunk, multi-token or decode-path feature
         path.write_text(json.dumps({**data, "version": version}))
-        with pytest.raises(ValueError, match="version 3"):
+        with pytest.raises(ValueError, match="version 4"):
             Profile.load(path)
 
 
@@ -150,10 +153,15 @@ def test_the_profiled_cost_model_prices_steps_by_the_fit():
     assert step.duration_s == pytest.approx(exact(shape))
     cpu = HARDWARE["cpu"]
     assert cpu.idle_w <= step.power_w <= cpu.tdp_w
-    # The 4-token tail of a mostly cached prompt costs a prefill chunk more than a decode row.
+    # The 4-token tail of a mostly cached prompt costs a prefill chunk more than a decode row,
+    # less the decode path, which it skips.
     tail, row = shape_of([(4, 96)]), shape_of([(1, 99)])
     extra = 3 * TRUE[1] + (tail.attention_pairs - row.attention_pairs) * TRUE[2]  # same KV read, both sample
-    assert cost.step(tail).duration_s - cost.step(row).duration_s == pytest.approx(extra + TRUE[5] + TRUE[6])
+    assert cost.step(tail).duration_s - cost.step(row).duration_s == pytest.approx(extra + TRUE[5] + TRUE[6] - TRUE[7])
+    # Riding along with that row, it pays for both paths.
+    both = shape_of([(1, 99), (4, 96)])
+    assert cost.step(both).duration_s == pytest.approx(exact(both))
+    assert features(both)[FEATURES.index("decode_path")] == features(both)[FEATURES.index("prefill_chunk")] == 1
     assert cost.kv_num_blocks(16) == 64 and cost.kv_num_blocks(32) == 32
     with pytest.raises(ValueError, match="non-negative"):
         cost_model((1.0, -1.0, 0, 0, 0, 0, 0))
@@ -195,7 +203,7 @@ def test_a_slowdown_prices_a_step_at_the_mean_factor_over_its_stretch_of_busy_ti
 
 
 def test_the_twin_prices_a_worker_s_steps_through_the_slowdown_of_its_busy_time():
-    flat = (0.01, 0, 0, 0, 0, 0, 0)  # every step 10 ms at its mean
+    flat = (0.01, 0, 0, 0, 0, 0, 0, 0)  # every step 10 ms at its mean
     steady = cost_model(flat)
     slowed = dataclasses.replace(cost_model(flat), slowdown=Slowdown((0.01, 0.03)))  # x0.5 for 10 ms, then x1.5
     request = [TraceRequest(0.0, 40, 4)]  # a prefill step, then three decodes

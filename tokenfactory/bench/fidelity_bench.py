@@ -13,8 +13,14 @@ prefixes) is served twice, in this process:
 
 It prints throughput, TTFT p50/p90 and inter-token latency p50/p90 of both, the twin's relative
 error on each, and PASS/MISS against 10% (issue 3's goal; the aim is 5%). The profile is measured
-in the same run, before and after the live replay (so slow drift in the machine's load averages
-out), unless `--profile FILE` gives one. Torch threads are fixed for the whole run.
+in the same run unless `--profile FILE` gives one: a sweep before the first live replay and one
+after each. A shared machine's speed moves by a third within seconds, which no profile can know
+in advance (probing the machine's level beside the live run was tried: it read the level 3-8%
+off, and a probe heavy enough to read it well slowed the live steps), so the live replay is made
+`--rounds` times between the sweeps, the twin runs as many times (each walking the profile's
+slowdown series from its own point), and each metric is compared as its median over the rounds
+on either side: what the twin predicts is the engine on this machine, not one minute of it.
+Torch threads are fixed for the whole run.
 
 To say why an error is what it is, the live run's own steps are priced by the fitted model too:
 the step model's error on the very batches the engine ran, the loop's time between steps, and
@@ -223,12 +229,17 @@ class FidelityResult:
     """As served (its arrival times rescaled when a utilisation was asked for)."""
     twin_busy_fraction: float
     twin_records: list[RequestRecord] = field(default_factory=list)
-    """The twin's requests, in the workload's order (as the live run's)."""
-    rescaled: Summary | None = None
+    """The twin's requests, round by round in the workload's order (as the live run's)."""
+    rounds: int = 1
+    """Live replays (and twin runs) on each side."""
+    live_rounds: list[Summary] = field(default_factory=list)
+    """Each live replay on its own: how far apart minutes of the same machine are."""
+    twin_rounds: list[Summary] = field(default_factory=list)
+    rescaled: list[Summary] | None = None
     """The twin with every step price scaled so that the live run's own steps are priced right
     in total: not a prediction (it reads the answer), but it separates the machine's load
     drifting between profile and live run from what the rest of the twin gets wrong."""
-    at_mean: Summary | None = None
+    at_mean: list[Summary] | None = None
     """The twin pricing every step at its mean, without the profile's `Slowdown`: what the twin
     predicted before it modeled the machine's variability."""
 
@@ -262,49 +273,92 @@ class FidelityResult:
         return [measured / predicted for measured, predicted, n in windows.values() if n >= min_steps and predicted]
 
 
-def compare(live: Summary, twin: Summary) -> list[Comparison]:
-    return [
-        Comparison("throughput (output tokens/s)", live.output_tokens_per_s, twin.output_tokens_per_s),
-        Comparison("TTFT p50 (ms)", 1000 * live.ttft.p50, 1000 * twin.ttft.p50),
-        Comparison("TTFT p90 (ms)", 1000 * live.ttft.p90, 1000 * twin.ttft.p90),
-        Comparison("inter-token latency p50 (ms)", 1000 * live.itl.p50, 1000 * twin.itl.p50),
-        Comparison("inter-token latency p90 (ms)", 1000 * live.itl.p90, 1000 * twin.itl.p90),
-    ]
+METRICS: tuple[tuple[str, Callable[[Summary], float]], ...] = (
+    ("throughput (output tokens/s)", lambda s: s.output_tokens_per_s),
+    ("TTFT p50 (ms)", lambda s: 1000 * s.ttft.p50),
+    ("TTFT p90 (ms)", lambda s: 1000 * s.ttft.p90),
+    ("inter-token latency p50 (ms)", lambda s: 1000 * s.itl.p50),
+    ("inter-token latency p90 (ms)", lambda s: 1000 * s.itl.p90),
+)
+
+
+def compare(live: list[Summary], twin: list[Summary]) -> list[Comparison]:
+    """Each metric's median over the rounds on either side: a round that a burst of load from
+    elsewhere slowed by a third (it happens here) moves the median no more than any other round."""
+    return [Comparison(name, statistics.median(map(metric, live)), statistics.median(map(metric, twin)))
+            for name, metric in METRICS]
 
 
 def _summary(records: list[RequestRecord]) -> Summary:
     return summarize(records, num_rejected=0, num_gpus=1, energy_j=0.0, price_per_gpu_hour=0.0)
 
 
-def merge_profiles(first: Profile, second: Profile) -> Profile:
-    """One profile from two sweeps of the same grid: each point's mean over both sweeps'
-    repeats, refitted; their slowdown series one after the other."""
+def merge_profiles(profiles: list[Profile]) -> Profile:
+    """One profile from sweeps of the same grid: each point's mean over every sweep's repeats,
+    refitted; their slowdown series one after the other."""
+    first = profiles[0]
     points = [
-        ProfilePoint(a.kind, a.shape, statistics.fmean(a.samples + b.samples), a.samples + b.samples)
-        for a, b in zip(first.points, second.points, strict=True)
+        ProfilePoint(ps[0].kind, ps[0].shape, statistics.fmean(s for p in ps for s in p.samples),
+                     tuple(s for p in ps for s in p.samples))
+        for ps in zip(*(profile.points for profile in profiles), strict=True)
     ]
     fit = fit_step_time([(p.shape, p.seconds) for p in points])
-    series = [s for profile in (first, second) if profile.slowdown for s in profile.slowdown.seconds]
-    return Profile(points, fit, first.model, first.engine, first.machine, first.wall_s + second.wall_s,
+    series = [s for profile in profiles if profile.slowdown for s in profile.slowdown.seconds]
+    return Profile(points, fit, first.model, first.engine, first.machine, sum(p.wall_s for p in profiles),
                    Slowdown(tuple(series)) if series else None)
+
+
+def pooled(rounds: list[list[RequestRecord]]) -> list[RequestRecord]:
+    """The records of several replays of one workload as one run: each replay's times shifted to
+    begin where the previous one ended, so percentiles pool every request and throughput is all
+    tokens over the replays' summed durations."""
+    out: list[RequestRecord] = []
+    end = 0.0
+    for records in rounds:
+        shift = end - min(r.arrival for r in records)
+        for r in records:
+            out.append(dataclasses.replace(r, arrival=r.arrival + shift, **{
+                name: getattr(r, name) + shift for name in ("first_token", "last_token", "finish")
+                if getattr(r, name) >= 0}))
+        end = max((r.finish for r in out if r.finish >= 0), default=end)
+    return out
+
+
+def merge_runs(runs: list[LiveRun]) -> LiveRun:
+    """Live replays of one workload as one run: records pooled, steps one after the other."""
+    merged = LiveRun(pooled([run.records for run in runs]))
+    offset = 0.0
+    for i, run in enumerate(runs):
+        merged.shapes += run.shapes
+        merged.step_s += run.step_s
+        merged.step_start_s += [t + offset for t in run.step_start_s]
+        merged.gap_s += run.gap_s
+        merged.wake_late_s += run.wake_late_s
+        merged.arrived_idle |= {i * len(run.records) + k for k in run.arrived_idle}
+        offset += max(run.step_start_s, default=0.0) + 1.0
+    return merged
 
 
 def run_fidelity(config: EngineConfig, workload: list[TraceRequest], threads: int = 1,
                  grid: ProfileGrid | None = ProfileGrid(), profile: Profile | None = None,
                  clock: str = "wall", utilisation: float | None = None,
-                 console: Console | None = None) -> FidelityResult:
-    """Profile (unless given), replay live, profile again, simulate; `config.scheduler` and its
-    KV blocks are used on both sides, and one clock throughout. With `utilisation`, the
-    workload's arrivals are first spread or packed until the profiled twin predicts the engine
-    busy that fraction of the time (a rate that means the same load on any machine or clock)."""
+                 console: Console | None = None, rounds: int = 5) -> FidelityResult:
+    """Profile (unless given), then `rounds` times: replay live, profile again; simulate as many
+    rounds; `config.scheduler` and its KV blocks are used on both sides, and one clock
+    throughout. With `utilisation`, the workload's arrivals are first spread or packed until the
+    profiled twin predicts the engine busy that fraction of the time (a rate that means the same
+    load on any machine or clock)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     console = console or Console()
     check_clock(config, clock)
     runner = build_runner(config, threads)
-    measure_here = profile is None
-    if measure_here:
+    sweeps = []
+    if profile is None:
         if grid is None:
             raise ValueError("give a profile or a grid to measure one")
-        profile = run_profile(config, grid, threads, runner, clock)
+        sweeps.append(run_profile(config, grid, threads, runner, clock))
+        profile = sweeps[0]
     else:
         if profile.engine.get("clock", "wall") != clock:
             raise ValueError(f"the profile was timed on the {profile.engine.get('clock')} clock, "
@@ -313,24 +367,29 @@ def run_fidelity(config: EngineConfig, workload: list[TraceRequest], threads: in
     if utilisation is not None:
         workload = at_utilisation(workload, utilisation, lambda w: busy_fraction(
             simulate_run(config, runner.num_blocks, profile.fit, profile, w)))
-    console.print(f"live ({clock} clock): {len(workload)} requests over {workload[-1].arrival_time:.1f} s "
-                  "of arrivals ...")
+    runs = []
     started = time.perf_counter()
-    run = replay_live(EngineCore(config, runner), runner, workload, clock)
+    for i in range(rounds):
+        console.print(f"live ({clock} clock), round {i + 1} of {rounds}: {len(workload)} requests over "
+                      f"{workload[-1].arrival_time:.1f} s of arrivals ...")
+        runs.append(replay_live(EngineCore(config, runner), runner, workload, clock))
+        if sweeps:
+            sweeps.append(run_profile(config, grid, threads, runner, clock))
     live_wall = time.perf_counter() - started
-    if measure_here:
-        profile = merge_profiles(profile, run_profile(config, grid, threads, runner, clock))
-    twin = simulate_run(config, runner.num_blocks, profile.fit, profile, workload)
-    live_summary = _summary(run.records)
-    result = FidelityResult(live_summary, twin.summary, compare(live_summary, twin.summary), run, profile,
-                            live_wall, workload, busy_fraction(twin), twin.records)
+    if sweeps:
+        profile = merge_profiles(sweeps)
+    run = merge_runs(runs)
+    twin = simulate_rounds(config, runner.num_blocks, profile.fit, profile, workload, rounds)
+    live_rounds = [_summary(r.records) for r in runs]
+    result = FidelityResult(_summary(run.records), twin.summary, compare(live_rounds, twin.rounds), run, profile,
+                            live_wall, workload, twin.busy_fraction, twin.records, rounds, live_rounds, twin.rounds)
     if run.step_s:
         scale = 1 / (1 + result.step_model_error)
         rescaled = StepTimeFit(tuple(c * scale for c in profile.fit.coefficients), profile.fit.rms_relative_error)
-        result.rescaled = simulate_run(config, runner.num_blocks, rescaled, profile, workload).summary
+        result.rescaled = simulate_rounds(config, runner.num_blocks, rescaled, profile, workload, rounds).rounds
     if profile.slowdown is not None:
         steady = dataclasses.replace(profile, slowdown=None)
-        result.at_mean = simulate_run(config, runner.num_blocks, profile.fit, steady, workload).summary
+        result.at_mean = simulate_rounds(config, runner.num_blocks, profile.fit, steady, workload, rounds).rounds
     return result
 
 
@@ -341,6 +400,34 @@ def simulate_run(config: EngineConfig, num_blocks: int, fit: StepTimeFit, profil
     twin_config = TwinConfig(cost=cost, num_workers=1, scheduler=config.scheduler,
                              block_size=config.cache.block_size, num_blocks=num_blocks)
     return Simulator(twin_config, RoundRobinRouter()).run(workload)
+
+
+@dataclass
+class PooledTwin:
+    summary: Summary
+    """Every round's requests pooled."""
+    rounds: list[Summary]
+    records: list[RequestRecord]
+    busy_fraction: float
+    """The mean over the rounds."""
+
+
+def simulate_rounds(config: EngineConfig, num_blocks: int, fit: StepTimeFit, profile: Profile,
+                    workload: list[TraceRequest], rounds: int) -> PooledTwin:
+    """The twin over `rounds` replays, pooled as the live ones are: round i walks the profile's
+    slowdown series from i / rounds of its way along (one walk from its start would give every
+    round the same stretch of the machine's history)."""
+    results = []
+    for i in range(rounds):
+        walk = profile
+        if profile.slowdown is not None:
+            series = profile.slowdown.seconds
+            k = i * len(series) // rounds
+            walk = dataclasses.replace(profile, slowdown=Slowdown(series[k:] + series[:k]))
+        results.append(simulate_run(config, num_blocks, fit, walk, workload))
+    records = pooled([r.records for r in results])
+    return PooledTwin(_summary(records), [r.summary for r in results], records,
+                      statistics.fmean(busy_fraction(r) for r in results))
 
 
 def busy_fraction(result: SimulationResult) -> float:
@@ -381,6 +468,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=256)
     p.add_argument("--quick", action="store_true", help="a small profile grid (smoke tests)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="live replays, each followed by a profile sweep, and as many twin runs; each metric "
+                        "is compared as its median over the rounds (default 5: this machine's speed drifts "
+                        "from minute to minute, a round now and then runs a third slow)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -400,7 +491,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     grid = None if profile is not None else (QUICK_GRID if args.quick else ProfileGrid())
     utilisation = None if args.rate else args.utilisation
-    result = run_fidelity(config, workload, args.threads, grid, profile, args.clock, utilisation, console)
+    result = run_fidelity(config, workload, args.threads, grid, profile, args.clock, utilisation, console,
+                          args.rounds)
     console.print(f"profile: {describe(result.profile)}")
     if args.save_profile:
         result.profile.save(args.save_profile)
@@ -415,8 +507,9 @@ def main(args: argparse.Namespace) -> int:
 def _table(result: FidelityResult) -> Table:
     arrivals = result.workload[-1].arrival_time
     rate = (len(result.workload) - 1) / arrivals if arrivals else float("inf")
-    table = Table(title=f"live engine vs twin: {result.live.num_finished} requests at {rate:.2f}/s "
-                        f"(twin busy {result.twin_busy_fraction:.0%}), {result.live.duration_s:.1f} s live, "
+    table = Table(title=f"live engine vs twin: {len(result.workload)} requests at {rate:.2f}/s "
+                        f"(twin busy {result.twin_busy_fraction:.0%}), median of {result.rounds} rounds, "
+                        f"{result.live.duration_s:.1f} s live, "
                         f"prefix hit rate {result.live.prefix_hit_rate:.0%} live / "
                         f"{result.twin.prefix_hit_rate:.0%} twin")
     for column in ("metric", "live", "twin", "error", f"within {GOAL:.0%}"):
@@ -451,16 +544,21 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
         p10, p90 = slowdown[len(slowdown) // 10], slowdown[len(slowdown) * 9 // 10]
         console.print(f"measured over predicted step time, second by second of the live run: p10 {p10:.2f}, "
                       f"p90 {p90:.2f} ({len(slowdown)} seconds)")
+    if len(result.live_rounds) > 1:
+        console.print("the twin against each live round alone: " + "; ".join(
+            f"{c.name.split(' (')[0]} " + " / ".join(f"{(c.twin - metric(live)) / metric(live):+.0%}"
+                                                     for live in result.live_rounds)
+            for c, (_, metric) in zip(result.comparisons, METRICS)))
     if result.at_mean is not None:
         console.print(f"the twin without the profile's slowdown (every step at its mean price): "
-                      f"{_errors(result.live, result.at_mean)}")
+                      f"{_errors(result.live_rounds, result.at_mean)}")
     if result.rescaled is not None:
-        errors = _errors(result.live, result.rescaled)
+        errors = _errors(result.live_rounds, result.rescaled)
         console.print(f"diagnostic, not a prediction: the twin with its step prices scaled to the live "
                       f"run's own steps ({1 / (1 + result.step_model_error):.2f}x): {errors}")
 
 
-def _errors(live: Summary, twin: Summary) -> str:
+def _errors(live: list[Summary], twin: list[Summary]) -> str:
     return ", ".join(f"{c.name.split(' (')[0]} {c.error:+.1%}" for c in compare(live, twin))
 
 

@@ -110,14 +110,20 @@ class ClientDisconnected(Exception):
     """The client left before its full response was ready; its engine work was aborted."""
 
 
+def handled_error_response(exc: Exception) -> Response | None:
+    """The response to an error a handler raises on purpose (None: not one of those)."""
+    if isinstance(exc, APIError):
+        return exc.response()
+    if isinstance(exc, ClientDisconnected):
+        return Response(status_code=499)  # "client closed request": nobody reads it
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnected)
-    async def _gone(_: Request, exc: ClientDisconnected) -> Response:
-        return Response(status_code=499)  # "client closed request": nobody reads it
-
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def _handled(_: Request, exc: Exception) -> Response:
+        return handled_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
 
 from tokenfactory.agents.tool_calls import (
     HERMES_OPEN,
@@ -160,7 +161,7 @@ class OpenAIServing:
         seqs = self._sequences(req, [prompt], req.max_output_tokens, "messages", grammar, session_id)
         rid, created = random_id("chatcmpl"), now_s()
         if req.stream:
-            return await _sse(self._stream_chat(req, account, rid, created, seqs, plan))
+            return _sse(self._stream_chat(req, account, rid, created, seqs, plan))
         totals = await self._collect(seqs, account, rid, is_disconnected)
         choices = []
         for i, t in enumerate(totals):
@@ -190,7 +191,7 @@ class OpenAIServing:
         totals = [ChoiceTotals(s.prompt_index) for s in seqs]
         with _ledger_guard(account, rid, seqs, totals):
             # The role chunks go out with the first delta, not before it: no byte of the response
-            # leaves before the engine has the request (`_sse`).
+            # leaves before the engine has the request (`EventStream`).
             roles = [ChatChunkChoice(index=s.index, delta=DeltaMessage(role="assistant", content="")) for s in seqs]
             # With tools, each choice's text goes through a parser that tells content from calls
             # as the tokens arrive: content streams as content, calls as `tool_calls` deltas.
@@ -258,7 +259,7 @@ class OpenAIServing:
         echoes = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
         rid, created = random_id("cmpl"), now_s()
         if req.stream:
-            return await _sse(self._stream_completions(req, account, rid, created, seqs, echoes))
+            return _sse(self._stream_completions(req, account, rid, created, seqs, echoes))
         totals = await self._collect(seqs, account, rid, is_disconnected)
         choices = []
         for i, t in enumerate(totals):
@@ -505,12 +506,13 @@ def _usage(seqs: list[SequenceSpec], totals: list[ChoiceTotals], account: Reques
 _DONE = object()
 
 
-async def _merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
-    """Interleave several async streams in arrival order; leaving early cancels all of them."""
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield item
-        return
+def _merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """Interleave several async streams in arrival order; leaving early cancels all of them. One
+    stream is handed on as it is: a layer less on every token's way out."""
+    return streams[0] if len(streams) == 1 else _interleave(streams)
+
+
+async def _interleave(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
     async def pump(stream: AsyncIterator[T]) -> None:
@@ -553,28 +555,64 @@ def _json_response(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-async def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    """An SSE response whose events are already under way: the engine has the request before the
-    response's headers go out, so it computes the prompt while the HTTP side gets ready."""
-    stream = _with_done(events)
-    first = asyncio.ensure_future(anext(stream))
-    await asyncio.sleep(0)  # the task runs up to its first wait, which is on the engine
-    return StreamingResponse(_resume(first, stream), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def _sse(events: AsyncIterator[str]) -> EventStream:
+    """The SSE response of `events`, ended by `[DONE]`."""
+    return EventStream(_with_done(events))
 
 
-async def _resume(first: asyncio.Future[str], rest: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The event `first` brings, then the rest. Leaving early closes the stream, whichever task is
-    running it: a `first` still waiting is cancelled, and its stream aborts the engine sequences."""
-    try:
-        yield await first
-        async for event in rest:
-            yield event
-    finally:
-        if first.done():
-            await rest.aclose()
-        else:
-            first.cancel()
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+
+
+class EventStream:
+    """A streamed SSE response as a plain ASGI app, cheap on the path to the first token.
+
+    The events are iterated in the response's own task: the first step submits the request and
+    waits for the engine, and only then, in a task of their own, do the headers go out, so no
+    byte of the response leaves before the engine has the request, and the headers are written
+    (and read by the client) while the engine computes the prompt, not after its first token.
+    The client's disconnect is watched by one plain task (not a task group); a client that
+    leaves cancels the response, and with it the events, which abort their engine sequences."""
+
+    def __init__(self, events: AsyncIterator[str]) -> None:
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        left = False
+
+        def on_disconnect(watch: asyncio.Future) -> None:
+            nonlocal left
+            if not watch.cancelled():
+                left = True
+                task.cancel()
+
+        # Both start once this task first waits: on the engine, which then has the request.
+        opening = asyncio.ensure_future(send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}))
+        watcher = asyncio.ensure_future(_disconnect(receive))
+        watcher.add_done_callback(on_disconnect)
+        try:
+            async for event in self.events:
+                if not opening.done():  # an event that came without a wait (an echoed prompt)
+                    await opening
+                await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+            await opening
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            task.uncancel()  # the client left: the response ends here, quietly
+        finally:
+            opening.cancel()  # a no-op once the headers are out
+            watcher.remove_done_callback(on_disconnect)
+            watcher.cancel()
+            await self.events.aclose()
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Return once the client has gone (the request body was read before the response began)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:

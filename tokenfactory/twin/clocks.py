@@ -140,7 +140,8 @@ def decode_shape(num_running: int, context: float, prefill_tokens: int = 0) -> B
     """A step of `num_running` decodes at `context` tokens each plus one prefill chunk."""
     n, s = max(1, num_running), max(0, int(context))
     pairs = n * (s + 1) + prefill_tokens * (prefill_tokens + 1) // 2
-    return BatchShape(n + prefill_tokens, pairs, n * (s + 1) + prefill_tokens, n + (1 if prefill_tokens else 0))
+    return BatchShape(n + prefill_tokens, pairs, n * (s + 1) + prefill_tokens, n + (1 if prefill_tokens else 0),
+                      num_prefill_chunks=int(prefill_tokens > 1), num_decode_rows=n + int(prefill_tokens == 1))
 
 
 def pick_clock(cost: ClockedCostModel, load: WorkerLoad, itl_s: float, ttft_s: float, chunk_tokens: int,

@@ -114,6 +114,10 @@ class BatchShape:
     """Chunks of more than one token: each takes the model runner's prefill path (its own
     attention call per layer, with a mask after a cached prefix). The roofline does not price
     it; a profile's fit does (per chunk, measured)."""
+    num_decode_rows: int = 0
+    """Chunks of one token: together they take the runner's decode path (block tables, a padded
+    mask, one attention call per layer), which a step without any skips. The roofline does not
+    price it; a profile's fit does (per step that has one, measured)."""
 
 
 @dataclass(frozen=True)
@@ -333,7 +337,7 @@ def step_shape(sched: SchedulerOutput) -> BatchShape:
         kv_read += start + n
         num_sampled += start + n == chunk.request.num_tokens
         num_prefill += n > 1
-    return BatchShape(num_tokens, pairs, kv_read, num_sampled, num_prefill)
+    return BatchShape(num_tokens, pairs, kv_read, num_sampled, num_prefill, len(sched.chunks) - num_prefill)
 
 
 def shape_of(chunks: Iterable[tuple[int, int]]) -> BatchShape:
@@ -345,4 +349,4 @@ def shape_of(chunks: Iterable[tuple[int, int]]) -> BatchShape:
         kv_read += start + n
         count += 1
         num_prefill += n > 1
-    return BatchShape(num_tokens, pairs, kv_read, count, num_prefill)
+    return BatchShape(num_tokens, pairs, kv_read, count, num_prefill, count - num_prefill)

@@ -56,11 +56,12 @@ from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost, step_s
 from tokenfactory.twin.hardware import HARDWARE, Hardware
 
 PROFILE_FORMAT = "tokenfactory-step-profile"
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 """2: the prefill_chunk feature (version 1 files lack it, and their fit would misprice prefills).
-3: the multi_token feature."""
+3: the multi_token feature. 4: the decode_path feature (and each point's decode rows)."""
 
-FEATURES = ("step", "token", "attention_pair", "kv_read_token", "sampled_row", "prefill_chunk", "multi_token")
+FEATURES = ("step", "token", "attention_pair", "kv_read_token", "sampled_row", "prefill_chunk", "multi_token",
+            "decode_path")
 """What each fitted coefficient costs (seconds per step, per computed token, ...). A prefill
 chunk takes the runner's own path (an attention call per layer, a mask after a cached prefix):
 0.4-0.8 ms against a 3.4-4.4 ms step on a 2-core CPU. Without its own term that cost leaks into
@@ -69,13 +70,18 @@ tail of a mostly cached prompt cheaper. A step of more than one token pays a fix
 lone token (on a 2-core CPU the second decode row added 0.8 ms, each one after it 0.2-0.4 ms: a
 likely the cheaper matrix-vector path a single row's products take). Without that term, one line through
 both left the relative errors of a live run's one-row and three-row decode steps 10-11% apart
-(the one-row ones, most steps of a lightly loaded engine, priced high); with it, 2-3%."""
+(the one-row ones, most steps of a lightly loaded engine, priced high); with it, 2-3%.
+A step with decode rows takes the runner's decode path once (block tables, a padded mask, an
+attention call per layer), one without skips it: a single per-step term charged pure prefills
+for a path they never take and mixed steps (a prompt riding along with a few decodes, common in
+a lightly loaded engine) for one path short, so the fit priced mixed grid points 4-9% low and
+a live run's steps with a prefill chunk 5-15% low against its decode-only ones."""
 
 
 def features(shape: BatchShape) -> tuple[float, ...]:
     """The fit's regressors, in FEATURES order."""
     return (1.0, shape.num_tokens, shape.attention_pairs, shape.kv_read_tokens, shape.num_sampled,
-            shape.num_prefill_chunks, float(shape.num_tokens > 1))
+            shape.num_prefill_chunks, float(shape.num_tokens > 1), float(shape.num_decode_rows > 0))
 
 
 class ShapeRecordingRunner(ModelRunner):
@@ -107,7 +113,7 @@ class StepTimeFit:
 def fit_step_time(samples: Sequence[tuple[BatchShape, float]]) -> StepTimeFit:
     """Non-negative least squares of relative error over (shape, seconds) samples.
 
-    With seven features, trying every subset of them (ordinary least squares on each, keeping the
+    With eight features, trying every subset of them (ordinary least squares on each, keeping the
     best whose coefficients are all non-negative) is exact and simpler than an active-set solver.
     """
     if len(samples) < len(FEATURES):
@@ -300,7 +306,7 @@ class Profile:
                 ProfilePoint(
                     p["kind"],
                     BatchShape(p["num_tokens"], p["attention_pairs"], p["kv_read_tokens"], p["num_sampled"],
-                               p["num_prefill_chunks"]),
+                               p["num_prefill_chunks"], p["num_decode_rows"]),
                     float(p["seconds"]),
                     tuple(p["samples"]),
                 )
@@ -359,6 +365,15 @@ def check_clock(config: EngineConfig, clock: str) -> None:
         raise ValueError("the cpu clock times an engine computing on the CPU; use the wall clock on a GPU")
 
 
+DECODE_SETTLE = 2
+"""Decode steps let pass before timing a decode point: the first few after the rows' prompts
+were computed run 10-15% slower than the long runs of decodes a live engine makes (measured on
+this machine at 1 to 16 rows; the caches still hold the prompts' work). Timed right after
+them, the profile priced a live run's decode-only steps 8-13% high."""
+DECODE_TIMED = 2
+"""Decode steps averaged into one sample of a decode point."""
+
+
 class _Driver:
     """Steps an `EngineCore` on a `ShapeRecordingRunner`, timing each step end to end."""
 
@@ -408,9 +423,12 @@ class _Driver:
         return shape, seconds
 
     def decode(self, batch: int, context: int, warmup: int, prefill: int = 0) -> tuple[BatchShape, float]:
-        """One step decoding `batch` rows with contexts spread evenly up to `context`, with a
-        fresh `prefill`-token prompt riding along if given (after `warmup` steps alike)."""
-        return self.decode_steps(batch, context, warmup + 1, prefill)[-1]
+        """A step decoding `batch` rows with contexts spread evenly up to `context`, with a fresh
+        `prefill`-token prompt riding along if given: the mean of `DECODE_TIMED` steps after
+        `warmup` and `DECODE_SETTLE` steps alike (the shape of the first of them; contexts grow
+        by a token a step)."""
+        timed = self.decode_steps(batch, context, warmup + DECODE_SETTLE + DECODE_TIMED, prefill)[-DECODE_TIMED:]
+        return timed[0][0], statistics.fmean(seconds for _, seconds in timed)
 
     def decode_steps(self, batch: int, context: int, steps: int, prefill: int = 0) -> list[tuple[BatchShape, float]]:
         """`steps` timed steps back to back of `batch` decode rows, contexts spread evenly up to
@@ -640,7 +658,7 @@ def run_profile(config: EngineConfig, grid: ProfileGrid, threads: int,
 
 def describe(profile: Profile) -> str:
     names = ("s/step", "s/token", "s/attention pair", "s/KV token read", "s/sampled row", "s/prefill chunk",
-             "s/step of more than one token")
+             "s/step of more than one token", "s/step with decode rows")
     terms = ", ".join(f"{c:.3g} {n}" for c, n in zip(profile.fit.coefficients, names))
     return (f"{len(profile.points)} grid points in {profile.wall_s:.1f} s ({profile.engine.get('clock')} clock); "
             f"step time = {terms} "

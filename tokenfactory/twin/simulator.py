@@ -429,7 +429,7 @@ class Simulator:
         n, shape = first.num_tokens, first
         steps, duration, energy = 0, 0.0, 0.0
         while steps < max_steps:
-            shape = BatchShape(n, shape.attention_pairs + n, shape.kv_read_tokens + n, n)
+            shape = BatchShape(n, shape.attention_pairs + n, shape.kv_read_tokens + n, n, num_decode_rows=n)
             cost = self.cost.step(shape)
             if duration + cost.duration_s >= time_limit_s:
                 break

@@ -170,7 +170,7 @@ def test_a_comparison_passes_within_ten_percent():
 
 
 def test_bench_fidelity_runs_end_to_end(tiny_model_dir, capsys):
-    args = ["bench", "fidelity", "--model", str(tiny_model_dir), "--quick", "--requests", "10",
+    args = ["bench", "fidelity", "--model", str(tiny_model_dir), "--quick", "--requests", "10", "--rounds", "2",
             "--input-mean", "32", "--output-mean", "6", "--num-blocks", "256", "--clock", "cpu"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out

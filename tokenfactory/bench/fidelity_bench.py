@@ -72,6 +72,11 @@ from tokenfactory.twin.workloads import LengthDistribution, TraceRequest, prompt
 GOAL = 0.10
 AIM = 0.05
 
+SWEEP = ProfileGrid(repeats=2, slowdown_steps=400)
+"""One profile sweep between live rounds: short, since the sweeps add up (two passes over the grid
+each, so 2 x (rounds + 1) samples a point), and a round more of live replay buys more than a
+longer sweep where a round now and then runs a third slow."""
+
 
 # --- the workload -----------------------------------------------------------------------------
 
@@ -340,9 +345,9 @@ def merge_runs(runs: list[LiveRun]) -> LiveRun:
 
 
 def run_fidelity(config: EngineConfig, workload: list[TraceRequest], threads: int = 1,
-                 grid: ProfileGrid | None = ProfileGrid(), profile: Profile | None = None,
+                 grid: ProfileGrid | None = SWEEP, profile: Profile | None = None,
                  clock: str = "wall", utilisation: float | None = None,
-                 console: Console | None = None, rounds: int = 5) -> FidelityResult:
+                 console: Console | None = None, rounds: int = 9) -> FidelityResult:
     """Profile (unless given), then `rounds` times: replay live, profile again; simulate as many
     rounds; `config.scheduler` and its KV blocks are used on both sides, and one clock
     throughout. With `utilisation`, the workload's arrivals are first spread or packed until the
@@ -468,9 +473,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=256)
     p.add_argument("--quick", action="store_true", help="a small profile grid (smoke tests)")
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--rounds", type=int, default=9,
                    help="live replays, each followed by a profile sweep, and as many twin runs; each metric "
-                        "is compared as its median over the rounds (default 5: this machine's speed drifts "
+                        "is compared as its median over the rounds (default 9: this machine's speed drifts "
                         "from minute to minute, a round now and then runs a third slow)")
 
 
@@ -489,7 +494,7 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         console.print(f"[red]cannot use the profile {args.profile}: {e}[/red]")
         return 2
-    grid = None if profile is not None else (QUICK_GRID if args.quick else ProfileGrid())
+    grid = None if profile is not None else (QUICK_GRID if args.quick else SWEEP)
     utilisation = None if args.rate else args.utilisation
     result = run_fidelity(config, workload, args.threads, grid, profile, args.clock, utilisation, console,
                           args.rounds)

@@ -44,6 +44,13 @@ def test_a_bad_key_is_a_401_before_the_body_is_read(http, path):
     assert error["code"] == "invalid_api_key"
 
 
+def test_an_unexpected_error_is_a_500_in_the_openai_format(http):
+    # The app's lifespan has not run here, so a well-formed request finds no served model set up.
+    response = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi"},
+                         headers={"Authorization": f"Bearer {KEY}"})
+    assert error_of(response, 500)["type"] == "server_error"
+
+
 @pytest.mark.parametrize(("body", "content_type", "says", "param"), [
     (b'{"model": "tiny", "prompt": [1, 2', "application/json", "could not parse the JSON body", None),
     (b'["not", "an", "object"]', "application/json", "must be a JSON object", None),

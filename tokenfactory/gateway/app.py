@@ -14,6 +14,7 @@ every queued ledger entry. With a database (`db_path`), keys come from it and us
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -60,6 +61,8 @@ from tokenfactory.runtime.pool import ModelPools, ServedModel, WorkerPool
 from tokenfactory.runtime.wire import EngineLoad
 
 
+logger = logging.getLogger(__name__)
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -95,6 +98,9 @@ class Gateway(FastAPI):
             response = await handler(Request(scope, receive, send))
         except (APIError, ClientDisconnected) as e:
             response = handled_error_response(e)
+        except Exception:  # a bug, not the caller's: still an OpenAI error, and logged
+            logger.exception("unexpected error serving %s", scope["path"])
+            response = APIError(500, "Internal server error.", type="server_error").response()
         await response(scope, receive, send)
 
 

@@ -422,14 +422,13 @@ def simulate_rounds(config: EngineConfig, num_blocks: int, fit: StepTimeFit, pro
     """The twin over `rounds` replays, pooled as the live ones are: round i walks the profile's
     slowdown series from i / rounds of its way along (one walk from its start would give every
     round the same stretch of the machine's history)."""
-    results = []
-    for i in range(rounds):
-        walk = profile
-        if profile.slowdown is not None:
-            series = profile.slowdown.seconds
-            k = i * len(series) // rounds
-            walk = dataclasses.replace(profile, slowdown=Slowdown(series[k:] + series[:k]))
-        results.append(simulate_run(config, num_blocks, fit, walk, workload))
+    if profile.slowdown is None:  # every round would be the same run
+        results = [simulate_run(config, num_blocks, fit, profile, workload)] * rounds
+    else:
+        series = profile.slowdown.seconds
+        results = [simulate_run(config, num_blocks, fit, dataclasses.replace(
+            profile, slowdown=Slowdown(series[k:] + series[:k])), workload)
+            for k in (i * len(series) // rounds for i in range(rounds))]
     records = pooled([r.records for r in results])
     return PooledTwin(_summary(records), [r.summary for r in results], records,
                       statistics.fmean(busy_fraction(r) for r in results))

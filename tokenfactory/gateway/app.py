@@ -179,24 +179,19 @@ def build_app(
     # and then a validation of the parsed dict) and its middleware stack are on each request's
     # way to its first token; here the caller is identified first (a bad key is a 401 whatever
     # the body) and the raw body is validated by pydantic in one pass.
-    async def chat_completions(request: Request) -> Response:
-        caller = await auth(request)
-        body = await read_body(request, ChatCompletionRequest)
-        session = session_id(request, body)
-        serving = serving_for(request, body.model)
-        account = metering.open(caller, body.service_tier, body.model)
-        return await serving.chat(body, account, request.is_disconnected, session)
+    def generation(body_model: type[SamplingFields], method: str) -> Handler:
+        async def route(request: Request) -> Response:
+            caller = await auth(request)
+            body = await read_body(request, body_model)
+            session = session_id(request, body)
+            serving = serving_for(request, body.model)
+            account = metering.open(caller, body.service_tier, body.model)
+            return await getattr(serving, method)(body, account, request.is_disconnected, session)
 
-    async def completions(request: Request) -> Response:
-        caller = await auth(request)
-        body = await read_body(request, CompletionRequest)
-        session = session_id(request, body)
-        serving = serving_for(request, body.model)
-        account = metering.open(caller, body.service_tier, body.model)
-        return await serving.completions(body, account, request.is_disconnected, session)
+        return route
 
-    app.add_generation_route("/v1/chat/completions", chat_completions)
-    app.add_generation_route("/v1/completions", completions)
+    for path, body_model, method, _ in GENERATION_ROUTES:
+        app.add_generation_route(path, generation(body_model, method))
     document_generation_routes(app)
 
     add_admin_routes(app, AdminAuth(admin_key), store, tiers)
@@ -231,8 +226,9 @@ def build_app(
     return app
 
 
-GENERATION_ROUTES = (("/v1/chat/completions", ChatCompletionRequest, "Create a chat completion"),
-                     ("/v1/completions", CompletionRequest, "Create a completion"))
+GENERATION_ROUTES = (("/v1/chat/completions", ChatCompletionRequest, "chat", "Create a chat completion"),
+                     ("/v1/completions", CompletionRequest, "completions", "Create a completion"))
+"""Path, request body, `OpenAIServing` method, summary."""
 
 
 def document_generation_routes(app: FastAPI) -> None:
@@ -245,7 +241,7 @@ def document_generation_routes(app: FastAPI) -> None:
             return app.openapi_schema
         schema = make_schema()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for path, model, summary in GENERATION_ROUTES:
+        for path, model, _, summary in GENERATION_ROUTES:
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body

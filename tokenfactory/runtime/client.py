@@ -349,8 +349,7 @@ class AsyncEngineClient:
     def set_pace(self, limits: Pace | None) -> None:
         """Pace the engine's steps with the governor's bucket (`wire.SetPace`; None: no rests).
         Sent only when it changes; a dead engine is left alone."""
-        pace = SetPace(None) if limits is None else SetPace(limits.pace_w, limits.rest_w, limits.capacity_j,
-                                                            limits.step_j, limits.protect_priority)
+        pace = SetPace.of(limits)
         if pace != self.pace and self.is_alive:
             with contextlib.suppress(EngineDeadError):
                 self._send(pace)

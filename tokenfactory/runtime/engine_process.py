@@ -18,7 +18,7 @@ import traceback
 
 import zmq
 
-from tokenfactory.control.governor import Pace, PaceBucket
+from tokenfactory.control.governor import PaceBucket
 from tokenfactory.engine.config import EngineConfig
 from tokenfactory.engine.engine import EngineCore
 from tokenfactory.engine.outputs import EngineCoreOutput
@@ -159,8 +159,7 @@ class EngineLoop:
             elif isinstance(msg, SetTokenBudget):
                 self.core.scheduler.set_token_budget(msg.tokens)
             elif isinstance(msg, SetPace):
-                pace = None if msg.pace_w is None else Pace(msg.pace_w, msg.rest_w, msg.capacity_j, msg.step_j,
-                                                            msg.protect_priority)
+                pace = msg.pace()
                 if pace != self.pace.pace:
                     self.pace.set(pace, time.monotonic())
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import msgspec
 
+from tokenfactory.control.governor import Pace
 from tokenfactory.engine.kv_cache import KVEvent
 from tokenfactory.engine.outputs import EngineCoreOutput
 from tokenfactory.engine.request import SamplingParams
@@ -66,6 +67,16 @@ class SetPace(msgspec.Struct, tag=True, array_like=True):
     capacity_j: float = 0.0
     step_j: float = 0.0
     protect_priority: int | None = None
+
+    @classmethod
+    def of(cls, pace: Pace | None) -> SetPace:
+        return cls(None) if pace is None else cls(pace.pace_w, pace.rest_w, pace.capacity_j, pace.step_j,
+                                                  pace.protect_priority)
+
+    def pace(self) -> Pace | None:
+        """The governor's bucket this message carries (None: unpaced)."""
+        return None if self.pace_w is None else Pace(self.pace_w, self.rest_w, self.capacity_j, self.step_j,
+                                                     self.protect_priority)
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True):

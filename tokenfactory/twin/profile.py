@@ -67,7 +67,7 @@ chunk takes the runner's own path (an attention call per layer, a mask after a c
 0.4-0.8 ms against a 3.4-4.4 ms step on a 2-core CPU. Without its own term that cost leaks into
 the per-step and per-token prices: decode-only steps look dearer than they are, and the short
 tail of a mostly cached prompt cheaper. A step of more than one token pays a fixed extra over a
-lone token (on a 2-core CPU the second decode row added 0.8 ms, each one after it 0.2-0.4 ms: a
+lone token (on a 2-core CPU the second decode row added 0.8 ms, each one after it 0.2-0.4 ms:
 likely the cheaper matrix-vector path a single row's products take). Without that term, one line through
 both left the relative errors of a live run's one-row and three-row decode steps 10-11% apart
 (the one-row ones, most steps of a lightly loaded engine, priced high); with it, 2-3%.

@@ -47,6 +47,7 @@ def test_bench_overhead_reports_gateway_router_and_transfer_costs(tiny_model_dir
                  "--route-lens", "64", "256", "--transfer-lens", "32", "64"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("TTFT p50, 3 two-token requests of 16 tokens")
+    assert "the same work on both sides" in lines[1]  # the premise of the comparison, shown
     assert sum(line.startswith("router decision") for line in lines) == 2
     assert sum(line.startswith("KV transfer") for line in lines) == 2
     assert lines[-1].startswith("gateway + router overhead at p50:")

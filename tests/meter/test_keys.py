@@ -3,10 +3,12 @@ PostgreSQL alike (the `db` fixture)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tokenfactory.meter.db import connect
-from tokenfactory.meter.keys import KeyStore, split_key
+from tokenfactory.meter.keys import HAS_KEYS_RECHECK_S, KeyStore, split_key
 
 
 def test_create_authenticate_list_revoke(db):
@@ -51,3 +53,15 @@ def test_stored_rows_hold_no_secret(db):
 def test_default_tier_must_be_allowed(db):
     with pytest.raises(ValueError, match="not among the allowed tiers"):
         KeyStore(db).create("acme", ["flex"], "priority")
+
+
+def test_has_keys_sees_a_first_key_from_another_process_within_the_recheck(db, monkeypatch):
+    gateway, admin = KeyStore(db), KeyStore(db)  # two gateways' handles on one database
+    assert not gateway.has_keys() and not admin.has_keys()
+    KeyStore(db).create("acme", ["default"], "default")  # the CLI, in another process
+    assert not gateway.has_keys()  # the "no" stands until the recheck is due...
+    admin.create("globex", ["flex"], "flex")
+    assert admin.has_keys()  # ...but a key created through a handle counts there at once
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + HAS_KEYS_RECHECK_S + 1)
+    assert gateway.has_keys()  # the recheck finds the CLI's key

@@ -2,7 +2,8 @@
 
 The database keeps the key id, a random per-key salt and HMAC-SHA256(salt, secret), never the
 secret. A lookup finds the row by key id and compares hashes in constant time. Every lookup reads
-the database, so a revocation (from the CLI, in another process) takes effect on the next request.
+the database, so a revocation (from the CLI, in another process) takes effect on the next request;
+the first key ever created from another process takes effect within `HAS_KEYS_RECHECK_S`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from tokenfactory.control.tiers import KeyPolicy
 from tokenfactory.meter.db import connect, is_postgres
 
 KEY_PREFIX = "tf"
+
+HAS_KEYS_RECHECK_S = 1.0
+"""How long a gateway with no keys stays open after the first key is created by another process
+(the CLI); a key created through the gateway's own admin API takes effect at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,8 @@ class KeyStore:
         self.db = db
         self._conn = connect(db, "keys")
         self._lock = threading.Lock()
+        self._has_keys = False
+        self._no_keys_until = 0.0  # monotonic time until which a "no keys" answer stands
 
     def create(
         self, tenant: str, allowed_tiers: Iterable[str], default_tier: str, name: str = ""
@@ -75,6 +82,7 @@ class KeyStore:
                 "created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
                 (key_id, tenant, name, salt, _hash(salt, secret), default_tier, ",".join(allowed), record.created_at),
             )
+            self._has_keys = True
         return record, f"{KEY_PREFIX}-{key_id}-{secret}"
 
     def authenticate(self, plaintext: str) -> KeyRecord | None:
@@ -113,9 +121,17 @@ class KeyStore:
         return cur.rowcount == 1
 
     def has_keys(self) -> bool:
-        """Whether any key was ever created: then the gateway requires one."""
+        """Whether any key was ever created: then the gateway requires one. Keys are never deleted,
+        so a yes is kept; a no is asked again after `HAS_KEYS_RECHECK_S` (or at once, after a key is
+        created here). An open gateway asks on every request, and a query of a database that was
+        idle while an engine computed costs about 0.1 ms of the time to first token."""
+        now = time.monotonic()
+        if self._has_keys or now < self._no_keys_until:
+            return self._has_keys
         with self._lock:
-            return self._conn.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+            self._has_keys = self._conn.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+        self._no_keys_until = now + HAS_KEYS_RECHECK_S
+        return self._has_keys
 
     @property
     def local(self) -> bool:

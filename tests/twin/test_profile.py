@@ -17,7 +17,6 @@ from tokenfactory.twin.profile import (
     DECODE_SETTLE,
     FEATURES,
     Profile,
-    QUICK_GRID,
     ProfiledCostModel,
     ProfileGrid,
     Slowdown,
@@ -29,17 +28,16 @@ from tokenfactory.twin.profile import (
 from tokenfactory.twin.simulator import Simulator, TwinConfig
 from tokenfactory.twin.workloads import TraceRequest
 
-TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3, 6e-4, 7e-4, 4e-4)
+TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3, 6e-4, 7e-4)
 """Seconds per step, token, attention pair, KV token read, sampled row, prefill chunk, per step
-of more than one token, per step with decode rows, and per step of the other kind than the last."""
+of more than one token, and per step with decode rows."""
 
 
 def grid_shapes() -> list[BatchShape]:
     prefills = [shape_of([(n, s)]) for n in (4, 16, 64, 256, 512) for s in (0, 512)]
     decodes = [shape_of([(1, c)] * b) for b in (1, 4, 16, 48) for c in (64, 512)]
     mixed = [shape_of([(1, 256)] * b + [(n, 0)]) for b, n in ((4, 64), (16, 256))]
-    switched = [dataclasses.replace(shape, path_switched=True) for shape in (decodes[2], mixed[0])]
-    return prefills + decodes + mixed + switched
+    return prefills + decodes + mixed
 
 
 def exact(shape: BatchShape, coefficients=TRUE) -> float:
@@ -72,15 +70,14 @@ def test_the_fit_never_returns_a_negative_coefficient():
 
 def test_the_fit_refuses_too_few_or_non_positive_samples():
     shape = shape_of([(1, 10)])
-    with pytest.raises(ValueError, match=f"at least {len(FEATURES)} samples"):
-        fit_step_time([(shape, 0.01)] * (len(FEATURES) - 1))
+    with pytest.raises(ValueError, match="at least 8 samples"):
+        fit_step_time([(shape, 0.01)] * 7)
     with pytest.raises(ValueError, match="positive"):
-        fit_step_time([(shape, 0.01)] * (len(FEATURES) - 1) + [(shape, 0.0)])
+        fit_step_time([(shape, 0.01)] * 7 + [(shape, 0.0)])
 
 
 SMALL_GRID = ProfileGrid(prefill_lengths=(4, 16), prefill_contexts=(0, 16), decode_batches=(1, 3),
-                         decode_contexts=(8, 24), mixed=((2, 8),), switches=((2, 8),), warmup=0, repeats=2,
-                         slowdown_steps=20)
+                         decode_contexts=(8, 24), mixed=((2, 8),), warmup=0, repeats=2, slowdown_steps=20)
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +102,7 @@ def test_a_profile_steps_the_engine_through_the_grid_shapes(tiny_profile):
     assert ("decode", shape_of([(1, 3 + settled), (1, 5 + settled), (1, 8 + settled)])) in shapes
     (mixed,) = [p for p in tiny_profile.points if p.kind == "mixed"]
     assert (mixed.shape.num_tokens, mixed.shape.num_sampled, mixed.shape.num_prefill_chunks) == (2 + 8, 3, 1)
-    assert all(p.shape.num_prefill_chunks == (p.kind not in ("decode", "switch to decode")) for p in tiny_profile.points)
-    # Alternating steps: each timed one follows a step of the other kind; every other point follows its own kind.
-    switched = {p.kind: p.shape for p in tiny_profile.points if p.shape.path_switched}
-    assert set(switched) == {"switch to prefill", "switch to decode"}
-    assert (switched["switch to prefill"].num_tokens, switched["switch to decode"].num_tokens) == (2 + 8, 2)
+    assert all(p.shape.num_prefill_chunks == (p.kind != "decode") for p in tiny_profile.points)
     assert all(p.seconds > 0 and len(p.samples) == 2 for p in tiny_profile.points)
     # The reference steps, timed back to back: twenty of them, their factors 1 on average.
     assert tiny_profile.slowdown is not None and len(tiny_profile.slowdown.seconds) == 20
@@ -129,9 +122,9 @@ def test_a_profile_file_round_trips(tiny_profile, tmp_path):
     path.write_text(json.dumps(data))
     assert Profile.load(path).slowdown is None
     assert loaded.model_config().hidden_size == 256
-    for version in (1, 2, 3, 4, 99):  # 1-4: fitted without the prefill-chunk, multi-token, decode-path or path-switch feature
+    for version in (1, 2, 3, 99):  # 1-3: fitted without the prefill-chunk, multi-token or decode-path feature
         path.write_text(json.dumps({**data, "version": version}))
-        with pytest.raises(ValueError, match="version 5"):
+        with pytest.raises(ValueError, match="version 4"):
             Profile.load(path)
 
 
@@ -141,7 +134,7 @@ def test_twin_profile_command_writes_a_profile(tiny_model_dir, tmp_path, capsys)
                      "--out", str(out)]) == 0
     assert "profile written to" in capsys.readouterr().out
     profile = Profile.load(out)
-    assert len(profile.points) == QUICK_GRID.num_points == 13 and all(c >= 0 for c in profile.fit.coefficients)
+    assert len(profile.points) == 11 and all(c >= 0 for c in profile.fit.coefficients)
 
 
 def tiny_model() -> ModelConfig:
@@ -171,7 +164,7 @@ def test_the_profiled_cost_model_prices_steps_by_the_fit():
     assert features(both)[FEATURES.index("decode_path")] == features(both)[FEATURES.index("prefill_chunk")] == 1
     assert cost.kv_num_blocks(16) == 64 and cost.kv_num_blocks(32) == 32
     with pytest.raises(ValueError, match="non-negative"):
-        cost_model((1.0, -1.0, 0, 0, 0, 0, 0, 0))
+        cost_model((1.0, -1.0, 0, 0, 0, 0, 0))
 
 
 def test_the_twin_runs_on_the_profiled_model():
@@ -181,8 +174,7 @@ def test_the_twin_runs_on_the_profiled_model():
     result = Simulator(config, RoundRobinRouter()).run([TraceRequest(0.0, 40, 5)])
     (record,) = result.records
     prefill = exact(shape_of([(40, 0)]))
-    # The first decode follows the prefill: it is priced as a switch of path.
-    decodes = sum(exact(dataclasses.replace(shape_of([(1, 40 + i)]), path_switched=i == 0)) for i in range(4))
+    decodes = sum(exact(shape_of([(1, 40 + i)])) for i in range(4))
     assert record.first_token == pytest.approx(prefill)
     assert record.finish == pytest.approx(prefill + decodes)
     # A batch that has to queue: everything finishes, and later arrivals wait behind earlier ones.
@@ -211,7 +203,7 @@ def test_a_slowdown_prices_a_step_at_the_mean_factor_over_its_stretch_of_busy_ti
 
 
 def test_the_twin_prices_a_worker_s_steps_through_the_slowdown_of_its_busy_time():
-    flat = (0.01, 0, 0, 0, 0, 0, 0, 0, 0)  # every step 10 ms at its mean
+    flat = (0.01, 0, 0, 0, 0, 0, 0, 0)  # every step 10 ms at its mean
     steady = cost_model(flat)
     slowed = dataclasses.replace(cost_model(flat), slowdown=Slowdown((0.01, 0.03)))  # x0.5 for 10 ms, then x1.5
     request = [TraceRequest(0.0, 40, 4)]  # a prefill step, then three decodes

@@ -118,11 +118,6 @@ class BatchShape:
     """Chunks of one token: together they take the runner's decode path (block tables, a padded
     mask, one attention call per layer), which a step without any skips. The roofline does not
     price it; a profile's fit does (per step that has one, measured)."""
-    path_switched: bool = False
-    """The step carries a prefill chunk where the same engine's previous step carried none, or
-    the other way round: not a property of the batch but of the engine's recent past, which the
-    simulator and a profiling runner know. On a CPU such a step finds the other kind's working
-    set in the caches. The roofline does not price it; a profile's fit does (per such step)."""
 
 
 @dataclass(frozen=True)

@@ -56,13 +56,12 @@ from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost, step_s
 from tokenfactory.twin.hardware import HARDWARE, Hardware
 
 PROFILE_FORMAT = "tokenfactory-step-profile"
-PROFILE_VERSION = 5
+PROFILE_VERSION = 4
 """2: the prefill_chunk feature (version 1 files lack it, and their fit would misprice prefills).
-3: the multi_token feature. 4: the decode_path feature (and each point's decode rows). 5: the
-path_switch feature (and each point's `path_switched`, and the grid's alternating points)."""
+3: the multi_token feature. 4: the decode_path feature (and each point's decode rows)."""
 
 FEATURES = ("step", "token", "attention_pair", "kv_read_token", "sampled_row", "prefill_chunk", "multi_token",
-            "decode_path", "path_switch")
+            "decode_path")
 """What each fitted coefficient costs (seconds per step, per computed token, ...). A prefill
 chunk takes the runner's own path (an attention call per layer, a mask after a cached prefix):
 0.4-0.8 ms against a 3.4-4.4 ms step on a 2-core CPU. Without its own term that cost leaks into
@@ -76,39 +75,23 @@ A step with decode rows takes the runner's decode path once (block tables, a pad
 attention call per layer), one without skips it: a single per-step term charged pure prefills
 for a path they never take and mixed steps (a prompt riding along with a few decodes, common in
 a lightly loaded engine) for one path short, so the fit priced mixed grid points 4-9% low and
-a live run's steps with a prefill chunk 5-15% low against its decode-only ones.
-A step whose kind differs from the engine's previous one (a prefill chunk after decode-only
-steps, or decode-only after a prefill chunk) pays for the caches the other kind left behind: in
-a live run here (23,600 steps), priced without that term, decode-only steps right after a
-prefill came out 9.3% low and prefill steps right after decode-only ones 4.1% low, against
-+0.6% and -2.3% for steps following their own kind. The grid measures it on alternating steps.
-With it, in three runs: prefill steps after decode-only ones -0.9 to -2.0%, decode-only steps
-after a prefill -1.4 to -6.8%, decode-only after decode-only -1.6 to -3.5% (the whole run priced
-1.7-3% low: the machine's level), prefill after prefill (chunks of one long prompt, the fewest
-steps) -4.4 to -7.3%."""
+a live run's steps with a prefill chunk 5-15% low against its decode-only ones."""
 
 
 def features(shape: BatchShape) -> tuple[float, ...]:
     """The fit's regressors, in FEATURES order."""
     return (1.0, shape.num_tokens, shape.attention_pairs, shape.kv_read_tokens, shape.num_sampled,
-            shape.num_prefill_chunks, float(shape.num_tokens > 1), float(shape.num_decode_rows > 0),
-            float(shape.path_switched))
+            shape.num_prefill_chunks, float(shape.num_tokens > 1), float(shape.num_decode_rows > 0))
 
 
 class ShapeRecordingRunner(ModelRunner):
     """The model runner, remembering the shape of the step it last executed (read before the
-    scheduler updates the requests, so contexts are the step's own), with `path_switched` from
-    the step it executed before."""
+    scheduler updates the requests, so contexts are the step's own)."""
 
     last_shape: BatchShape | None = None
-    _had_prefill: bool | None = None
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        shape = step_shape(sched)
-        has_prefill = shape.num_prefill_chunks > 0
-        if self._had_prefill is not None and has_prefill != self._had_prefill:
-            shape = dataclasses.replace(shape, path_switched=True)
-        self.last_shape, self._had_prefill = shape, has_prefill
+        self.last_shape = step_shape(sched)
         return super().execute(sched)
 
 
@@ -130,7 +113,7 @@ class StepTimeFit:
 def fit_step_time(samples: Sequence[tuple[BatchShape, float]]) -> StepTimeFit:
     """Non-negative least squares of relative error over (shape, seconds) samples.
 
-    With nine features, trying every subset of them (ordinary least squares on each, keeping the
+    With eight features, trying every subset of them (ordinary least squares on each, keeping the
     best whose coefficients are all non-negative) is exact and simpler than an active-set solver.
     """
     if len(samples) < len(FEATURES):
@@ -249,11 +232,6 @@ class ProfileGrid:
     mixed: tuple[tuple[int, int], ...] = ((1, 32), (2, 128), (4, 64), (16, 32), (16, 256), (32, 128))
     """(decode rows, prefill chunk tokens) stepped together; decodes at the first decode context.
     A prompt arriving at a lightly loaded engine rides along with one or two decoding rows."""
-    switches: tuple[tuple[int, int], ...] = ((1, 32), (4, 64), (16, 128))
-    """(decode rows, prefill chunk tokens) stepped alternately, a step with the chunk and one
-    without: two points each, the chunk's step after a decode-only one and a decode-only step
-    after the chunk's (the `path_switch` term). A live engine switches kinds this way whenever
-    a prompt arrives while others decode."""
     warmup: int = 1
     repeats: int = 5
     slowdown_steps: int = 1000
@@ -264,8 +242,7 @@ class ProfileGrid:
         if self.repeats < 1 or self.warmup < 0 or self.slowdown_steps < 0:
             raise ValueError(f"repeats must be >= 1, warmup and slowdown_steps >= 0, got {self.repeats}, "
                              f"{self.warmup} and {self.slowdown_steps}")
-        pairs = (*self.mixed, *self.switches)
-        values = [*self.prefill_lengths, *self.decode_batches, *(v for pair in pairs for v in pair)]
+        values = [*self.prefill_lengths, *self.decode_batches, *(v for pair in self.mixed for v in pair)]
         if any(v < 1 for v in values):
             raise ValueError("prefill lengths, decode batches and mixed sizes must be positive")
         if any(c < 0 for c in self.prefill_contexts) or any(c < 1 for c in self.decode_contexts):
@@ -274,14 +251,12 @@ class ProfileGrid:
     @property
     def num_points(self) -> int:
         decode = len(self.decode_batches) * len(self.decode_contexts)
-        prefill = len(self.prefill_lengths) * len(self.prefill_contexts)
-        return prefill + decode + len(self.mixed) + 2 * len(self.switches)
+        return len(self.prefill_lengths) * len(self.prefill_contexts) + decode + len(self.mixed)
 
     def scheduler_config(self) -> SchedulerConfig:
         """Limits wide enough that every grid point runs as one step."""
-        pairs = (*self.mixed, *self.switches)
-        rows = max([*self.decode_batches, *(b for b, _ in pairs)]) + 1
-        tokens = max([*self.prefill_lengths, *(b + n for b, n in pairs), rows])
+        rows = max([*self.decode_batches, *(b for b, _ in self.mixed)]) + 1
+        tokens = max([*self.prefill_lengths, *(b + n for b, n in self.mixed), rows])
         return SchedulerConfig(max_num_batched_tokens=tokens, max_num_seqs=rows)
 
 
@@ -331,7 +306,7 @@ class Profile:
                 ProfilePoint(
                     p["kind"],
                     BatchShape(p["num_tokens"], p["attention_pairs"], p["kv_read_tokens"], p["num_sampled"],
-                               p["num_prefill_chunks"], p["num_decode_rows"], bool(p["path_switched"])),
+                               p["num_prefill_chunks"], p["num_decode_rows"]),
                     float(p["seconds"]),
                     tuple(p["samples"]),
                 )
@@ -455,20 +430,9 @@ class _Driver:
         timed = self.decode_steps(batch, context, warmup + DECODE_SETTLE + DECODE_TIMED, prefill)[-DECODE_TIMED:]
         return timed[0][0], statistics.fmean(seconds for _, seconds in timed)
 
-    def switch(self, batch: int, prefill: int, context: int, warmup: int, chunk_step: bool) -> tuple[BatchShape, float]:
-        """Steps alternating between `batch` decode rows with a fresh `prefill`-token prompt and
-        the rows alone: the mean of `DECODE_TIMED` steps with the prompt (`chunk_step`), each after
-        one without, or of as many without, each after one with (after `warmup` pairs and a first
-        pair that follows the rows' own prefill)."""
-        timed = self.decode_steps(batch, context, 2 * (warmup + 1 + DECODE_TIMED), prefill, every=2)
-        picked = timed[2 * (warmup + 1):][0 if chunk_step else 1::2]
-        return picked[0][0], statistics.fmean(seconds for _, seconds in picked)
-
-    def decode_steps(self, batch: int, context: int, steps: int, prefill: int = 0,
-                     every: int = 1) -> list[tuple[BatchShape, float]]:
+    def decode_steps(self, batch: int, context: int, steps: int, prefill: int = 0) -> list[tuple[BatchShape, float]]:
         """`steps` timed steps back to back of `batch` decode rows, contexts spread evenly up to
-        `context` (each step one token longer), with a fresh `prefill`-token prompt riding along
-        (on every `every`-th step, the first included).
+        `context` (each step one token longer), with a fresh `prefill`-token prompt riding along.
 
         Spread, as in a running batch: the runner pads every decode row to the longest one
         (30% dearer on this CPU than equal rows of the same total), and a `BatchShape` only
@@ -485,8 +449,8 @@ class _Driver:
         while any(r.num_output_tokens == 0 for r in rows):
             self.core.step()
         timed = []
-        for i in range(steps):
-            if prefill and i % every == 0:
+        for _ in range(steps):
+            if prefill:
                 self.add(self.prompts.fresh(prefill), 1)
             timed.append(self.step())
         self.core.abort([r.request_id for r in rows])
@@ -520,8 +484,6 @@ def measure(core: EngineCore, runner: ShapeRecordingRunner, grid: ProfileGrid, c
           for c in grid.decode_contexts for b in grid.decode_batches),
         *(("mixed", lambda b=b, n=n: driver.decode(b, grid.decode_contexts[0], w, prefill=n))
           for b, n in grid.mixed),
-        *((kind, lambda b=b, n=n, chunk=chunk: driver.switch(b, n, grid.decode_contexts[0], w, chunk))
-          for b, n in grid.switches for kind, chunk in (("switch to prefill", True), ("switch to decode", False))),
     ]
     shapes: list[BatchShape] = []
     times: list[list[float]] = [[] for _ in plan]
@@ -662,8 +624,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 QUICK_GRID = ProfileGrid(prefill_lengths=(8, 32, 64), prefill_contexts=(0, 32), decode_batches=(1, 4),
-                         decode_contexts=(16, 48), mixed=((2, 16),), switches=((2, 16),), warmup=1, repeats=2,
-                         slowdown_steps=32)
+                         decode_contexts=(16, 48), mixed=((2, 16),), warmup=1, repeats=2, slowdown_steps=32)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -697,7 +658,7 @@ def run_profile(config: EngineConfig, grid: ProfileGrid, threads: int,
 
 def describe(profile: Profile) -> str:
     names = ("s/step", "s/token", "s/attention pair", "s/KV token read", "s/sampled row", "s/prefill chunk",
-             "s/step of more than one token", "s/step with decode rows", "s/step of the other kind than the last")
+             "s/step of more than one token", "s/step with decode rows")
     terms = ", ".join(f"{c:.3g} {n}" for c, n in zip(profile.fit.coefficients, names))
     return (f"{len(profile.points)} grid points in {profile.wall_s:.1f} s ({profile.engine.get('clock')} clock); "
             f"step time = {terms} "

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import gc
 import heapq
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,9 +86,6 @@ class SimWorker:
     """Prompt tokens its requests still have to compute before their first token."""
     prefilling: dict[str, int] = field(default_factory=dict)
     """Request id -> its share of `queued_prefill_tokens`, for requests still in prefill."""
-    had_prefill: bool | None = None
-    """Whether its last step carried a prefill chunk (None: no step yet): a step of the other
-    kind is priced as a `path_switched` one."""
 
     def state(self) -> WorkerState:
         """This worker as a router sees it."""
@@ -342,10 +338,6 @@ class Simulator:
         if scheduled.is_empty:
             return  # nothing fits now; the next arrival wakes it again
         shape = step_shape(scheduled)
-        has_prefill = shape.num_prefill_chunks > 0
-        if worker.had_prefill is not None and has_prefill != worker.had_prefill:
-            shape = dataclasses.replace(shape, path_switched=True)
-        worker.had_prefill = has_prefill
         worker.busy, worker.in_flight = True, scheduled
         cost = self.cost.step(shape)
         if self._slowdown is not None:

@@ -17,6 +17,7 @@ from tokenfactory.twin.profile import (
     DECODE_SETTLE,
     FEATURES,
     Profile,
+    QUICK_GRID,
     ProfiledCostModel,
     ProfileGrid,
     Slowdown,
@@ -28,16 +29,17 @@ from tokenfactory.twin.profile import (
 from tokenfactory.twin.simulator import Simulator, TwinConfig
 from tokenfactory.twin.workloads import TraceRequest
 
-TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3, 6e-4, 7e-4)
+TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3, 6e-4, 7e-4, 4e-4)
 """Seconds per step, token, attention pair, KV token read, sampled row, prefill chunk, per step
-of more than one token, and per step with decode rows."""
+of more than one token, per step with decode rows, and per step with a row's first decode."""
 
 
 def grid_shapes() -> list[BatchShape]:
     prefills = [shape_of([(n, s)]) for n in (4, 16, 64, 256, 512) for s in (0, 512)]
     decodes = [shape_of([(1, c)] * b) for b in (1, 4, 16, 48) for c in (64, 512)]
     mixed = [shape_of([(1, 256)] * b + [(n, 0)]) for b, n in ((4, 64), (16, 256))]
-    return prefills + decodes + mixed
+    joined = [dataclasses.replace(shape, num_first_decodes=1) for shape in (decodes[2], mixed[0])]
+    return prefills + decodes + mixed + joined
 
 
 def exact(shape: BatchShape, coefficients=TRUE) -> float:
@@ -48,6 +50,11 @@ def test_the_fit_recovers_known_coefficients_from_exact_timings():
     fit = fit_step_time([(s, exact(s)) for s in grid_shapes()])
     assert fit.coefficients == pytest.approx(TRUE, rel=1e-6)
     assert fit.rms_relative_error < 1e-9
+    # The first-decode term is measured on top of the rest, which the points with one do not move.
+    plain = fit_step_time([(s, exact(s)) for s in grid_shapes() if not s.num_first_decodes])
+    assert plain.coefficients[:-1] == fit.coefficients[:-1] and plain.coefficients[-1] == 0
+    slow = fit_step_time([(s, exact(s) * (1.5 if s.num_first_decodes else 1)) for s in grid_shapes()])
+    assert slow.coefficients[:-1] == fit.coefficients[:-1] and slow.coefficients[-1] > fit.coefficients[-1]
 
 
 def test_the_fit_stays_close_under_noise():
@@ -70,14 +77,15 @@ def test_the_fit_never_returns_a_negative_coefficient():
 
 def test_the_fit_refuses_too_few_or_non_positive_samples():
     shape = shape_of([(1, 10)])
-    with pytest.raises(ValueError, match="at least 8 samples"):
-        fit_step_time([(shape, 0.01)] * 7)
+    with pytest.raises(ValueError, match=f"at least {len(FEATURES) - 1} samples"):  # all but the switch term
+        fit_step_time([(shape, 0.01)] * (len(FEATURES) - 2))
     with pytest.raises(ValueError, match="positive"):
-        fit_step_time([(shape, 0.01)] * 7 + [(shape, 0.0)])
+        fit_step_time([(shape, 0.01)] * (len(FEATURES) - 1) + [(shape, 0.0)])
 
 
 SMALL_GRID = ProfileGrid(prefill_lengths=(4, 16), prefill_contexts=(0, 16), decode_batches=(1, 3),
-                         decode_contexts=(8, 24), mixed=((2, 8),), warmup=0, repeats=2, slowdown_steps=20)
+                         decode_contexts=(8, 24), mixed=((2, 8),), joins=(2,), warmup=0, repeats=2,
+                         slowdown_steps=20)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +110,10 @@ def test_a_profile_steps_the_engine_through_the_grid_shapes(tiny_profile):
     assert ("decode", shape_of([(1, 3 + settled), (1, 5 + settled), (1, 8 + settled)])) in shapes
     (mixed,) = [p for p in tiny_profile.points if p.kind == "mixed"]
     assert (mixed.shape.num_tokens, mixed.shape.num_sampled, mixed.shape.num_prefill_chunks) == (2 + 8, 3, 1)
-    assert all(p.shape.num_prefill_chunks == (p.kind != "decode") for p in tiny_profile.points)
+    assert all(p.shape.num_prefill_chunks == (p.kind in ("prefill", "mixed")) for p in tiny_profile.points)
+    # A prompt joins two settled rows: its first decode beside theirs, the only point with one.
+    (join,) = [p for p in tiny_profile.points if p.shape.num_first_decodes]
+    assert join.kind == "join" and (join.shape.num_tokens, join.shape.num_first_decodes) == (3, 1)
     assert all(p.seconds > 0 and len(p.samples) == 2 for p in tiny_profile.points)
     # The reference steps, timed back to back: twenty of them, their factors 1 on average.
     assert tiny_profile.slowdown is not None and len(tiny_profile.slowdown.seconds) == 20
@@ -122,9 +133,9 @@ def test_a_profile_file_round_trips(tiny_profile, tmp_path):
     path.write_text(json.dumps(data))
     assert Profile.load(path).slowdown is None
     assert loaded.model_config().hidden_size == 256
-    for version in (1, 2, 3, 99):  # 1-3: fitted without the prefill-chunk, multi-token or decode-path feature
+    for version in (1, 2, 3, 4, 99):  # 1-4: fitted without the prefill-chunk, multi-token, decode-path or first-decode feature
         path.write_text(json.dumps({**data, "version": version}))
-        with pytest.raises(ValueError, match="version 4"):
+        with pytest.raises(ValueError, match="version 5"):
             Profile.load(path)
 
 
@@ -134,7 +145,7 @@ def test_twin_profile_command_writes_a_profile(tiny_model_dir, tmp_path, capsys)
                      "--out", str(out)]) == 0
     assert "profile written to" in capsys.readouterr().out
     profile = Profile.load(out)
-    assert len(profile.points) == 11 and all(c >= 0 for c in profile.fit.coefficients)
+    assert len(profile.points) == QUICK_GRID.num_points == 12 and all(c >= 0 for c in profile.fit.coefficients)
 
 
 def tiny_model() -> ModelConfig:
@@ -164,7 +175,7 @@ def test_the_profiled_cost_model_prices_steps_by_the_fit():
     assert features(both)[FEATURES.index("decode_path")] == features(both)[FEATURES.index("prefill_chunk")] == 1
     assert cost.kv_num_blocks(16) == 64 and cost.kv_num_blocks(32) == 32
     with pytest.raises(ValueError, match="non-negative"):
-        cost_model((1.0, -1.0, 0, 0, 0, 0, 0))
+        cost_model((1.0, -1.0, 0, 0, 0, 0, 0, 0))
 
 
 def test_the_twin_runs_on_the_profiled_model():
@@ -174,7 +185,8 @@ def test_the_twin_runs_on_the_profiled_model():
     result = Simulator(config, RoundRobinRouter()).run([TraceRequest(0.0, 40, 5)])
     (record,) = result.records
     prefill = exact(shape_of([(40, 0)]))
-    decodes = sum(exact(shape_of([(1, 40 + i)])) for i in range(4))
+    # The first decode after the prefill is priced as one.
+    decodes = sum(exact(dataclasses.replace(shape_of([(1, 40 + i)]), num_first_decodes=int(i == 0))) for i in range(4))
     assert record.first_token == pytest.approx(prefill)
     assert record.finish == pytest.approx(prefill + decodes)
     # A batch that has to queue: everything finishes, and later arrivals wait behind earlier ones.
@@ -203,7 +215,7 @@ def test_a_slowdown_prices_a_step_at_the_mean_factor_over_its_stretch_of_busy_ti
 
 
 def test_the_twin_prices_a_worker_s_steps_through_the_slowdown_of_its_busy_time():
-    flat = (0.01, 0, 0, 0, 0, 0, 0, 0)  # every step 10 ms at its mean
+    flat = (0.01, 0, 0, 0, 0, 0, 0, 0, 0)  # every step 10 ms at its mean
     steady = cost_model(flat)
     slowed = dataclasses.replace(cost_model(flat), slowdown=Slowdown((0.01, 0.03)))  # x0.5 for 10 ms, then x1.5
     request = [TraceRequest(0.0, 40, 4)]  # a prefill step, then three decodes

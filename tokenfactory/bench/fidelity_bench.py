@@ -534,12 +534,15 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
         f"({gap / mean_step:.2%} of a step); wake-up after an idle wait {1000 * late:.2f} ms (median, "
         f"{len(run.wake_late_s)} times); torch threads {torch.get_num_threads()}"
     )
-    with_prefill = result.step_model_error_where(lambda shape: shape.num_prefill_chunks > 0)
-    decode_only = result.step_model_error_where(lambda shape: shape.num_prefill_chunks == 0)
+    def error(which: Callable[[BatchShape], bool]) -> str:
+        return f"{result.step_model_error_where(which):+.1%}"
+
     idle, queued = result.ttft_ratios(arrived_idle=True), result.ttft_ratios(arrived_idle=False)
     console.print(
-        f"by kind, the fitted model prices steps with a prefill chunk {with_prefill:+.1%}, decode-only steps "
-        f"{decode_only:+.1%}; per request, twin over live TTFT (median): "
+        f"by kind, the fitted model prices steps with a prefill chunk {error(lambda s: s.num_prefill_chunks > 0)}, "
+        f"decode-only steps with a row's first decode {error(lambda s: not s.num_prefill_chunks and s.num_first_decodes)}, "
+        f"other decode-only steps {error(lambda s: not s.num_prefill_chunks and not s.num_first_decodes)}; "
+        f"per request, twin over live TTFT (median): "
         f"{_median_text(idle)} for those arriving at an idle engine ({len(idle)}: no queueing), "
         f"{_median_text(queued)} for the others ({len(queued)})"
     )

@@ -56,12 +56,13 @@ from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost, step_s
 from tokenfactory.twin.hardware import HARDWARE, Hardware
 
 PROFILE_FORMAT = "tokenfactory-step-profile"
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 """2: the prefill_chunk feature (version 1 files lack it, and their fit would misprice prefills).
-3: the multi_token feature. 4: the decode_path feature (and each point's decode rows)."""
+3: the multi_token feature. 4: the decode_path feature (and each point's decode rows). 5: the
+first_decode feature (and each point's `num_first_decodes`, and the grid's joining points)."""
 
 FEATURES = ("step", "token", "attention_pair", "kv_read_token", "sampled_row", "prefill_chunk", "multi_token",
-            "decode_path")
+            "decode_path", "first_decode")
 """What each fitted coefficient costs (seconds per step, per computed token, ...). A prefill
 chunk takes the runner's own path (an attention call per layer, a mask after a cached prefix):
 0.4-0.8 ms against a 3.4-4.4 ms step on a 2-core CPU. Without its own term that cost leaks into
@@ -75,13 +76,19 @@ A step with decode rows takes the runner's decode path once (block tables, a pad
 attention call per layer), one without skips it: a single per-step term charged pure prefills
 for a path they never take and mixed steps (a prompt riding along with a few decodes, common in
 a lightly loaded engine) for one path short, so the fit priced mixed grid points 4-9% low and
-a live run's steps with a prefill chunk 5-15% low against its decode-only ones."""
+a live run's steps with a prefill chunk 5-15% low against its decode-only ones.
+A decode step in which a row makes its first decode (its request just joined the batch from
+its prefill) costs about 0.45 ms more than the same rows a step later (eight rows joined by a ninth on
+this CPU: 8.06 ms, then 7.77 and 7.63 ms); priced without that term, a live run's decode-only steps right after a
+step carrying a prompt came out 9-11% low. The grid measures it on rows that a prompt joins,
+as a fixed extra per step (`fit_step_time`)."""
 
 
 def features(shape: BatchShape) -> tuple[float, ...]:
     """The fit's regressors, in FEATURES order."""
     return (1.0, shape.num_tokens, shape.attention_pairs, shape.kv_read_tokens, shape.num_sampled,
-            shape.num_prefill_chunks, float(shape.num_tokens > 1), float(shape.num_decode_rows > 0))
+            shape.num_prefill_chunks, float(shape.num_tokens > 1), float(shape.num_decode_rows > 0),
+            float(shape.num_first_decodes > 0))
 
 
 class ShapeRecordingRunner(ModelRunner):
@@ -111,35 +118,57 @@ class StepTimeFit:
 
 
 def fit_step_time(samples: Sequence[tuple[BatchShape, float]]) -> StepTimeFit:
-    """Non-negative least squares of relative error over (shape, seconds) samples.
+    """Non-negative least squares of relative error over (shape, seconds) samples, in two stages:
+    every term but `first_decode` from the samples without a first decode, then `first_decode`
+    as the mean of what the samples with one took beyond that fit's price (at least 0).
 
-    With eight features, trying every subset of them (ordinary least squares on each, keeping the
+    A first decode is a fixed extra on top of a step, so it is measured as one: a ninth term in
+    the same least-squares pass traded cost with the per-step and per-path terms, and their
+    split moved from sweep to sweep.
+    """
+    if any(s <= 0 for _, s in samples):
+        raise ValueError("step times must be positive")
+    plain = [(shape, s) for shape, s in samples if not shape.num_first_decodes]
+    switched = [(shape, s) for shape, s in samples if shape.num_first_decodes]
+    coefficients, error = _fit_terms(plain, len(FEATURES) - 1)
+    base = StepTimeFit((*coefficients, 0.0))
+    extra_s = max(0.0, statistics.fmean(s - base.predict(shape) for shape, s in switched)) if switched else 0.0
+    fit = StepTimeFit((*coefficients, extra_s))
+    if switched:
+        residuals = [fit.predict(shape) / s - 1 for shape, s in samples]
+        error = float(np.sqrt(np.mean(np.square(residuals))))
+    return StepTimeFit(fit.coefficients, error)
+
+
+def _fit_terms(samples: Sequence[tuple[BatchShape, float]], num_terms: int) -> tuple[tuple[float, ...], float]:
+    """The first `num_terms` FEATURES' coefficients and the rms relative error.
+
+    With eight terms, trying every subset of them (ordinary least squares on each, keeping the
     best whose coefficients are all non-negative) is exact and simpler than an active-set solver.
     """
-    if len(samples) < len(FEATURES):
-        raise ValueError(f"need at least {len(FEATURES)} samples to fit, got {len(samples)}")
+    if len(samples) < num_terms:
+        raise ValueError(f"need at least {num_terms} samples to fit, got {len(samples)}")
     seconds = np.array([s for _, s in samples], dtype=float)
     if (seconds <= 0).any():
         raise ValueError("step times must be positive")
     # Divide each row by its time: the residuals become relative errors.
-    x = np.array([features(shape) for shape, _ in samples], dtype=float) / seconds[:, None]
+    x = np.array([features(shape)[:num_terms] for shape, _ in samples], dtype=float) / seconds[:, None]
     y = np.ones(len(samples))
     scale = np.abs(x).max(axis=0)
     scale[scale == 0] = 1.0  # a feature that is always 0 (no attention pairs) stays at 0
     x = x / scale
-    best, best_error = np.zeros(len(FEATURES)), np.inf
-    for size in range(1, len(FEATURES) + 1):
-        for subset in itertools.combinations(range(len(FEATURES)), size):
+    best, best_error = np.zeros(num_terms), np.inf
+    for size in range(1, num_terms + 1):
+        for subset in itertools.combinations(range(num_terms), size):
             cols = list(subset)
             solution, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
             if (solution < 0).any():
                 continue
             error = float(np.sum((x[:, cols] @ solution - y) ** 2))
             if error < best_error - 1e-15:
-                best, best_error = np.zeros(len(FEATURES)), error
+                best, best_error = np.zeros(num_terms), error
                 best[cols] = solution
-    coefficients = tuple(float(c) for c in best / scale)
-    return StepTimeFit(coefficients, float(np.sqrt(best_error / len(samples))))
+    return tuple(float(c) for c in best / scale), float(np.sqrt(best_error / len(samples)))
 
 
 @dataclass(frozen=True)
@@ -232,6 +261,10 @@ class ProfileGrid:
     mixed: tuple[tuple[int, int], ...] = ((1, 32), (2, 128), (4, 64), (16, 32), (16, 256), (32, 128))
     """(decode rows, prefill chunk tokens) stepped together; decodes at the first decode context.
     A prompt arriving at a lightly loaded engine rides along with one or two decoding rows."""
+    joins: tuple[int, ...] = (1, 4, 16)
+    """Decode batches (at the first decode context) that a fresh prompt joins: the point is the
+    step after the prompt's prefill, in which its row makes its first decode (the `first_decode`
+    term). A live engine has one whenever a prompt arrives while others decode."""
     warmup: int = 1
     repeats: int = 5
     slowdown_steps: int = 1000
@@ -242,7 +275,7 @@ class ProfileGrid:
         if self.repeats < 1 or self.warmup < 0 or self.slowdown_steps < 0:
             raise ValueError(f"repeats must be >= 1, warmup and slowdown_steps >= 0, got {self.repeats}, "
                              f"{self.warmup} and {self.slowdown_steps}")
-        values = [*self.prefill_lengths, *self.decode_batches, *(v for pair in self.mixed for v in pair)]
+        values = [*self.prefill_lengths, *self.decode_batches, *self.joins, *(v for pair in self.mixed for v in pair)]
         if any(v < 1 for v in values):
             raise ValueError("prefill lengths, decode batches and mixed sizes must be positive")
         if any(c < 0 for c in self.prefill_contexts) or any(c < 1 for c in self.decode_contexts):
@@ -251,12 +284,13 @@ class ProfileGrid:
     @property
     def num_points(self) -> int:
         decode = len(self.decode_batches) * len(self.decode_contexts)
-        return len(self.prefill_lengths) * len(self.prefill_contexts) + decode + len(self.mixed)
+        prefill = len(self.prefill_lengths) * len(self.prefill_contexts)
+        return prefill + decode + len(self.mixed) + len(self.joins)
 
     def scheduler_config(self) -> SchedulerConfig:
         """Limits wide enough that every grid point runs as one step."""
-        rows = max([*self.decode_batches, *(b for b, _ in self.mixed)]) + 1
-        tokens = max([*self.prefill_lengths, *(b + n for b, n in self.mixed), rows])
+        rows = max([*self.decode_batches, *(b + 1 for b in self.joins), *(b for b, _ in self.mixed)]) + 1
+        tokens = max([*self.prefill_lengths, *(b + JOIN_PROMPT for b in self.joins), *(b + n for b, n in self.mixed), rows])
         return SchedulerConfig(max_num_batched_tokens=tokens, max_num_seqs=rows)
 
 
@@ -306,7 +340,7 @@ class Profile:
                 ProfilePoint(
                     p["kind"],
                     BatchShape(p["num_tokens"], p["attention_pairs"], p["kv_read_tokens"], p["num_sampled"],
-                               p["num_prefill_chunks"], p["num_decode_rows"]),
+                               p["num_prefill_chunks"], p["num_decode_rows"], p["num_first_decodes"]),
                     float(p["seconds"]),
                     tuple(p["samples"]),
                 )
@@ -373,6 +407,9 @@ them, the profile priced a live run's decode-only steps 8-13% high."""
 DECODE_TIMED = 2
 """Decode steps averaged into one sample of a decode point."""
 
+JOIN_PROMPT = 32
+"""Tokens of the prompt that joins a decode batch at a `join` grid point."""
+
 
 class _Driver:
     """Steps an `EngineCore` on a `ShapeRecordingRunner`, timing each step end to end."""
@@ -430,9 +467,8 @@ class _Driver:
         timed = self.decode_steps(batch, context, warmup + DECODE_SETTLE + DECODE_TIMED, prefill)[-DECODE_TIMED:]
         return timed[0][0], statistics.fmean(seconds for _, seconds in timed)
 
-    def decode_steps(self, batch: int, context: int, steps: int, prefill: int = 0) -> list[tuple[BatchShape, float]]:
-        """`steps` timed steps back to back of `batch` decode rows, contexts spread evenly up to
-        `context` (each step one token longer), with a fresh `prefill`-token prompt riding along.
+    def _rows(self, batch: int, context: int, max_tokens: int) -> list[Request]:
+        """`batch` requests prefilled and decoding, contexts spread evenly up to `context`.
 
         Spread, as in a running batch: the runner pads every decode row to the longest one
         (30% dearer on this CPU than equal rows of the same total), and a `BatchShape` only
@@ -443,11 +479,33 @@ class _Driver:
         contexts = [max(1, round(context * (i + 1) / batch)) for i in range(batch)]
         shared = [(c - 1) // block * block for c in contexts]
         prefixes = [self.cached_prefix(s, i) for i, s in enumerate(shared)]  # before any row starts
-        rows = [self.add(prefix + self.prompts.fresh(c - s),
-                         steps + batch + 1)  # the first rows may decode while the last prefill
-                for prefix, c, s in zip(prefixes, contexts, shared)]
+        rows = [self.add(prefix + self.prompts.fresh(c - s), max_tokens) for prefix, c, s in zip(prefixes, contexts, shared)]
         while any(r.num_output_tokens == 0 for r in rows):
             self.core.step()
+        return rows
+
+    def join(self, batch: int, context: int, warmup: int) -> tuple[BatchShape, float]:
+        """The mean of `DECODE_TIMED` steps in which a fresh `JOIN_PROMPT`-token prompt, prefilled
+        the step before, makes its first decode beside `batch` settled rows (after `warmup` alike)."""
+        rows = self._rows(batch, context, (warmup + DECODE_TIMED) * 4 + DECODE_SETTLE + batch + 1)
+        for _ in range(DECODE_SETTLE):
+            self.step()
+        timed = []
+        for _ in range(warmup + DECODE_TIMED):
+            joining = self.add(self.prompts.fresh(JOIN_PROMPT), 3)
+            self.step()  # its prefill
+            timed.append(self.step())
+            self.core.abort([joining.request_id])
+            self.step()  # the rows alone again
+        self.core.abort([r.request_id for r in rows])
+        self.drain()
+        timed = timed[-DECODE_TIMED:]
+        return timed[0][0], statistics.fmean(seconds for _, seconds in timed)
+
+    def decode_steps(self, batch: int, context: int, steps: int, prefill: int = 0) -> list[tuple[BatchShape, float]]:
+        """`steps` timed steps back to back of `batch` decode rows, contexts spread evenly up to
+        `context` (each step one token longer), with a fresh `prefill`-token prompt riding along."""
+        rows = self._rows(batch, context, steps + batch + 1)  # the first rows may decode while the last prefill
         timed = []
         for _ in range(steps):
             if prefill:
@@ -484,6 +542,7 @@ def measure(core: EngineCore, runner: ShapeRecordingRunner, grid: ProfileGrid, c
           for c in grid.decode_contexts for b in grid.decode_batches),
         *(("mixed", lambda b=b, n=n: driver.decode(b, grid.decode_contexts[0], w, prefill=n))
           for b, n in grid.mixed),
+        *(("join", lambda b=b: driver.join(b, grid.decode_contexts[0], w)) for b in grid.joins),
     ]
     shapes: list[BatchShape] = []
     times: list[list[float]] = [[] for _ in plan]
@@ -624,7 +683,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 QUICK_GRID = ProfileGrid(prefill_lengths=(8, 32, 64), prefill_contexts=(0, 32), decode_batches=(1, 4),
-                         decode_contexts=(16, 48), mixed=((2, 16),), warmup=1, repeats=2, slowdown_steps=32)
+                         decode_contexts=(16, 48), mixed=((2, 16),), joins=(2,), warmup=1, repeats=2,
+                         slowdown_steps=32)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -658,7 +718,7 @@ def run_profile(config: EngineConfig, grid: ProfileGrid, threads: int,
 
 def describe(profile: Profile) -> str:
     names = ("s/step", "s/token", "s/attention pair", "s/KV token read", "s/sampled row", "s/prefill chunk",
-             "s/step of more than one token", "s/step with decode rows")
+             "s/step of more than one token", "s/step with decode rows", "s/step with a first decode")
     terms = ", ".join(f"{c:.3g} {n}" for c, n in zip(profile.fit.coefficients, names))
     return (f"{len(profile.points)} grid points in {profile.wall_s:.1f} s ({profile.engine.get('clock')} clock); "
             f"step time = {terms} "

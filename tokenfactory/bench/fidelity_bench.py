@@ -540,7 +540,8 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
     idle, queued = result.ttft_ratios(arrived_idle=True), result.ttft_ratios(arrived_idle=False)
     console.print(
         f"by kind, the fitted model prices steps with a prefill chunk {error(lambda s: s.num_prefill_chunks > 0)}, "
-        f"decode-only steps with a row's first decode {error(lambda s: not s.num_prefill_chunks and s.num_first_decodes)}, "
+        f"decode-only steps with a row's first decode "
+        f"{error(lambda s: not s.num_prefill_chunks and s.num_first_decodes)}, "
         f"other decode-only steps {error(lambda s: not s.num_prefill_chunks and not s.num_first_decodes)}; "
         f"per request, twin over live TTFT (median): "
         f"{_median_text(idle)} for those arriving at an idle engine ({len(idle)}: no queueing), "

@@ -78,10 +78,10 @@ for a path they never take and mixed steps (a prompt riding along with a few dec
 a lightly loaded engine) for one path short, so the fit priced mixed grid points 4-9% low and
 a live run's steps with a prefill chunk 5-15% low against its decode-only ones.
 A decode step in which a row makes its first decode (its request just joined the batch from
-its prefill) costs about 0.45 ms more than the same rows a step later (eight rows joined by a ninth on
-this CPU: 8.06 ms, then 7.77 and 7.63 ms); priced without that term, a live run's decode-only steps right after a
-step carrying a prompt came out 9-11% low. The grid measures it on rows that a prompt joins,
-as a fixed extra per step (`fit_step_time`)."""
+its prefill) costs about 0.45 ms more than the same rows a step later (eight rows joined by a
+ninth on this CPU: 8.06 ms, then 7.77 and 7.63 ms); priced without that term, a live run's
+decode-only steps right after a step carrying a prompt came out 9-11% low. The grid measures it
+on rows that a prompt joins, as a fixed extra per step (`fit_step_time`)."""
 
 
 def features(shape: BatchShape) -> tuple[float, ...]:
@@ -129,12 +129,12 @@ def fit_step_time(samples: Sequence[tuple[BatchShape, float]]) -> StepTimeFit:
     if any(s <= 0 for _, s in samples):
         raise ValueError("step times must be positive")
     plain = [(shape, s) for shape, s in samples if not shape.num_first_decodes]
-    switched = [(shape, s) for shape, s in samples if shape.num_first_decodes]
+    joined = [(shape, s) for shape, s in samples if shape.num_first_decodes]
     coefficients, error = _fit_terms(plain, len(FEATURES) - 1)
     base = StepTimeFit((*coefficients, 0.0))
-    extra_s = max(0.0, statistics.fmean(s - base.predict(shape) for shape, s in switched)) if switched else 0.0
+    extra_s = max(0.0, statistics.fmean(s - base.predict(shape) for shape, s in joined)) if joined else 0.0
     fit = StepTimeFit((*coefficients, extra_s))
-    if switched:
+    if joined:
         residuals = [fit.predict(shape) / s - 1 for shape, s in samples]
         error = float(np.sqrt(np.mean(np.square(residuals))))
     return StepTimeFit(fit.coefficients, error)
@@ -290,7 +290,8 @@ class ProfileGrid:
     def scheduler_config(self) -> SchedulerConfig:
         """Limits wide enough that every grid point runs as one step."""
         rows = max([*self.decode_batches, *(b + 1 for b in self.joins), *(b for b, _ in self.mixed)]) + 1
-        tokens = max([*self.prefill_lengths, *(b + JOIN_PROMPT for b in self.joins), *(b + n for b, n in self.mixed), rows])
+        tokens = max([*self.prefill_lengths, *(b + JOIN_PROMPT for b in self.joins),
+                      *(b + n for b, n in self.mixed), rows])
         return SchedulerConfig(max_num_batched_tokens=tokens, max_num_seqs=rows)
 
 
@@ -479,7 +480,8 @@ class _Driver:
         contexts = [max(1, round(context * (i + 1) / batch)) for i in range(batch)]
         shared = [(c - 1) // block * block for c in contexts]
         prefixes = [self.cached_prefix(s, i) for i, s in enumerate(shared)]  # before any row starts
-        rows = [self.add(prefix + self.prompts.fresh(c - s), max_tokens) for prefix, c, s in zip(prefixes, contexts, shared)]
+        rows = [self.add(prefix + self.prompts.fresh(c - s), max_tokens)
+                for prefix, c, s in zip(prefixes, contexts, shared)]
         while any(r.num_output_tokens == 0 for r in rows):
             self.core.step()
         return rows

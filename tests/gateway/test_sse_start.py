@@ -45,6 +45,12 @@ class Client:
         return b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
 
 
+def serve(events) -> tuple[Client, asyncio.Future]:
+    """`events` as an SSE response served to a fake client, in a task of its own."""
+    client = Client()
+    return client, asyncio.ensure_future(_sse(events)({"type": "http"}, client.receive, client.send))
+
+
 def test_the_request_is_submitted_before_the_headers_go_out():
     async def main():
         log, first_token, client = [], asyncio.Event(), Client()
@@ -73,9 +79,8 @@ def test_the_request_is_submitted_before_the_headers_go_out():
 
 def test_a_client_leaving_before_the_first_token_closes_the_events():
     async def main():
-        log, first_token, client = [], asyncio.Event(), Client()
-        response = _sse(engine_events(log, first_token))
-        serving = asyncio.ensure_future(response({"type": "http"}, client.receive, client.send))
+        log, first_token = [], asyncio.Event()
+        client, serving = serve(engine_events(log, first_token))
         await asyncio.sleep(0.01)  # the response waits for the first event
         client.gone.set()
         await serving  # ends quietly: nobody is there to read an error
@@ -97,9 +102,7 @@ def test_a_client_leaving_after_the_first_token_closes_the_events():
             finally:
                 log.append("closed")
 
-        client = Client()
-        response = _sse(events())
-        serving = asyncio.ensure_future(response({"type": "http"}, client.receive, client.send))
+        client, serving = serve(events())
         await until(lambda: client.body() == b"data: 1\n\n")
         client.gone.set()
         await serving
@@ -110,9 +113,8 @@ def test_a_client_leaving_after_the_first_token_closes_the_events():
 
 def test_a_cancelled_response_is_not_mistaken_for_a_disconnect():
     async def main():
-        log, first_token, client = [], asyncio.Event(), Client()
-        response = _sse(engine_events(log, first_token))
-        serving = asyncio.ensure_future(response({"type": "http"}, client.receive, client.send))
+        log, first_token = [], asyncio.Event()
+        _, serving = serve(engine_events(log, first_token))
         await asyncio.sleep(0.01)
         serving.cancel()  # the server shutting down, say: the cancellation goes on up
         await asyncio.wait([serving])

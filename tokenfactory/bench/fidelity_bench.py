@@ -534,6 +534,7 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
         f"({gap / mean_step:.2%} of a step); wake-up after an idle wait {1000 * late:.2f} ms (median, "
         f"{len(run.wake_late_s)} times); torch threads {torch.get_num_threads()}"
     )
+
     def error(which: Callable[[BatchShape], bool]) -> str:
         return f"{result.step_model_error_where(which):+.1%}"
 

@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
     d_steps, s_steps = (_median_steps(side) for side in (direct, served))
     print(f"  the engine's own time in the request's two steps (the same work on both sides): direct {_ms(d_steps)}, "
           f"served {_ms(s_steps)}")
-    d_net, s_net = (_median_less_steps(side) for side in (direct, served))
+    d_net, s_net = (_median_steps(side, less_from_ttft=True) for side in (direct, served))
     print(f"  the same less the engine's own time in the request's two steps: direct {_ms(d_net)}, "
           f"through gateway + router {_ms(s_net)}")
     paired = statistics.median(b.ttft_s - a.ttft_s for a, b in zip(direct, served, strict=True))
@@ -106,14 +106,10 @@ def http_stack() -> str:
     return f"{loop} + {parser}"
 
 
-def _median_steps(side: list[FirstToken]) -> float | None:
-    known = [t.step_s for t in side if t.step_s is not None]
-    return statistics.median(known) if known else None
-
-
-def _median_less_steps(side: list[FirstToken]) -> float | None:
-    """Median TTFT less the request's engine steps, over the requests whose step time is known."""
-    known = [t.ttft_s - t.step_s for t in side if t.step_s is not None]
+def _median_steps(side: list[FirstToken], less_from_ttft: bool = False) -> float | None:
+    """Median of the requests' engine step time (or of their TTFT less it), over the requests
+    whose step time is known."""
+    known = [t.ttft_s - t.step_s if less_from_ttft else t.step_s for t in side if t.step_s is not None]
     return statistics.median(known) if known else None
 
 

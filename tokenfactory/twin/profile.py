@@ -131,17 +131,16 @@ def fit_step_time(samples: Sequence[tuple[BatchShape, float]]) -> StepTimeFit:
     plain = [(shape, s) for shape, s in samples if not shape.num_first_decodes]
     joined = [(shape, s) for shape, s in samples if shape.num_first_decodes]
     coefficients, error = _fit_terms(plain, len(FEATURES) - 1)
+    if not joined:
+        return StepTimeFit((*coefficients, 0.0), error)
     base = StepTimeFit((*coefficients, 0.0))
-    extra_s = max(0.0, statistics.fmean(s - base.predict(shape) for shape, s in joined)) if joined else 0.0
-    fit = StepTimeFit((*coefficients, extra_s))
-    if joined:
-        residuals = [fit.predict(shape) / s - 1 for shape, s in samples]
-        error = float(np.sqrt(np.mean(np.square(residuals))))
-    return StepTimeFit(fit.coefficients, error)
+    fit = StepTimeFit((*coefficients, max(0.0, statistics.fmean(s - base.predict(shape) for shape, s in joined))))
+    residuals = [fit.predict(shape) / s - 1 for shape, s in samples]
+    return StepTimeFit(fit.coefficients, float(np.sqrt(np.mean(np.square(residuals)))))
 
 
 def _fit_terms(samples: Sequence[tuple[BatchShape, float]], num_terms: int) -> tuple[tuple[float, ...], float]:
-    """The first `num_terms` FEATURES' coefficients and the rms relative error.
+    """The first `num_terms` FEATURES' coefficients and the rms relative error (step times positive).
 
     With eight terms, trying every subset of them (ordinary least squares on each, keeping the
     best whose coefficients are all non-negative) is exact and simpler than an active-set solver.
@@ -149,8 +148,6 @@ def _fit_terms(samples: Sequence[tuple[BatchShape, float]], num_terms: int) -> t
     if len(samples) < num_terms:
         raise ValueError(f"need at least {num_terms} samples to fit, got {len(samples)}")
     seconds = np.array([s for _, s in samples], dtype=float)
-    if (seconds <= 0).any():
-        raise ValueError("step times must be positive")
     # Divide each row by its time: the residuals become relative errors.
     x = np.array([features(shape)[:num_terms] for shape, _ in samples], dtype=float) / seconds[:, None]
     y = np.ones(len(samples))
@@ -465,8 +462,7 @@ class _Driver:
         `prefill`-token prompt riding along if given: the mean of `DECODE_TIMED` steps after
         `warmup` and `DECODE_SETTLE` steps alike (the shape of the first of them; contexts grow
         by a token a step)."""
-        timed = self.decode_steps(batch, context, warmup + DECODE_SETTLE + DECODE_TIMED, prefill)[-DECODE_TIMED:]
-        return timed[0][0], statistics.fmean(seconds for _, seconds in timed)
+        return _mean_step(self.decode_steps(batch, context, warmup + DECODE_SETTLE + DECODE_TIMED, prefill))
 
     def _rows(self, batch: int, context: int, max_tokens: int) -> list[Request]:
         """`batch` requests prefilled and decoding, contexts spread evenly up to `context`.
@@ -489,11 +485,12 @@ class _Driver:
     def join(self, batch: int, context: int, warmup: int) -> tuple[BatchShape, float]:
         """The mean of `DECODE_TIMED` steps in which a fresh `JOIN_PROMPT`-token prompt, prefilled
         the step before, makes its first decode beside `batch` settled rows (after `warmup` alike)."""
-        rows = self._rows(batch, context, (warmup + DECODE_TIMED) * 4 + DECODE_SETTLE + batch + 1)
+        joins = warmup + DECODE_TIMED
+        rows = self._rows(batch, context, DECODE_SETTLE + 3 * joins + batch + 1)  # three steps a join
         for _ in range(DECODE_SETTLE):
             self.step()
         timed = []
-        for _ in range(warmup + DECODE_TIMED):
+        for _ in range(joins):
             joining = self.add(self.prompts.fresh(JOIN_PROMPT), 3)
             self.step()  # its prefill
             timed.append(self.step())
@@ -501,8 +498,7 @@ class _Driver:
             self.step()  # the rows alone again
         self.core.abort([r.request_id for r in rows])
         self.drain()
-        timed = timed[-DECODE_TIMED:]
-        return timed[0][0], statistics.fmean(seconds for _, seconds in timed)
+        return _mean_step(timed)
 
     def decode_steps(self, batch: int, context: int, steps: int, prefill: int = 0) -> list[tuple[BatchShape, float]]:
         """`steps` timed steps back to back of `batch` decode rows, contexts spread evenly up to
@@ -524,6 +520,12 @@ class _Driver:
         while len(seconds) < num_steps:
             seconds += [t for _, t in self.decode_steps(batch, context, min(run, num_steps - len(seconds)))]
         return Slowdown(tuple(seconds))
+
+
+def _mean_step(timed: list[tuple[BatchShape, float]]) -> tuple[BatchShape, float]:
+    """The last `DECODE_TIMED` steps as one sample: the first one's shape, their mean time."""
+    last = timed[-DECODE_TIMED:]
+    return last[0][0], statistics.fmean(seconds for _, seconds in last)
 
 
 def measure(core: EngineCore, runner: ShapeRecordingRunner, grid: ProfileGrid, clock: str = "wall",

@@ -356,6 +356,21 @@ def test_requests_sharing_an_uncomputed_prefix_wait_for_it_instead_of_recomputin
     assert_no_leaks(scheduler)
 
 
+def test_a_sharer_waits_through_every_chunk_of_a_prefix_computed_in_chunks():
+    # A prompt computes at most two blocks a step, and the step has room for both prompts.
+    scheduler = make_scheduler(max_num_batched_tokens=64, long_prefill_token_threshold=8)
+    prefix = [7] * 24  # six full blocks: r0 computes them over three steps
+    for i in range(2):
+        scheduler.add_request(Request(f"r{i}", prefix + [100 + i, 200 + i], SamplingParams(max_tokens=2),
+                                      arrival_time=float(i)))
+    outputs, steps = run_all(scheduler)
+    # r1 waits while the next block r0 computes is the one its cached prefix ends at, step after step.
+    assert [s.num_scheduled_tokens.get("r1", 0) for s in steps[:3]] == [0, 0, 0]
+    assert steps[3].num_scheduled_tokens["r1"] == 2
+    assert outputs["r1"][0].num_cached_tokens == 24
+    assert_no_leaks(scheduler)
+
+
 def test_abort_waiting_running_and_unknown_frees_everything():
     scheduler = make_scheduler(max_num_seqs=1)
     runner = KVCheckingRunner()

@@ -20,7 +20,9 @@ is all a router in another process knows about this cache.
 from __future__ import annotations
 
 import array
+import collections
 import hashlib
+import itertools
 import operator
 import struct
 import sys
@@ -34,6 +36,7 @@ from tokenfactory.engine.request import Request
 
 ROOT_HASH = 0
 """The parent hash of a sequence's first block."""
+_first = operator.itemgetter(0)
 
 
 def hash_block_tokens(parent_hash: int, token_ids: Sequence[int]) -> int:
@@ -102,8 +105,11 @@ class _RequestBlocks:
     lookup_memo: tuple[int, int] = (-1, 0)
     """(cache generation, cached blocks) of the last lookup: while no cached block has left the
     cache since, those blocks are still there and the next lookup resumes after them."""
-    inflight: range = range(0)
-    """Indexes of the blocks this request is computing that other requests may be waiting for."""
+    frontier: int = -1
+    """Index of the next block this request computes, while it is one of its known full blocks
+    (-1 otherwise): the one block of it that a request sharing its prefix would wait for."""
+    computing_until: int = 0
+    """The request's known full blocks when admitted: it computes blocks up to here."""
 
 
 class KVCacheManager:
@@ -122,10 +128,10 @@ class KVCacheManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._requests: dict[str, _RequestBlocks] = {}
         self._events: list[KVEvent] = []
-        self._inflight: dict[int, int] = {}
+        self._computing: dict[int, int] = {}
+        """Hash -> number of running requests whose next block to compute it is."""
         self._generation = 0
         """Bumped whenever a cached block leaves the cache (eviction, reset)."""
-        """Hash -> number of running requests computing that (not yet cached) block."""
         self.prefix_cache_queries = 0
         """Tokens of admitted requests looked up in the prefix cache."""
         self.prefix_cache_hits = 0
@@ -181,13 +187,18 @@ class KVCacheManager:
             state.hashes = list(prompt_hashes[: (request.num_tokens - 1) // self.block_size])
 
     def is_computing(self, request: Request, num_cached_tokens: int) -> bool:
-        """Whether the block right after `request`'s cached prefix is being computed by another
-        running request: waiting for it turns the duplicate work into a prefix hit."""
+        """Whether the block right after `request`'s cached prefix is the one another running
+        request computes next: waiting for it turns the duplicate work into a prefix hit.
+
+        Only each request's next block is tracked, not all it will compute: a request sharing
+        its prefix finds the cache ending right there (the blocks before are cached, by it or
+        before it), so that is the block it asks about; tracking one block a request instead of
+        hundreds keeps long prompts cheap."""
         state = self._requests.get(request.request_id)
-        if state is None or not self._inflight:
+        if state is None or not self._computing:
             return False
         index = num_cached_tokens // self.block_size
-        return index < len(state.hashes) and state.hashes[index] in self._inflight
+        return index < len(state.hashes) and state.hashes[index] in self._computing
 
     def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
         """Make room for `num_new_tokens` past `request.num_computed_tokens`; all or nothing.
@@ -220,7 +231,8 @@ class KVCacheManager:
             state.block_ids.extend(hits)
             state.num_cached_blocks = len(hits)
         if admitting and self.enable_prefix_caching:
-            self._mark_inflight(state, len(hits))
+            state.computing_until = len(state.hashes)
+            self._advance_frontier(state, len(hits))
         if num_needed > 0:
             state.block_ids.extend(self._take_free_blocks(num_needed))
         return True
@@ -253,7 +265,8 @@ class KVCacheManager:
         if num_full <= state.num_cached_blocks:
             return
         _extend_block_hashes(state.hashes, request.all_token_ids, bs, num_full)
-        self._clear_inflight(state, num_full)
+        if state.frontier >= 0:
+            self._advance_frontier(state, num_full)
         run_start: int | None = None  # first block of the current chain of new entries
         hashes, block_ids = state.hashes, state.block_ids
         hash_to_block, block_hashes = self._hash_to_block, self._block_hashes
@@ -286,7 +299,8 @@ class KVCacheManager:
         state = self._requests.get(request.request_id)
         if state is None:
             return
-        self._clear_inflight(state, len(state.hashes))
+        if state.frontier >= 0:
+            self._advance_frontier(state, state.computing_until)
         ref_counts, block_hashes, fresh, evictable = self._ref_counts, self._block_hashes, self._fresh, self._evictable
         for block in reversed(state.block_ids):
             count = ref_counts[block] = ref_counts[block] - 1
@@ -328,27 +342,21 @@ class KVCacheManager:
             state = self._requests[request_id] = _RequestBlocks()
         return state
 
-    def _mark_inflight(self, state: _RequestBlocks, start: int) -> None:
-        """On admission: the request will compute its known full blocks from `start` on."""
-        state.inflight = range(start, len(state.hashes))
-        inflight, computing = self._inflight, state.hashes[start:]
-        if inflight.keys().isdisjoint(computing):  # the usual case: nobody else computes them
-            inflight.update(dict.fromkeys(computing, 1))
-            return
-        for h in computing:
-            inflight[h] = inflight.get(h, 0) + 1
-
-    def _clear_inflight(self, state: _RequestBlocks, end: int) -> None:
-        """The request's blocks before `end` are computed (or abandoned): no longer in flight."""
-        done = range(state.inflight.start, min(end, state.inflight.stop))
-        inflight = self._inflight
-        for h in state.hashes[done.start : done.stop]:
-            count = inflight[h]
+    def _advance_frontier(self, state: _RequestBlocks, index: int) -> None:
+        """The request's next block to compute is now block `index` (none once it reaches the
+        blocks known at admission)."""
+        computing = self._computing
+        if state.frontier >= 0:
+            block_hash = state.hashes[state.frontier]
+            count = computing[block_hash]
             if count == 1:
-                del inflight[h]
+                del computing[block_hash]
             else:
-                inflight[h] = count - 1
-        state.inflight = range(max(done.stop, state.inflight.start), state.inflight.stop)
+                computing[block_hash] = count - 1
+        state.frontier = index if index < state.computing_until else -1
+        if state.frontier >= 0:
+            block_hash = state.hashes[index]
+            computing[block_hash] = computing.get(block_hash, 0) + 1
 
     def _count_cached(self, hashes: list[int], start: int, stop: int) -> int:
         """How many of hashes[start:stop] are cached, counting until the first miss (in C: a
@@ -377,12 +385,13 @@ class KVCacheManager:
         blocks.reverse()
         num_evicting = count - len(blocks)
         if num_evicting > 0:
-            popitem, block_hashes, hash_to_block = self._evictable.popitem, self._block_hashes, self._hash_to_block
-            victims = [popitem(last=False)[0] for _ in range(num_evicting)]
-            victim_hashes = [block_hashes[block] for block in victims]
+            block_hashes, hash_to_block = self._block_hashes, self._hash_to_block
+            # Loops in C (map over bound methods): evictions come by the hundred with long prompts.
+            victims = list(map(_first, map(self._evictable.popitem, itertools.repeat(False, num_evicting))))
+            victim_hashes = list(map(block_hashes.__getitem__, victims))
             assert None not in victim_hashes
-            for block, block_hash in zip(victims, victim_hashes):
-                del hash_to_block[block_hash]
+            collections.deque(map(hash_to_block.__delitem__, victim_hashes), maxlen=0)
+            for block in victims:
                 block_hashes[block] = None
             self._events.append(KVEvent("removed", victim_hashes, block_size=self.block_size))
             self._generation += num_evicting

@@ -41,6 +41,8 @@ VOCAB = 128000
 """Token ids are drawn below this (fits the Llama-3 vocabulary)."""
 _FILLER = [(7919 * i) % VOCAB for i in range(2, 2 * MOONCAKE_BLOCK_TOKENS)]
 """Shared tail of every synthetic block; one list, so building a prompt copies pointers only."""
+_BLOCK_FILLER = _FILLER[: MOONCAKE_BLOCK_TOKENS - 2]
+"""The tail of a whole block (after its two leading ids)."""
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 """../shared/data from the repository root."""
@@ -79,8 +81,9 @@ def prompt_token_ids(request: TraceRequest) -> list[int]:
             unique.extend(_FILLER)
         return unique[: request.input_length]
     tokens: list[int] = []
-    for hash_id in request.hash_ids[:-1]:
-        tokens.extend(block_tokens(hash_id))
+    for hash_id in request.hash_ids[:-1]:  # block_tokens(hash_id), without its two temporary lists
+        tokens += (hash_id % VOCAB, hash_id // VOCAB % VOCAB)
+        tokens += _BLOCK_FILLER
     last_length = request.input_length - MOONCAKE_BLOCK_TOKENS * (len(request.hash_ids) - 1)
     tokens.extend(block_tokens(request.hash_ids[-1], last_length))
     return tokens

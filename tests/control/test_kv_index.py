@@ -130,6 +130,19 @@ def test_routed_blocks_count_until_confirmed_or_expired():
     assert index.overlap(hashes, now=50.0) == {1: 2}  # the event speaks for what was really stored
 
 
+
+def test_a_routed_block_stored_and_then_removed_stops_counting_at_once():
+    index = KVIndex(pending_ttl_s=10.0)
+    hashes = [21, 22, 23]
+    index.apply(1, [stored(hashes[:1])])  # the first block was there already
+    index.record_routed(1, hashes, now=0.0)
+    index.apply(1, [stored(hashes[1:])])  # the prefill confirms the rest
+    assert index.overlap(hashes, now=1.0) == {1: 3}
+    index.apply(1, [KVEvent("removed", hashes[1:2])])  # evicted well within the routed blocks' TTL
+    assert index.overlap(hashes, now=2.0) == {1: 1}
+    index.apply(1, [KVEvent("removed", hashes[:1])])
+    assert index.overlap(hashes, now=2.0) == {}
+
 def test_copies_per_block_counts_how_many_workers_hold_each_cached_block():
     index = KVIndex()
     assert index.copies_per_block() == 0.0

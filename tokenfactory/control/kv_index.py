@@ -68,6 +68,11 @@ class KVIndex:
     prefill; a burst of requests sharing a new prefix would scatter in that window. So blocks
     routed to a worker count as held there ("pending") until its event confirms them, or for
     `pending_ttl_s` at most (a request aborted before its prefill never confirms).
+
+    A held block counts whatever its pending entry says, so entries are not dropped when their
+    blocks are stored (nor left out for blocks already held): they matter again only once the
+    block is removed, and a removal drops them. That spares every routed and every stored block
+    a lookup; the entries are pruned once expired.
     """
 
     mode = "events"
@@ -82,7 +87,7 @@ class KVIndex:
         self._routed_since_prune = 0
         self._last_runs: tuple[Sequence[int] | None, dict[WorkerId, int]] = (None, {})
         """The last `overlap` query's block hashes and, per worker, how many of them lead its
-        confirmed blocks: routing that request right after need not look those up again."""
+        confirmed blocks: routing that request right after records only the blocks past them."""
 
     def apply(self, worker_id: WorkerId, events: Iterable[KVEvent]) -> None:
         """Take one batch of a worker's events, in the order the worker emitted them."""
@@ -102,7 +107,6 @@ class KVIndex:
         if blocks is None:
             blocks = self._blocks_of[worker_id] = set()
         blocks.update(block_hashes)
-        self._drop_pending(worker_id, block_hashes)  # confirmed: the event now speaks for them
 
     def _remove(self, worker_id: WorkerId, block_hashes: Sequence[int]) -> None:
         blocks = self._blocks_of.get(worker_id)
@@ -152,14 +156,12 @@ class KVIndex:
 
     def record_routed(self, worker_id: WorkerId, block_hashes: Sequence[int], now: float) -> None:
         """The blocks count as `worker_id`'s until its events confirm them (or the TTL passes)."""
-        held = self._blocks_of.get(worker_id, ())
         pending = self._pending.get(worker_id)
         if pending is None:
             pending = self._pending[worker_id] = {}
         last_query, runs = self._last_runs
         known_held = runs.get(worker_id, 0) if last_query is block_hashes else 0
-        not_held = itertools.filterfalse(held.__contains__, itertools.islice(block_hashes, known_held, None))
-        pending.update(dict.fromkeys(not_held, now + self.pending_ttl_s))
+        pending.update(dict.fromkeys(itertools.islice(block_hashes, known_held, None), now + self.pending_ttl_s))
         self._routed_since_prune += 1
         if self._routed_since_prune >= 1024:  # bound the memory of never-confirmed entries
             self._routed_since_prune = 0

@@ -171,15 +171,18 @@ def test_a_comparison_passes_within_ten_percent():
     assert Comparison("x", 100.0, 89.0).error == pytest.approx(-0.11)
 
 
-def test_bench_fidelity_runs_end_to_end(tiny_model_dir, capsys):
+def test_bench_fidelity_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
     args = ["bench", "fidelity", "--model", str(tiny_model_dir), "--quick", "--requests", "10", "--rounds", "2",
-            "--input-mean", "32", "--output-mean", "6", "--num-blocks", "256", "--clock", "cpu"]
+            "--input-mean", "32", "--output-mean", "6", "--num-blocks", "256", "--clock", "cpu",
+            "--plots", str(tmp_path / "plots")]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     for text in ("TTFT p90", "inter-token latency p50", "twin busy", "fitted model prices them", "fidelity goal",
                  "every step at its mean price"):
         assert text in out
     assert "PASS" in out or "MISS" in out
+    plot = tmp_path / "plots" / "fidelity.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 20_000
 
 
 def test_bench_fidelity_refuses_a_bad_profile(tiny_model_dir, tmp_path, capsys):

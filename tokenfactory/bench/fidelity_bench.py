@@ -66,6 +66,7 @@ from tokenfactory.twin.profile import (
     fit_step_time,
     run_profile,
 )
+from tokenfactory.twin.plots import cdf, log_axes, pyplot
 from tokenfactory.twin.simulator import SimulationResult, Simulator, TwinConfig
 from tokenfactory.twin.workloads import LengthDistribution, TraceRequest, prompt_token_ids
 
@@ -472,6 +473,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=256)
     p.add_argument("--quick", action="store_true", help="a small profile grid (smoke tests)")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help="also draw the comparison (latency CDFs, step prices, errors by round) as DIR/fidelity.png")
     p.add_argument("--rounds", type=int, default=9,
                    help="live replays, each followed by a profile sweep, and as many twin runs; each metric "
                         "is compared as its median over the rounds (default 9: this machine's speed drifts "
@@ -502,6 +505,8 @@ def main(args: argparse.Namespace) -> int:
         result.profile.save(args.save_profile)
     console.print(_table(result))
     _diagnose(result, console)
+    if args.plots:
+        console.print(f"plot: {write_fidelity_plot(result, args.plots / 'fidelity.png')}")
     misses = [c.name for c in result.comparisons if not c.passed]
     console.print(f"fidelity goal (every metric within {GOAL:.0%}, aim {AIM:.0%}): "
                   + ("PASS" if not misses else f"MISS ({', '.join(misses)})"))
@@ -565,6 +570,82 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
         errors = _errors(result.live_rounds, result.rescaled)
         console.print(f"diagnostic, not a prediction: the twin with its step prices scaled to the live "
                       f"run's own steps ({1 / (1 + result.step_model_error):.2f}x): {errors}")
+
+
+STEP_KINDS: tuple[tuple[str, str, Callable[[BatchShape], bool]], ...] = (
+    ("other decode", "tab:blue", lambda s: not s.num_prefill_chunks and not s.num_first_decodes),
+    ("decode, a row's first", "tab:green", lambda s: not s.num_prefill_chunks and s.num_first_decodes > 0),
+    ("with a prefill chunk", "tab:orange", lambda s: s.num_prefill_chunks > 0),
+)
+"""The live steps by kind, as the diagnosis splits them (drawn in this order, the many first)."""
+
+
+def write_fidelity_plot(result: FidelityResult, path: Path) -> Path:
+    """One PNG of the comparison: TTFT and inter-token latency CDFs of both sides (every round
+    pooled), the live run's own steps measured against the fitted model's price, and each latency
+    metric's error, the twin's median against every live round alone and against their median."""
+    plt = pyplot()
+    figure, axes = plt.subplots(2, 2, figsize=(12, 9), dpi=110)
+    sides = (("live engine", "black", result.run.records), ("twin", "tab:red", result.twin_records))
+    for ax, (label, value) in zip(axes[0], (
+        ("time to first token (ms)", lambda r: 1000 * r.ttft if r.first_token >= 0 else None),
+        ("inter-token latency, per request (ms)", lambda r: 1000 * r.itl if r.num_output_tokens > 1 else None),
+    )):
+        for side, color, records in sides:
+            cdf(ax, [v for v in map(value, records) if v is not None], color, side)
+        log_axes(ax, "x")
+        ax.set_xlabel(label)
+        ax.legend(fontsize=8, loc="lower right")
+
+    ax = axes[1][0]
+    fit = result.profile.fit
+    for name, color, which in STEP_KINDS:
+        steps = [(1000 * fit.predict(shape), 1000 * s) for shape, s in zip(result.run.shapes, result.run.step_s)
+                 if which(shape)]
+        if steps:
+            ax.scatter(*zip(*steps), s=3, alpha=0.25, color=color, linewidths=0,
+                       label=f"{name} ({result.step_model_error_where(which):+.1%} in total)")
+    predicted = [1000 * fit.predict(shape) for shape in result.run.shapes]
+    if predicted:
+        line = [min(predicted), max(predicted)]
+        ax.plot(line, line, color="0.3", linewidth=1, label="measured = priced")
+        for factor in (0.9, 1.1):
+            ax.plot(line, [factor * x for x in line], color="0.6", linewidth=0.8, linestyle="--")
+        log_axes(ax, "xy")
+    ax.set_xlabel("the fitted model's price of the step (ms)")
+    ax.set_ylabel("the live step, measured (ms)")
+    ax.set_title(f"{len(result.run.step_s):,} live steps (dashed: 10% off)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    legend = ax.legend(fontsize=8, loc="upper left", markerscale=4)
+    for handle in legend.legend_handles:
+        handle.set_alpha(1)
+
+    ax = axes[1][1]
+    latency = [(c, metric) for c, (_, metric) in zip(result.comparisons, METRICS) if "latency" in c.name or "TTFT" in c.name]
+    for x, (comparison, metric) in enumerate(latency):
+        per_round = [100 * (comparison.twin - metric(live)) / metric(live) for live in result.live_rounds
+                     if metric(live)]
+        ax.scatter([x] * len(per_round), per_round, s=14, color="0.55", zorder=2,
+                   label="against one live round" if x == 0 else None)
+        ax.scatter([x], [100 * comparison.error], s=70, marker="D", zorder=3,
+                   color="tab:green" if comparison.passed else "tab:red",
+                   label="median against median (the goal)" if x == 0 else None)
+    ax.axhspan(-100 * GOAL, 100 * GOAL, color="tab:green", alpha=0.08)
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    ax.set_xticks(range(len(latency)), [c.name.replace(" (ms)", "").replace("inter-token latency", "ITL")
+                                        for c, _ in latency])
+    ax.set_ylabel("twin over live - 1 (%)")
+    ax.set_title(f"{result.rounds} rounds each side; shaded: within {GOAL:.0%}", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    misses = [c for c in result.comparisons if not c.passed]
+    figure.suptitle(f"the twin on a profile of this engine against the live engine: {len(result.workload)} requests "
+                    f"x {result.rounds} rounds, fidelity goal " + ("PASS" if not misses else "MISS"), fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
 
 
 def _errors(live: list[Summary], twin: list[Summary]) -> str:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
+from tokenfactory.twin.plots import pyplot
+
 if TYPE_CHECKING:  # plan.py imports this module
     from tokenfactory.twin.plan import Point, TierCost
 
@@ -87,11 +89,7 @@ def draw_frontier(
     title: str,
     tier_costs: list[TierCost] = (),
 ) -> None:
-    import matplotlib  # loaded here: only the planner draws, and it takes a while to import
-
-    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(9, 6), dpi=110)
     layouts = sorted({_family(p) for p in points})
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(layouts)}

@@ -3,7 +3,9 @@ import dataclasses
 import pytest
 
 from tokenfactory.engine.config import ModelConfig
-from tokenfactory.twin.cost_model import LLAMA_3_70B, BatchShape, CostModel, default_model, shape_of
+from tokenfactory.engine.outputs import ScheduledChunk, SchedulerOutput
+from tokenfactory.engine.request import Request, SamplingParams
+from tokenfactory.twin.cost_model import LLAMA_3_70B, BatchShape, CostModel, default_model, shape_of, step_shape
 from tokenfactory.twin.hardware import HARDWARE, get_hardware
 
 
@@ -178,3 +180,34 @@ def test_efficiencies_above_one_are_refused(h200):
     for name in ("compute_efficiency", "bandwidth_efficiency", "kv_bandwidth_efficiency"):
         with pytest.raises(ValueError, match=name):
             dataclasses.replace(h200, **{name: 1.2})
+
+
+def test_step_shape_counts_the_runners_padding_and_gathers_only_when_asked():
+    def decode(request_id: str, context: int, blocks: list[int]) -> ScheduledChunk:
+        request = Request(request_id, [1] * context, SamplingParams(max_tokens=8))
+        request.num_computed_tokens = context  # its next token is the step's one query
+        return ScheduledChunk(request, 1, blocks)
+
+    # Contexts 20, 40 and 70 (ends 21, 41, 71) with 16-token blocks; the first block is shared by all
+    # three rows, so it is read once; each row's own blocks are padded to the longest row's four.
+    rows = [decode("a", 20, [7, 1]), decode("b", 40, [7, 2, 3]), decode("c", 70, [7, 4, 5, 6, 8])]
+    sched = SchedulerOutput(rows)
+    plain = step_shape(sched)
+    assert (plain.attention_pairs, plain.kv_read_tokens) == (21 + 41 + 71,) * 2
+    assert (plain.decode_extra_pairs, plain.decode_extra_reads) == (0, 0)  # what the roofline gets
+    padded = step_shape(sched, runner_block_size=16)
+    assert padded.decode_extra_pairs == 3 * (1 + 4) * 16 - 133  # every row attends 5 blocks
+    assert padded.decode_extra_reads == (1 + 3 * 4) * 16 - 133  # the shared block read once
+    assert dataclasses.replace(padded, decode_extra_pairs=0, decode_extra_reads=0) == plain
+    # One row alone: nothing shared, padded only to its own last block.
+    alone = step_shape(SchedulerOutput(rows[:1]), runner_block_size=16)
+    assert alone.decode_extra_pairs == alone.decode_extra_reads == 32 - 21
+    # A prefill chunk after a cached prefix gathers whole blocks up to its end; one from the start none.
+    tail = Request("t", [1] * 30, SamplingParams(max_tokens=8))
+    tail.num_computed_tokens = 20
+    fresh = Request("f", [2] * 12, SamplingParams(max_tokens=8))
+    mixed = step_shape(SchedulerOutput([ScheduledChunk(tail, 10, [9, 10]), ScheduledChunk(fresh, 12, [11])] + rows[:1]),
+                       runner_block_size=16)
+    assert mixed.prefill_gathered_tokens == 32 and step_shape(SchedulerOutput([ScheduledChunk(tail, 10, [9, 10])])) \
+        .prefill_gathered_tokens == 0
+    assert mixed.decode_extra_pairs == alone.decode_extra_pairs  # the decode row, as alone

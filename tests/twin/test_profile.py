@@ -29,13 +29,19 @@ from tokenfactory.twin.profile import (
 from tokenfactory.twin.simulator import Simulator, TwinConfig
 from tokenfactory.twin.workloads import TraceRequest
 
-TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3, 6e-4, 7e-4, 4e-4)
+TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3, 6e-4, 7e-4, 2.5e-6, 4e-4)
 """Seconds per step, token, attention pair, KV token read, sampled row, prefill chunk, per step
-of more than one token, per step with decode rows, and per step with a row's first decode."""
+of more than one token, per step with decode rows, per token a prefill chunk gathers from the
+cache, and per step with a row's first decode."""
+
+
+def prefill_after(n: int, cached: int) -> BatchShape:
+    """`n` prompt tokens after `cached` ones, as the runner runs it (gathering whole 16-token blocks)."""
+    return dataclasses.replace(shape_of([(n, cached)]), prefill_gathered_tokens=-(-(n + cached) // 16) * 16 if cached else 0)
 
 
 def grid_shapes() -> list[BatchShape]:
-    prefills = [shape_of([(n, s)]) for n in (4, 16, 64, 256, 512) for s in (0, 512)]
+    prefills = [prefill_after(n, s) for n in (4, 16, 64, 256, 512) for s in (0, 512)]
     decodes = [shape_of([(1, c)] * b) for b in (1, 4, 16, 48) for c in (64, 512)]
     mixed = [shape_of([(1, 256)] * b + [(n, 0)]) for b, n in ((4, 64), (16, 256))]
     joined = [dataclasses.replace(shape, num_first_decodes=1) for shape in (decodes[2], mixed[0])]
@@ -97,7 +103,7 @@ def tiny_profile(tiny_model_dir) -> Profile:
 def test_a_profile_steps_the_engine_through_the_grid_shapes(tiny_profile):
     shapes = {(p.kind, p.shape) for p in tiny_profile.points}
     assert len(tiny_profile.points) == SMALL_GRID.num_points
-    assert ("prefill", shape_of([(16, 16)])) in shapes  # 16 new tokens after 16 cached ones
+    assert ("prefill", prefill_after(16, 16)) in shapes  # 16 new tokens after 16 cached ones (two blocks gathered)
     assert ("prefill", shape_of([(4, 0)])) in shapes
     decode_rows = sorted(p.shape.num_tokens for p in tiny_profile.points if p.kind == "decode")
     assert decode_rows == [1, 1, 3, 3]
@@ -105,9 +111,12 @@ def test_a_profile_steps_the_engine_through_the_grid_shapes(tiny_profile):
         if point.kind == "decode":  # one token per row, every row samples
             assert point.shape.num_sampled == point.shape.num_tokens
     # Three rows decoding at contexts spread evenly up to 8 (their prompts fit one setup step),
-    # timed after the settling steps, each a token longer.
+    # timed after the settling steps, each a token longer; the runner pads each to one 16-token
+    # block (no block is shared: each row has a prompt of its own).
     settled = DECODE_SETTLE
-    assert ("decode", shape_of([(1, 3 + settled), (1, 5 + settled), (1, 8 + settled)])) in shapes
+    rows = shape_of([(1, 3 + settled), (1, 5 + settled), (1, 8 + settled)])
+    padding = 3 * 16 - rows.kv_read_tokens
+    assert ("decode", dataclasses.replace(rows, decode_extra_pairs=padding, decode_extra_reads=padding)) in shapes
     (mixed,) = [p for p in tiny_profile.points if p.kind == "mixed"]
     assert (mixed.shape.num_tokens, mixed.shape.num_sampled, mixed.shape.num_prefill_chunks) == (2 + 8, 3, 1)
     assert all(p.shape.num_prefill_chunks == (p.kind in ("prefill", "mixed")) for p in tiny_profile.points)
@@ -133,9 +142,11 @@ def test_a_profile_file_round_trips(tiny_profile, tmp_path):
     path.write_text(json.dumps(data))
     assert Profile.load(path).slowdown is None
     assert loaded.model_config().hidden_size == 256
-    for version in (1, 2, 3, 4, 99):  # 1-4: fitted without the prefill-chunk, multi-token, decode-path or first-decode feature
+    # 1-5: fitted without the prefill-chunk, multi-token, decode-path or first-decode feature, or
+    # with the decode rows' attention counted without the runner's padding.
+    for version in (1, 2, 3, 4, 5, 99):
         path.write_text(json.dumps({**data, "version": version}))
-        with pytest.raises(ValueError, match="version 5"):
+        with pytest.raises(ValueError, match="version 6"):
             Profile.load(path)
 
 
@@ -185,8 +196,11 @@ def test_the_twin_runs_on_the_profiled_model():
     result = Simulator(config, RoundRobinRouter()).run([TraceRequest(0.0, 40, 5)])
     (record,) = result.records
     prefill = exact(shape_of([(40, 0)]))
-    # The first decode after the prefill is priced as one.
-    decodes = sum(exact(dataclasses.replace(shape_of([(1, 40 + i)]), num_first_decodes=int(i == 0))) for i in range(4))
+    # The first decode after the prefill is priced as one; each decode attends its row padded to
+    # whole 16-token blocks, as the engine's runner does.
+    decodes = sum(exact(dataclasses.replace(shape_of([(1, 40 + i)]), num_first_decodes=int(i == 0),
+                                            decode_extra_pairs=48 - (41 + i), decode_extra_reads=48 - (41 + i)))
+                  for i in range(4))
     assert record.first_token == pytest.approx(prefill)
     assert record.finish == pytest.approx(prefill + decodes)
     # A batch that has to queue: everything finishes, and later arrivals wait behind earlier ones.
@@ -215,7 +229,7 @@ def test_a_slowdown_prices_a_step_at_the_mean_factor_over_its_stretch_of_busy_ti
 
 
 def test_the_twin_prices_a_worker_s_steps_through_the_slowdown_of_its_busy_time():
-    flat = (0.01, 0, 0, 0, 0, 0, 0, 0, 0)  # every step 10 ms at its mean
+    flat = (0.01, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # every step 10 ms at its mean
     steady = cost_model(flat)
     slowed = dataclasses.replace(cost_model(flat), slowdown=Slowdown((0.01, 0.03)))  # x0.5 for 10 ms, then x1.5
     request = [TraceRequest(0.0, 40, 4)]  # a prefill step, then three decodes

@@ -18,7 +18,7 @@ from tokenfactory.engine.attention import AttentionMetadata, PrefillChunk
 from tokenfactory.engine.config import ConfigError, EngineConfig, ModelConfig
 from tokenfactory.engine.grammar import GrammarMasks, build_ll_tokenizer
 from tokenfactory.engine.model import ARCHITECTURES, CausalLM, KVCache
-from tokenfactory.engine.outputs import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+from tokenfactory.engine.outputs import ModelRunnerOutput, ScheduledChunk, SchedulerOutput, shared_decode_blocks
 from tokenfactory.engine.request import Request
 from tokenfactory.engine.sampler import Sampler
 from tokenfactory.engine.tokenizer import Tokenizer
@@ -226,9 +226,7 @@ class ModelRunner:
         [num_decodes, max_blocks], and their additive context mask
         [num_decodes, 1, 1, max_blocks * block_size]."""
         bs = self.block_size
-        # A shared block must lie wholly before every row's newest token (never written this step).
-        shareable = (min(c.end for c in decodes) - 1) // bs
-        num_shared = _num_shared_blocks([c.block_ids for c in decodes], shareable)
+        num_shared = shared_decode_blocks(decodes, bs)
         shared = self._tensor(decodes[0].block_ids[:num_shared]) if num_shared else None
         own_blocks = [math.ceil(c.end / bs) - num_shared for c in decodes]
         width = max(own_blocks)
@@ -262,15 +260,3 @@ class ModelRunner:
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
-
-
-def _num_shared_blocks(tables: list[list[int]], limit: int) -> int:
-    """How many leading block ids all tables have in common (at most `limit`; 0 for one row,
-    where sharing saves nothing)."""
-    if len(tables) < 2:
-        return 0
-    first = tables[0]
-    count = 0
-    while count < limit and all(t[count] == first[count] for t in tables):
-        count += 1
-    return count

@@ -42,6 +42,21 @@ class ScheduledChunk:
         return self.end == self.request.num_tokens
 
 
+def shared_decode_blocks(decodes: list[ScheduledChunk], block_size: int) -> int:
+    """How many leading blocks every decode row's table has in common: the runner reads them once
+    for the whole batch (0 for one row, where sharing saves nothing). Only blocks wholly before
+    every row's newest token count: that token's KV is written this step."""
+    if len(decodes) < 2:
+        return 0
+    limit = (min(c.end for c in decodes) - 1) // block_size
+    tables = [c.block_ids for c in decodes]
+    first = tables[0]
+    count = 0
+    while count < limit and all(t[count] == first[count] for t in tables):
+        count += 1
+    return count
+
+
 @dataclass(slots=True)
 class SchedulerOutput:
     """A step: a token budget spread over requests, no separate prefill and decode phases."""

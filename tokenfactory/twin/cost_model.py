@@ -29,9 +29,10 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from tokenfactory.engine.config import ModelConfig
+from tokenfactory.engine.outputs import shared_decode_blocks
 from tokenfactory.twin.hardware import Hardware
 
 if TYPE_CHECKING:
@@ -122,6 +123,18 @@ class BatchShape:
     """Decode rows making their request's first decode (the row just joined the batch from its
     prefill). On this CPU a step with one costs about 0.45 ms more than the same rows a step later.
     The roofline does not price it; a profile's fit does (per step that has one, measured)."""
+    decode_extra_pairs: int = 0
+    """(query, key) pairs this engine's model runner computes for its decode rows beyond their
+    contexts: it pads every row to the longest row's own blocks (one batched attention call).
+    Counted only when asked (`step_shape`'s `runner_block_size`): GPU kernels attend each row's
+    own context, so the roofline never reads it; a profile of this engine prices it."""
+    decode_extra_reads: int = 0
+    """Key positions that runner reads beyond the decode rows' contexts: the same padding, less
+    the blocks all rows share (read once for the batch), so it can be negative."""
+    prefill_gathered_tokens: int = 0
+    """Key positions that runner gathers from the paged cache for prefill chunks after a cached
+    prefix (whole blocks up to the chunk's end; a chunk from a prompt's start needs none). Counted
+    only with `runner_block_size`, like the decode padding."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,8 @@ class CostModel:
     hardware: Hardware
     precision: str = "bf16"
     tp: int = 1
+    counts_runner_padding: ClassVar[bool] = False
+    """GPU kernels attend each decode row's own context: no padding to price (`BatchShape`)."""
     # Where the factors come from (`tokenfactory bench twin --calibration` prints the check): NVIDIA's
     # published TensorRT-LLM throughput of one H200 (FP8, offline; twin_bench.ANCHORS), replayed
     # with the batch limits and CUDA graphs those runs had. Two Llama-3.1-8B anchors, each bound
@@ -330,9 +345,11 @@ def _sum_max_affine(a0: float, a1: float, b0: float, b1: float, first: int, last
     return _sum_affine(b0, b1, first, split) + _sum_affine(a0, a1, split + 1, last)
 
 
-def step_shape(sched: SchedulerOutput) -> BatchShape:
+def step_shape(sched: SchedulerOutput, runner_block_size: int | None = None) -> BatchShape:
     """A scheduled step as the twin prices it (read before the scheduler updates the requests,
-    so contexts are the step's own)."""
+    so contexts are the step's own). With `runner_block_size`, what this engine's model runner
+    does beyond that is counted too: the decode rows' padding and the prefill chunks' gathers
+    (`BatchShape.decode_extra_pairs` and after)."""
     num_tokens = pairs = kv_read = num_sampled = num_prefill = num_first = 0
     for chunk in sched.chunks:
         n, start = chunk.num_tokens, chunk.request.num_computed_tokens
@@ -342,7 +359,21 @@ def step_shape(sched: SchedulerOutput) -> BatchShape:
         num_sampled += start + n == chunk.request.num_tokens
         num_prefill += n > 1
         num_first += n == 1 and chunk.request.num_output_tokens == 1
-    return BatchShape(num_tokens, pairs, kv_read, num_sampled, num_prefill, len(sched.chunks) - num_prefill, num_first)
+    num_decodes = len(sched.chunks) - num_prefill
+    extra_pairs = extra_reads = gathered = 0
+    if runner_block_size is not None and num_prefill:
+        bs = runner_block_size
+        gathered = sum(-(-c.end // bs) * bs for c in sched.chunks if c.num_tokens > 1 and c.start)
+    if runner_block_size is not None and num_decodes:
+        bs = runner_block_size
+        decodes = [c for c in sched.chunks if c.num_tokens == 1]
+        shared = shared_decode_blocks(decodes, bs)
+        width = max(-(-c.end // bs) for c in decodes) - shared  # every row's own blocks, padded
+        context = sum(c.end for c in decodes)
+        extra_pairs = num_decodes * (shared + width) * bs - context
+        extra_reads = (shared + num_decodes * width) * bs - context
+    return BatchShape(num_tokens, pairs, kv_read, num_sampled, num_prefill, num_decodes, num_first,
+                      extra_pairs, extra_reads, gathered)
 
 
 def shape_of(chunks: Iterable[tuple[int, int]]) -> BatchShape:

@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -56,13 +57,16 @@ from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost, step_s
 from tokenfactory.twin.hardware import HARDWARE, Hardware
 
 PROFILE_FORMAT = "tokenfactory-step-profile"
-PROFILE_VERSION = 5
+PROFILE_VERSION = 6
 """2: the prefill_chunk feature (version 1 files lack it, and their fit would misprice prefills).
 3: the multi_token feature. 4: the decode_path feature (and each point's decode rows). 5: the
-first_decode feature (and each point's `num_first_decodes`, and the grid's joining points)."""
+first_decode feature (and each point's `num_first_decodes`, and the grid's joining points). 6: the
+attention_pair and kv_read_token features count the runner's padding of decode rows, and the
+prefill_gather_token feature (each point's `decode_extra_pairs`, `decode_extra_reads` and
+`prefill_gathered_tokens`)."""
 
 FEATURES = ("step", "token", "attention_pair", "kv_read_token", "sampled_row", "prefill_chunk", "multi_token",
-            "decode_path", "first_decode")
+            "decode_path", "prefill_gather_token", "first_decode")
 """What each fitted coefficient costs (seconds per step, per computed token, ...). A prefill
 chunk takes the runner's own path (an attention call per layer, a mask after a cached prefix):
 0.4-0.8 ms against a 3.4-4.4 ms step on a 2-core CPU. Without its own term that cost leaks into
@@ -81,14 +85,24 @@ A decode step in which a row makes its first decode (its request just joined the
 its prefill) costs about 0.45 ms more than the same rows a step later (eight rows joined by a
 ninth on this CPU: 8.06 ms, then 7.77 and 7.63 ms); priced without that term, a live run's
 decode-only steps right after a step carrying a prompt came out 9-11% low. The grid measures it
-on rows that a prompt joins, as a fixed extra per step (`fit_step_time`)."""
+on rows that a prompt joins, as a fixed extra per step (`fit_step_time`).
+The attention pairs and KV reads are the runner's own: it pads every decode row to the longest
+row's blocks (and reads blocks all rows share once), so eight rows of contexts spread up to 512
+cost about what eight of 512 do. Counted as the contexts' sums, the fit learnt a KV price
+inflated by the grid's spreads: a live run's steps of five to eight rows came out 13-22% low
+(now within 4% for four to six). A prefill chunk after a cached prefix gathers that prefix's
+blocks from the paged cache, at about 2.5 us a token on this CPU against 0.5 us for a decode
+row's batched read: priced at the decode rows' rate, four tokens after 512 cached ones came out
+13% low, and a live run's steps with chunks under 32 tokens (most often the tail of a cached
+prompt) 10% low."""
 
 
 def features(shape: BatchShape) -> tuple[float, ...]:
     """The fit's regressors, in FEATURES order."""
-    return (1.0, shape.num_tokens, shape.attention_pairs, shape.kv_read_tokens, shape.num_sampled,
+    return (1.0, shape.num_tokens, shape.attention_pairs + shape.decode_extra_pairs,
+            shape.kv_read_tokens + shape.decode_extra_reads, shape.num_sampled,
             shape.num_prefill_chunks, float(shape.num_tokens > 1), float(shape.num_decode_rows > 0),
-            float(shape.num_first_decodes > 0))
+            shape.prefill_gathered_tokens, float(shape.num_first_decodes > 0))
 
 
 class ShapeRecordingRunner(ModelRunner):
@@ -98,7 +112,7 @@ class ShapeRecordingRunner(ModelRunner):
     last_shape: BatchShape | None = None
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        self.last_shape = step_shape(sched)
+        self.last_shape = step_shape(sched, self.block_size)
         return super().execute(sched)
 
 
@@ -122,7 +136,7 @@ def fit_step_time(samples: Sequence[tuple[BatchShape, float]]) -> StepTimeFit:
     every term but `first_decode` from the samples without a first decode, then `first_decode`
     as the mean of what the samples with one took beyond that fit's price (at least 0).
 
-    A first decode is a fixed extra on top of a step, so it is measured as one: a ninth term in
+    A first decode is a fixed extra on top of a step, so it is measured as one: a last term in
     the same least-squares pass traded cost with the per-step and per-path terms, and their
     split moved from sweep to sweep.
     """
@@ -142,7 +156,7 @@ def fit_step_time(samples: Sequence[tuple[BatchShape, float]]) -> StepTimeFit:
 def _fit_terms(samples: Sequence[tuple[BatchShape, float]], num_terms: int) -> tuple[tuple[float, ...], float]:
     """The first `num_terms` FEATURES' coefficients and the rms relative error (step times positive).
 
-    With eight terms, trying every subset of them (ordinary least squares on each, keeping the
+    With nine terms, trying every subset of them (ordinary least squares on each, keeping the
     best whose coefficients are all non-negative) is exact and simpler than an active-set solver.
     """
     if len(samples) < num_terms:
@@ -338,7 +352,8 @@ class Profile:
                 ProfilePoint(
                     p["kind"],
                     BatchShape(p["num_tokens"], p["attention_pairs"], p["kv_read_tokens"], p["num_sampled"],
-                               p["num_prefill_chunks"], p["num_decode_rows"], p["num_first_decodes"]),
+                               p["num_prefill_chunks"], p["num_decode_rows"], p["num_first_decodes"],
+                               p["decode_extra_pairs"], p["decode_extra_reads"], p["prefill_gathered_tokens"]),
                     float(p["seconds"]),
                     tuple(p["samples"]),
                 )
@@ -629,6 +644,8 @@ class ProfiledCostModel:
     hardware: Hardware = HARDWARE["cpu"]
     tp: int = 1
     slowdown: Slowdown | None = None
+    counts_runner_padding: ClassVar[bool] = True
+    """The fit prices the model runner's padding of decode rows: the simulator counts it."""
 
     @classmethod
     def from_profile(cls, profile: Profile, hardware: Hardware | None = None) -> ProfiledCostModel:

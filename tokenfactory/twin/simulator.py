@@ -165,6 +165,8 @@ class Simulator:
         ]
         self._hasher = (PromptHasher(config.block_size)
                         if config.enable_prefix_caching or self.index is not None else None)
+        self._runner_block_size = config.block_size if getattr(config.cost, "counts_runner_padding", False) else None
+        """Set when the cost model prices this engine's model runner as it pads decode rows."""
         self._slowdown = getattr(config.cost, "slowdown", None)
         """A profiled machine's step-time variability over its busy time (`twin.profile.Slowdown`),
         or None. With it every step is priced on its own (no skipping ahead): the factor moves."""
@@ -337,7 +339,7 @@ class Simulator:
         scheduled = worker.scheduler.schedule()
         if scheduled.is_empty:
             return  # nothing fits now; the next arrival wakes it again
-        shape = step_shape(scheduled)
+        shape = step_shape(scheduled, self._runner_block_size)
         worker.busy, worker.in_flight = True, scheduled
         cost = self.cost.step(shape)
         if self._slowdown is not None:
@@ -429,7 +431,9 @@ class Simulator:
         n, shape = first.num_tokens, first
         steps, duration, energy = 0, 0.0, 0.0
         while steps < max_steps:
-            shape = BatchShape(n, shape.attention_pairs + n, shape.kv_read_tokens + n, n, num_decode_rows=n)
+            # Every context one longer; the runner's padding, a block's worth of jumps, the same on average.
+            shape = BatchShape(n, shape.attention_pairs + n, shape.kv_read_tokens + n, n, num_decode_rows=n,
+                               decode_extra_pairs=shape.decode_extra_pairs, decode_extra_reads=shape.decode_extra_reads)
             cost = self.cost.step(shape)
             if duration + cost.duration_s >= time_limit_s:
                 break

@@ -37,7 +37,8 @@ cache, and per step with a row's first decode."""
 
 def prefill_after(n: int, cached: int) -> BatchShape:
     """`n` prompt tokens after `cached` ones, as the runner runs it (gathering whole 16-token blocks)."""
-    return dataclasses.replace(shape_of([(n, cached)]), prefill_gathered_tokens=-(-(n + cached) // 16) * 16 if cached else 0)
+    gathered = -(-(n + cached) // 16) * 16 if cached else 0
+    return dataclasses.replace(shape_of([(n, cached)]), prefill_gathered_tokens=gathered)
 
 
 def grid_shapes() -> list[BatchShape]:

@@ -621,7 +621,7 @@ def write_fidelity_plot(result: FidelityResult, path: Path) -> Path:
         handle.set_alpha(1)
 
     ax = axes[1][1]
-    latency = [(c, metric) for c, (_, metric) in zip(result.comparisons, METRICS) if "latency" in c.name or "TTFT" in c.name]
+    latency = [(c, metric) for c, (_, metric) in zip(result.comparisons, METRICS) if "throughput" not in c.name]
     for x, (comparison, metric) in enumerate(latency):
         per_round = [100 * (comparison.twin - metric(live)) / metric(live) for live in result.live_rounds
                      if metric(live)]

@@ -88,11 +88,11 @@ decode-only steps right after a step carrying a prompt came out 9-11% low. The g
 on rows that a prompt joins, as a fixed extra per step (`fit_step_time`).
 The attention pairs and KV reads are the runner's own: it pads every decode row to the longest
 row's blocks (and reads blocks all rows share once), so eight rows of contexts spread up to 512
-cost about what eight of 512 do. Counted as the contexts' sums, the fit learnt a KV price
+attend over as many keys as eight rows of 512. Counted as the contexts' sums, the fit learnt a KV price
 inflated by the grid's spreads: a live run's steps of five to eight rows came out 13-22% low
 (now within 4% for four to six). A prefill chunk after a cached prefix gathers that prefix's
-blocks from the paged cache, at about 2.5 us a token on this CPU against 0.5 us for a decode
-row's batched read: priced at the decode rows' rate, four tokens after 512 cached ones came out
+blocks from the paged cache, at about 1.1 us a token on this CPU (a fit) against 0.54 us for a
+decode row's batched read: priced at the decode rows' rate, four tokens after 512 cached ones came out
 13% low, and a live run's steps with chunks under 32 tokens (most often the tail of a cached
 prompt) 10% low."""
 

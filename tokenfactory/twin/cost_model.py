@@ -143,8 +143,9 @@ class CostModel:
     hardware: Hardware
     precision: str = "bf16"
     tp: int = 1
-    counts_runner_padding: ClassVar[bool] = False
-    """GPU kernels attend each decode row's own context: no padding to price (`BatchShape`)."""
+    counts_runner_work: ClassVar[bool] = False
+    """Whether the simulator must count this engine's model runner's own work (its decode padding
+    and prefill gathers, `BatchShape`): not for GPU kernels, which attend each row's own context."""
     # Where the factors come from (`tokenfactory bench twin --calibration` prints the check): NVIDIA's
     # published TensorRT-LLM throughput of one H200 (FP8, offline; twin_bench.ANCHORS), replayed
     # with the batch limits and CUDA graphs those runs had. Two Llama-3.1-8B anchors, each bound

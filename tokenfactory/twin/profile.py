@@ -644,8 +644,8 @@ class ProfiledCostModel:
     hardware: Hardware = HARDWARE["cpu"]
     tp: int = 1
     slowdown: Slowdown | None = None
-    counts_runner_padding: ClassVar[bool] = True
-    """The fit prices the model runner's padding of decode rows: the simulator counts it."""
+    counts_runner_work: ClassVar[bool] = True
+    """The fit prices the model runner's own work (decode padding, prefill gathers): the simulator counts it."""
 
     @classmethod
     def from_profile(cls, profile: Profile, hardware: Hardware | None = None) -> ProfiledCostModel:

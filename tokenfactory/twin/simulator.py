@@ -165,8 +165,8 @@ class Simulator:
         ]
         self._hasher = (PromptHasher(config.block_size)
                         if config.enable_prefix_caching or self.index is not None else None)
-        self._runner_block_size = config.block_size if getattr(config.cost, "counts_runner_padding", False) else None
-        """Set when the cost model prices this engine's model runner as it pads decode rows."""
+        self._runner_block_size = config.block_size if getattr(config.cost, "counts_runner_work", False) else None
+        """Set when the cost model prices this engine's model runner's own work (`step_shape`)."""
         self._slowdown = getattr(config.cost, "slowdown", None)
         """A profiled machine's step-time variability over its busy time (`twin.profile.Slowdown`),
         or None. With it every step is priced on its own (no skipping ahead): the factor moves."""

@@ -22,6 +22,7 @@ from tokenfactory.twin.profile import (
     ProfileGrid,
     Slowdown,
     StepTimeFit,
+    describe,
     features,
     fit_step_time,
     profile_engine,
@@ -128,6 +129,13 @@ def test_a_profile_steps_the_engine_through_the_grid_shapes(tiny_profile):
     # The reference steps, timed back to back: twenty of them, their factors 1 on average.
     assert tiny_profile.slowdown is not None and len(tiny_profile.slowdown.seconds) == 20
     assert sum(tiny_profile.slowdown.factors) == pytest.approx(20)
+
+
+def test_the_description_names_each_coefficient_by_its_feature(tiny_profile):
+    text = describe(tiny_profile)
+    coefficients = dict(zip(FEATURES, tiny_profile.fit.coefficients))
+    assert f"{coefficients['prefill_gather_token']:.3g} s/token a prefill chunk gathers" in text
+    assert f"{coefficients['first_decode']:.3g} s/step with a first decode" in text
 
 
 def test_a_profile_file_round_trips(tiny_profile, tmp_path):

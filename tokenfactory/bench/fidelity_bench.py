@@ -528,6 +528,15 @@ def _table(result: FidelityResult) -> Table:
     return table
 
 
+STEP_KINDS: tuple[tuple[str, str, Callable[[BatchShape], bool]], ...] = (
+    ("other decode-only", "tab:blue", lambda s: not s.num_prefill_chunks and not s.num_first_decodes),
+    ("decode-only with a row's first decode", "tab:green",
+     lambda s: not s.num_prefill_chunks and s.num_first_decodes > 0),
+    ("with a prefill chunk", "tab:orange", lambda s: s.num_prefill_chunks > 0),
+)
+"""The live steps by kind, as the diagnosis and the plot split them (drawn in this order, the many first)."""
+
+
 def _diagnose(result: FidelityResult, console: Console) -> None:
     run = result.run
     mean_step = statistics.fmean(run.step_s) if run.step_s else float("nan")
@@ -540,15 +549,10 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
         f"{len(run.wake_late_s)} times); torch threads {torch.get_num_threads()}"
     )
 
-    def error(which: Callable[[BatchShape], bool]) -> str:
-        return f"{result.step_model_error_where(which):+.1%}"
-
     idle, queued = result.ttft_ratios(arrived_idle=True), result.ttft_ratios(arrived_idle=False)
     console.print(
-        f"by kind, the fitted model prices steps with a prefill chunk {error(lambda s: s.num_prefill_chunks > 0)}, "
-        f"decode-only steps with a row's first decode "
-        f"{error(lambda s: not s.num_prefill_chunks and s.num_first_decodes)}, "
-        f"other decode-only steps {error(lambda s: not s.num_prefill_chunks and not s.num_first_decodes)}; "
+        "by kind, the fitted model prices the live steps " + ", ".join(
+            f"{name} {result.step_model_error_where(which):+.1%}" for name, _, which in STEP_KINDS) + "; "
         f"per request, twin over live TTFT (median): "
         f"{_median_text(idle)} for those arriving at an idle engine ({len(idle)}: no queueing), "
         f"{_median_text(queued)} for the others ({len(queued)})"
@@ -560,8 +564,7 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
                       f"p90 {p90:.2f} ({len(slowdown)} seconds)")
     if len(result.live_rounds) > 1:
         console.print("the twin against each live round alone: " + "; ".join(
-            f"{c.name.split(' (')[0]} " + " / ".join(f"{(c.twin - metric(live)) / metric(live):+.0%}"
-                                                     for live in result.live_rounds)
+            f"{c.name.split(' (')[0]} " + " / ".join(f"{e:+.0%}" for e in round_errors(result, c, metric))
             for c, (_, metric) in zip(result.comparisons, METRICS)))
     if result.at_mean is not None:
         console.print(f"the twin without the profile's slowdown (every step at its mean price): "
@@ -572,12 +575,9 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
                       f"run's own steps ({1 / (1 + result.step_model_error):.2f}x): {errors}")
 
 
-STEP_KINDS: tuple[tuple[str, str, Callable[[BatchShape], bool]], ...] = (
-    ("other decode", "tab:blue", lambda s: not s.num_prefill_chunks and not s.num_first_decodes),
-    ("decode, a row's first", "tab:green", lambda s: not s.num_prefill_chunks and s.num_first_decodes > 0),
-    ("with a prefill chunk", "tab:orange", lambda s: s.num_prefill_chunks > 0),
-)
-"""The live steps by kind, as the diagnosis splits them (drawn in this order, the many first)."""
+def round_errors(result: FidelityResult, comparison: Comparison, metric: Callable[[Summary], float]) -> list[float]:
+    """The twin's median of `metric` against each live round alone (relative; rounds at 0 left out)."""
+    return [(comparison.twin - metric(live)) / metric(live) for live in result.live_rounds if metric(live)]
 
 
 def write_fidelity_plot(result: FidelityResult, path: Path) -> Path:
@@ -598,14 +598,12 @@ def write_fidelity_plot(result: FidelityResult, path: Path) -> Path:
         ax.legend(fontsize=8, loc="lower right")
 
     ax = axes[1][0]
-    fit = result.profile.fit
+    predicted = [1000 * result.profile.fit.predict(shape) for shape in result.run.shapes]
     for name, color, which in STEP_KINDS:
-        steps = [(1000 * fit.predict(shape), 1000 * s) for shape, s in zip(result.run.shapes, result.run.step_s)
-                 if which(shape)]
+        steps = [(p, 1000 * s) for shape, p, s in zip(result.run.shapes, predicted, result.run.step_s) if which(shape)]
         if steps:
             ax.scatter(*zip(*steps), s=3, alpha=0.25, color=color, linewidths=0,
                        label=f"{name} ({result.step_model_error_where(which):+.1%} in total)")
-    predicted = [1000 * fit.predict(shape) for shape in result.run.shapes]
     if predicted:
         line = [min(predicted), max(predicted)]
         ax.plot(line, line, color="0.3", linewidth=1, label="measured = priced")
@@ -623,8 +621,7 @@ def write_fidelity_plot(result: FidelityResult, path: Path) -> Path:
     ax = axes[1][1]
     latency = [(c, metric) for c, (_, metric) in zip(result.comparisons, METRICS) if "throughput" not in c.name]
     for x, (comparison, metric) in enumerate(latency):
-        per_round = [100 * (comparison.twin - metric(live)) / metric(live) for live in result.live_rounds
-                     if metric(live)]
+        per_round = [100 * e for e in round_errors(result, comparison, metric)]
         ax.scatter([x] * len(per_round), per_round, s=14, color="0.55", zorder=2,
                    label="against one live round" if x == 0 else None)
         ax.scatter([x], [100 * comparison.error], s=70, marker="D", zorder=3,

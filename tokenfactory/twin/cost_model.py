@@ -362,11 +362,10 @@ def step_shape(sched: SchedulerOutput, runner_block_size: int | None = None) -> 
         num_first += n == 1 and chunk.request.num_output_tokens == 1
     num_decodes = len(sched.chunks) - num_prefill
     extra_pairs = extra_reads = gathered = 0
-    if runner_block_size is not None and num_prefill:
-        bs = runner_block_size
+    bs = runner_block_size
+    if bs is not None and num_prefill:
         gathered = sum(-(-c.end // bs) * bs for c in sched.chunks if c.num_tokens > 1 and c.start)
-    if runner_block_size is not None and num_decodes:
-        bs = runner_block_size
+    if bs is not None and num_decodes:
         decodes = [c for c in sched.chunks if c.num_tokens == 1]
         shared = shared_decode_blocks(decodes, bs)
         width = max(-(-c.end // bs) for c in decodes) - shared  # every row's own blocks, padded

@@ -737,10 +737,14 @@ def run_profile(config: EngineConfig, grid: ProfileGrid, threads: int,
                               lambda kind: progress.update(task, advance=1, description=kind))
 
 
+UNITS = dict(zip(FEATURES, ("s/step", "s/token", "s/attention pair", "s/KV token read", "s/sampled row",
+                             "s/prefill chunk", "s/step of more than one token", "s/step with decode rows",
+                             "s/token a prefill chunk gathers", "s/step with a first decode"), strict=True))
+"""How `describe` names each fitted coefficient."""
+
+
 def describe(profile: Profile) -> str:
-    names = ("s/step", "s/token", "s/attention pair", "s/KV token read", "s/sampled row", "s/prefill chunk",
-             "s/step of more than one token", "s/step with decode rows", "s/step with a first decode")
-    terms = ", ".join(f"{c:.3g} {n}" for c, n in zip(profile.fit.coefficients, names))
+    terms = ", ".join(f"{c:.3g} {UNITS[name]}" for c, name in zip(profile.fit.coefficients, FEATURES))
     return (f"{len(profile.points)} grid points in {profile.wall_s:.1f} s ({profile.engine.get('clock')} clock); "
             f"step time = {terms} "
             f"(rms relative error {profile.fit.rms_relative_error:.1%})"

@@ -81,8 +81,8 @@ def prompt_token_ids(request: TraceRequest) -> list[int]:
             unique.extend(_FILLER)
         return unique[: request.input_length]
     tokens: list[int] = []
-    for hash_id in request.hash_ids[:-1]:  # block_tokens(hash_id), without its two temporary lists
-        tokens += (hash_id % VOCAB, hash_id // VOCAB % VOCAB)
+    for hash_id in request.hash_ids[:-1]:  # block_tokens(hash_id), without copying the filler twice
+        tokens += _leading_ids(hash_id)
         tokens += _BLOCK_FILLER
     last_length = request.input_length - MOONCAKE_BLOCK_TOKENS * (len(request.hash_ids) - 1)
     tokens.extend(block_tokens(request.hash_ids[-1], last_length))

@@ -93,7 +93,7 @@ def test_the_fit_refuses_too_few_or_non_positive_samples():
 
 SMALL_GRID = ProfileGrid(prefill_lengths=(4, 16), prefill_contexts=(0, 16), decode_batches=(1, 3),
                          decode_contexts=(8, 24), mixed=((2, 8),), joins=(2,), warmup=0, repeats=2,
-                         slowdown_steps=20)
+                         slowdown_steps=20, decode_settle_s=0.0)
 
 
 @pytest.fixture(scope="module")

@@ -278,14 +278,20 @@ class ProfileGrid:
     term). A live engine has one whenever a prompt arrives while others decode."""
     warmup: int = 1
     repeats: int = 5
+    decode_settle_s: float = 0.03
+    """Decode steps let pass before timing a decode point last at least this long on the profile
+    clock (and `DECODE_SETTLE` steps): after the rows' prompts were computed, one row's steps keep
+    getting quicker for some 15 steps, 30 ms on a 2-core CPU (steps 3-4 5-10% slower than steps
+    16-64, where two and four rows settle within 4 steps). A live engine decodes in long runs;
+    timed after two steps, the profile priced a live run's one-row steps 8% high. 0: steps only."""
     slowdown_steps: int = 1000
     """Reference steps for the machine's `Slowdown`, timed back to back, a share after each pass
     over the grid (0: none)."""
 
     def __post_init__(self) -> None:
-        if self.repeats < 1 or self.warmup < 0 or self.slowdown_steps < 0:
-            raise ValueError(f"repeats must be >= 1, warmup and slowdown_steps >= 0, got {self.repeats}, "
-                             f"{self.warmup} and {self.slowdown_steps}")
+        if self.repeats < 1 or self.warmup < 0 or self.slowdown_steps < 0 or self.decode_settle_s < 0:
+            raise ValueError(f"repeats must be >= 1, warmup, slowdown_steps and decode_settle_s >= 0, got "
+                             f"{self.repeats}, {self.warmup}, {self.slowdown_steps} and {self.decode_settle_s}")
         values = [*self.prefill_lengths, *self.decode_batches, *self.joins, *(v for pair in self.mixed for v in pair)]
         if any(v < 1 for v in values):
             raise ValueError("prefill lengths, decode batches and mixed sizes must be positive")
@@ -413,10 +419,13 @@ def check_clock(config: EngineConfig, clock: str) -> None:
 
 
 DECODE_SETTLE = 2
-"""Decode steps let pass before timing a decode point: the first few after the rows' prompts
-were computed run 10-15% slower than the long runs of decodes a live engine makes (measured on
-this machine at 1 to 16 rows; the caches still hold the prompts' work). Timed right after
-them, the profile priced a live run's decode-only steps 8-13% high."""
+"""Decode steps let pass at least before timing a decode point: the first few after the rows'
+prompts were computed run 10-15% slower than the long runs of decodes a live engine makes
+(measured on this machine at 1 to 16 rows; the caches still hold the prompts' work). Timed right
+after them, the profile priced a live run's decode-only steps 8-13% high. One row takes longer to
+settle: `ProfileGrid.decode_settle_s`."""
+MAX_SETTLE = 64
+"""The most settling steps a decode point takes, whatever the clock says."""
 DECODE_TIMED = 2
 """Decode steps averaged into one sample of a decode point."""
 
@@ -427,8 +436,9 @@ JOIN_PROMPT = 32
 class _Driver:
     """Steps an `EngineCore` on a `ShapeRecordingRunner`, timing each step end to end."""
 
-    def __init__(self, core: EngineCore, runner: ShapeRecordingRunner, clock: Callable[[], float]) -> None:
-        self.core, self.runner, self.clock = core, runner, clock
+    def __init__(self, core: EngineCore, runner: ShapeRecordingRunner, clock: Callable[[], float],
+                 settle_s: float = 0.0) -> None:
+        self.core, self.runner, self.clock, self.settle_s = core, runner, clock, settle_s
         self.ids = itertools.count()
         self.prompts = _Prompts(core.config.model.vocab_size)
         self._prefixes: dict[tuple[int, int], list[int]] = {}
@@ -475,9 +485,18 @@ class _Driver:
     def decode(self, batch: int, context: int, warmup: int, prefill: int = 0) -> tuple[BatchShape, float]:
         """A step decoding `batch` rows with contexts spread evenly up to `context`, with a fresh
         `prefill`-token prompt riding along if given: the mean of `DECODE_TIMED` steps after
-        `warmup` and `DECODE_SETTLE` steps alike (the shape of the first of them; contexts grow
-        by a token a step)."""
-        return _mean_step(self.decode_steps(batch, context, warmup + DECODE_SETTLE + DECODE_TIMED, prefill))
+        `warmup` steps alike and the settling ones (the shape of the first timed one; contexts
+        grow by a token a step)."""
+        return _mean_step(self.decode_steps(batch, context, DECODE_TIMED, prefill, settle=warmup + DECODE_SETTLE))
+
+    def settle(self, steps: int, prefill: int = 0) -> None:
+        """Step the running rows at least `steps` times and for at least `settle_s`."""
+        began, n = self.clock(), 0
+        while n < steps or (self.clock() - began < self.settle_s and n < MAX_SETTLE):
+            if prefill:
+                self.add(self.prompts.fresh(prefill), 1)
+            self.step()
+            n += 1
 
     def _rows(self, batch: int, context: int, max_tokens: int) -> list[Request]:
         """`batch` requests prefilled and decoding, contexts spread evenly up to `context`.
@@ -501,9 +520,8 @@ class _Driver:
         """The mean of `DECODE_TIMED` steps in which a fresh `JOIN_PROMPT`-token prompt, prefilled
         the step before, makes its first decode beside `batch` settled rows (after `warmup` alike)."""
         joins = warmup + DECODE_TIMED
-        rows = self._rows(batch, context, DECODE_SETTLE + 3 * joins + batch + 1)  # three steps a join
-        for _ in range(DECODE_SETTLE):
-            self.step()
+        rows = self._rows(batch, context, MAX_SETTLE + 3 * joins + batch + 1)  # three steps a join
+        self.settle(DECODE_SETTLE)
         timed = []
         for _ in range(joins):
             joining = self.add(self.prompts.fresh(JOIN_PROMPT), 3)
@@ -515,10 +533,15 @@ class _Driver:
         self.drain()
         return _mean_step(timed)
 
-    def decode_steps(self, batch: int, context: int, steps: int, prefill: int = 0) -> list[tuple[BatchShape, float]]:
+    def decode_steps(self, batch: int, context: int, steps: int, prefill: int = 0,
+                     settle: int = 0) -> list[tuple[BatchShape, float]]:
         """`steps` timed steps back to back of `batch` decode rows, contexts spread evenly up to
-        `context` (each step one token longer), with a fresh `prefill`-token prompt riding along."""
-        rows = self._rows(batch, context, steps + batch + 1)  # the first rows may decode while the last prefill
+        `context` (each step one token longer), with a fresh `prefill`-token prompt riding along;
+        after settling (`settle`: at least that many steps alike) unless `settle` is 0."""
+        # The first rows may decode while the last prefill.
+        rows = self._rows(batch, context, steps + batch + 1 + (MAX_SETTLE + settle if settle else 0))
+        if settle:
+            self.settle(settle, prefill)
         timed = []
         for _ in range(steps):
             if prefill:
@@ -552,7 +575,7 @@ def measure(core: EngineCore, runner: ShapeRecordingRunner, grid: ProfileGrid, c
     profile's time, slow minutes and quick ones)."""
     if core.has_work():
         raise ValueError("the engine must be idle to be profiled")
-    driver = _Driver(core, runner, CLOCKS[clock])
+    driver = _Driver(core, runner, CLOCKS[clock], grid.decode_settle_s)
     w = grid.warmup
     plan: list[tuple[str, Callable[[], tuple[BatchShape, float]]]] = [
         *(("prefill", lambda n=n, c=c: driver.prefill(n, c, w))
@@ -705,7 +728,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 QUICK_GRID = ProfileGrid(prefill_lengths=(8, 32, 64), prefill_contexts=(0, 32), decode_batches=(1, 4),
                          decode_contexts=(16, 48), mixed=((2, 16),), joins=(2,), warmup=1, repeats=2,
-                         slowdown_steps=32)
+                         slowdown_steps=32, decode_settle_s=0.0)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -24,7 +24,7 @@ from tokenfactory.engine.config import CacheConfig, EngineConfig, SchedulerConfi
 from tokenfactory.engine.engine import EngineCore
 from tokenfactory.twin.cost_model import shape_of
 from tokenfactory.twin.metrics import RequestRecord, summarize
-from tokenfactory.twin.profile import Profile, ProfilePoint, Slowdown, StepTimeFit, build_runner
+from tokenfactory.twin.profile import FEATURES, Profile, ProfilePoint, Slowdown, StepTimeFit, build_runner
 from tokenfactory.twin.workloads import LengthDistribution, TraceRequest, prompt_token_ids
 
 PROMPTS = LengthDistribution(48, 0.8, maximum=160)
@@ -104,7 +104,7 @@ def test_requests_arriving_behind_work_are_told_from_those_finding_the_engine_id
 def test_fidelity_with_a_given_profile_compares_both_sides(tiny_config, tiny_model_dir):
     per_token = 2 * 4 * 4 * 32 * 4
     profile = Profile(
-        points=[], fit=StepTimeFit((0.004, 1e-4, 2e-7, 1e-6, 0.0, 5e-4, 5e-4, 3e-4, 2e-6, 2e-4)),
+        points=[], fit=StepTimeFit((0.004, 1e-4, 2e-7, 1e-6, 0.0, 5e-4, 5e-4, 3e-4, 2e-6, 1e-4, 2e-4)),
         model=json.loads((tiny_model_dir / "config.json").read_text()),
         engine={"dtype": "float32", "clock": "cpu", "kv_cache_bytes": 256 * 16 * per_token},
         slowdown=Slowdown((0.004, 0.012)),
@@ -135,13 +135,13 @@ def test_fidelity_with_a_given_profile_compares_both_sides(tiny_config, tiny_mod
 
 
 def test_two_sweeps_merge_into_one_profile_with_both_slowdown_series():
-    shapes = [shape_of([(n, 0)]) for n in (4, 16, 64, 128, 256)] + [shape_of([(1, 64)] * b) for b in (1, 4, 16, 32)]
+    shapes = [shape_of([(n, 0)]) for n in (4, 16, 64, 128, 256, 512)] + [shape_of([(1, 64)] * b) for b in (1, 4, 16, 32)]
     shapes.append(dataclasses.replace(shapes[-1], num_first_decodes=1))
 
     def sweep(seconds: float, slowdown: Slowdown | None) -> Profile:
         points = [ProfilePoint("prefill" if s.num_prefill_chunks else "decode", s, seconds, (seconds,))
                   for s in shapes]
-        return Profile(points, StepTimeFit((seconds, 0, 0, 0, 0, 0, 0, 0, 0, 0)), {}, {}, slowdown=slowdown)
+        return Profile(points, StepTimeFit((seconds,) + (0,) * (len(FEATURES) - 1)), {}, {}, slowdown=slowdown)
 
     merged = merge_profiles([sweep(0.01, Slowdown((1.0, 2.0))), sweep(0.03, Slowdown((3.0,)))])
     assert [p.samples for p in merged.points] == [(0.01, 0.03)] * len(shapes)

@@ -208,6 +208,6 @@ def test_step_shape_counts_the_runners_padding_and_gathers_only_when_asked():
     fresh = Request("f", [2] * 12, SamplingParams(max_tokens=8))
     mixed = step_shape(SchedulerOutput([ScheduledChunk(tail, 10, [9, 10]), ScheduledChunk(fresh, 12, [11])] + rows[:1]),
                        runner_block_size=16)
-    assert mixed.prefill_gathered_tokens == 32 and step_shape(SchedulerOutput([ScheduledChunk(tail, 10, [9, 10])])) \
+    assert (mixed.prefill_gathered_tokens, mixed.num_prefill_gathers) == (32, 1) and step_shape(SchedulerOutput([ScheduledChunk(tail, 10, [9, 10])])) \
         .prefill_gathered_tokens == 0
     assert mixed.decode_extra_pairs == alone.decode_extra_pairs  # the decode row, as alone

@@ -30,20 +30,21 @@ from tokenfactory.twin.profile import (
 from tokenfactory.twin.simulator import Simulator, TwinConfig
 from tokenfactory.twin.workloads import TraceRequest
 
-TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3, 6e-4, 7e-4, 2.5e-6, 4e-4)
+TRUE = (0.004, 2e-4, 3e-7, 5e-6, 8e-4, 1e-3, 6e-4, 7e-4, 2.5e-6, 1.5e-4, 4e-4)
 """Seconds per step, token, attention pair, KV token read, sampled row, prefill chunk, per step
 of more than one token, per step with decode rows, per token a prefill chunk gathers from the
-cache, and per step with a row's first decode."""
+cache, per chunk after a cached prefix, and per step with a row's first decode."""
 
 
 def prefill_after(n: int, cached: int) -> BatchShape:
     """`n` prompt tokens after `cached` ones, as the runner runs it (gathering whole 16-token blocks)."""
     gathered = -(-(n + cached) // 16) * 16 if cached else 0
-    return dataclasses.replace(shape_of([(n, cached)]), prefill_gathered_tokens=gathered)
+    return dataclasses.replace(shape_of([(n, cached)]), prefill_gathered_tokens=gathered,
+                               num_prefill_gathers=int(cached > 0))
 
 
 def grid_shapes() -> list[BatchShape]:
-    prefills = [prefill_after(n, s) for n in (4, 16, 64, 256, 512) for s in (0, 512)]
+    prefills = [prefill_after(n, s) for n in (4, 16, 64, 256, 512) for s in (0, 32, 512)]
     decodes = [shape_of([(1, c)] * b) for b in (1, 4, 16, 48) for c in (64, 512)]
     mixed = [shape_of([(1, 256)] * b + [(n, 0)]) for b, n in ((4, 64), (16, 256))]
     joined = [dataclasses.replace(shape, num_first_decodes=1) for shape in (decodes[2], mixed[0])]
@@ -91,7 +92,7 @@ def test_the_fit_refuses_too_few_or_non_positive_samples():
         fit_step_time([(shape, 0.01)] * (len(FEATURES) - 1) + [(shape, 0.0)])
 
 
-SMALL_GRID = ProfileGrid(prefill_lengths=(4, 16), prefill_contexts=(0, 16), decode_batches=(1, 3),
+SMALL_GRID = ProfileGrid(prefill_lengths=(4, 16), prefill_contexts=(0, 16, 48), decode_batches=(1, 3),
                          decode_contexts=(8, 24), mixed=((2, 8),), joins=(2,), warmup=0, repeats=2,
                          slowdown_steps=20, decode_settle_s=0.0)
 
@@ -151,11 +152,11 @@ def test_a_profile_file_round_trips(tiny_profile, tmp_path):
     path.write_text(json.dumps(data))
     assert Profile.load(path).slowdown is None
     assert loaded.model_config().hidden_size == 256
-    # 1-5: fitted without the prefill-chunk, multi-token, decode-path or first-decode feature, or
-    # with the decode rows' attention counted without the runner's padding.
-    for version in (1, 2, 3, 4, 5, 99):
+    # 1-6: fitted without the prefill-chunk, multi-token, decode-path, first-decode or
+    # prefill-gather feature, or with the decode rows' attention counted without the runner's padding.
+    for version in (1, 2, 3, 4, 5, 6, 99):
         path.write_text(json.dumps({**data, "version": version}))
-        with pytest.raises(ValueError, match="version 6"):
+        with pytest.raises(ValueError, match="version 7"):
             Profile.load(path)
 
 
@@ -238,7 +239,7 @@ def test_a_slowdown_prices_a_step_at_the_mean_factor_over_its_stretch_of_busy_ti
 
 
 def test_the_twin_prices_a_worker_s_steps_through_the_slowdown_of_its_busy_time():
-    flat = (0.01, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # every step 10 ms at its mean
+    flat = (0.01,) + (0,) * (len(FEATURES) - 1)  # every step 10 ms at its mean
     steady = cost_model(flat)
     slowed = dataclasses.replace(cost_model(flat), slowdown=Slowdown((0.01, 0.03)))  # x0.5 for 10 ms, then x1.5
     request = [TraceRequest(0.0, 40, 4)]  # a prefill step, then three decodes

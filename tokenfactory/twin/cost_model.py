@@ -135,6 +135,10 @@ class BatchShape:
     """Key positions that runner gathers from the paged cache for prefill chunks after a cached
     prefix (whole blocks up to the chunk's end; a chunk from a prompt's start needs none). Counted
     only with `runner_block_size`, like the decode padding."""
+    num_prefill_gathers: int = 0
+    """Prefill chunks after a cached prefix: each builds its block table and offset mask and
+    takes the runner's masked attention path, a fixed cost beside the gather's per-token one.
+    Counted only with `runner_block_size`, like the decode padding."""
 
 
 @dataclass(frozen=True)
@@ -361,10 +365,11 @@ def step_shape(sched: SchedulerOutput, runner_block_size: int | None = None) -> 
         num_prefill += n > 1
         num_first += n == 1 and chunk.request.num_output_tokens == 1
     num_decodes = len(sched.chunks) - num_prefill
-    extra_pairs = extra_reads = gathered = 0
+    extra_pairs = extra_reads = gathered = gathers = 0
     bs = runner_block_size
     if bs is not None and num_prefill:
-        gathered = sum(-(-c.end // bs) * bs for c in sched.chunks if c.num_tokens > 1 and c.start)
+        ends = [c.end for c in sched.chunks if c.num_tokens > 1 and c.start]
+        gathered, gathers = sum(-(-end // bs) * bs for end in ends), len(ends)
     if bs is not None and num_decodes:
         decodes = [c for c in sched.chunks if c.num_tokens == 1]
         shared = shared_decode_blocks(decodes, bs)
@@ -373,7 +378,7 @@ def step_shape(sched: SchedulerOutput, runner_block_size: int | None = None) -> 
         extra_pairs = num_decodes * (shared + width) * bs - context
         extra_reads = (shared + num_decodes * width) * bs - context
     return BatchShape(num_tokens, pairs, kv_read, num_sampled, num_prefill, num_decodes, num_first,
-                      extra_pairs, extra_reads, gathered)
+                      extra_pairs, extra_reads, gathered, gathers)
 
 
 def shape_of(chunks: Iterable[tuple[int, int]]) -> BatchShape:

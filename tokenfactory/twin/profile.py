@@ -57,16 +57,17 @@ from tokenfactory.twin.cost_model import BatchShape, CostModel, StepCost, step_s
 from tokenfactory.twin.hardware import HARDWARE, Hardware
 
 PROFILE_FORMAT = "tokenfactory-step-profile"
-PROFILE_VERSION = 6
+PROFILE_VERSION = 7
 """2: the prefill_chunk feature (version 1 files lack it, and their fit would misprice prefills).
 3: the multi_token feature. 4: the decode_path feature (and each point's decode rows). 5: the
 first_decode feature (and each point's `num_first_decodes`, and the grid's joining points). 6: the
 attention_pair and kv_read_token features count the runner's padding of decode rows, and the
 prefill_gather_token feature (each point's `decode_extra_pairs`, `decode_extra_reads` and
-`prefill_gathered_tokens`)."""
+`prefill_gathered_tokens`). 7: the prefill_gather feature (each point's `num_prefill_gathers`, and
+the grid's prefills after a short cached prefix)."""
 
 FEATURES = ("step", "token", "attention_pair", "kv_read_token", "sampled_row", "prefill_chunk", "multi_token",
-            "decode_path", "prefill_gather_token", "first_decode")
+            "decode_path", "prefill_gather_token", "prefill_gather", "first_decode")
 """What each fitted coefficient costs (seconds per step, per computed token, ...). A prefill
 chunk takes the runner's own path (an attention call per layer, a mask after a cached prefix):
 0.4-0.8 ms against a 3.4-4.4 ms step on a 2-core CPU. Without its own term that cost leaks into
@@ -94,7 +95,11 @@ inflated by the grid's spreads: a live run's steps of five to eight rows came ou
 blocks from the paged cache, at about 1.1 us a token on this CPU (a fit) against 0.54 us for a
 decode row's batched read: priced at the decode rows' rate, four tokens after 512 cached ones came out
 13% low, and a live run's steps with chunks under 32 tokens (most often the tail of a cached
-prompt) 10% low."""
+prompt) 10% low. Gathering at all costs a fixed extra besides (a block table, an offset mask, the
+masked attention path): four tokens after 16 cached ones took 0.14 ms more than four from a
+prompt's start, where the per-token price says 0.04 ms. With the grid's cached prefixes all of
+512 tokens the fit could not tell the two apart and priced the short prefixes most cached
+prompts have (32-256 tokens in a live run) 8-20% low."""
 
 
 def features(shape: BatchShape) -> tuple[float, ...]:
@@ -102,7 +107,7 @@ def features(shape: BatchShape) -> tuple[float, ...]:
     return (1.0, shape.num_tokens, shape.attention_pairs + shape.decode_extra_pairs,
             shape.kv_read_tokens + shape.decode_extra_reads, shape.num_sampled,
             shape.num_prefill_chunks, float(shape.num_tokens > 1), float(shape.num_decode_rows > 0),
-            shape.prefill_gathered_tokens, float(shape.num_first_decodes > 0))
+            shape.prefill_gathered_tokens, shape.num_prefill_gathers, float(shape.num_first_decodes > 0))
 
 
 class ShapeRecordingRunner(ModelRunner):
@@ -156,7 +161,7 @@ def fit_step_time(samples: Sequence[tuple[BatchShape, float]]) -> StepTimeFit:
 def _fit_terms(samples: Sequence[tuple[BatchShape, float]], num_terms: int) -> tuple[tuple[float, ...], float]:
     """The first `num_terms` FEATURES' coefficients and the rms relative error (step times positive).
 
-    With nine terms, trying every subset of them (ordinary least squares on each, keeping the
+    With ten terms, trying every subset of them (ordinary least squares on each, keeping the
     best whose coefficients are all non-negative) is exact and simpler than an active-set solver.
     """
     if len(samples) < num_terms:
@@ -263,8 +268,9 @@ class ProfileGrid:
 
     prefill_lengths: tuple[int, ...] = (4, 16, 64, 128, 256, 512)
     """4: the tail of a prompt mostly served from the prefix cache (a chunk's own cost shows)."""
-    prefill_contexts: tuple[int, ...] = (0, 512)
-    """Tokens already cached before the chunk (multiples of the block size)."""
+    prefill_contexts: tuple[int, ...] = (0, 32, 512)
+    """Tokens already cached before the chunk (multiples of the block size). A short one beside a
+    long one: gathering a cached prefix costs a fixed extra besides its per-token price."""
     decode_batches: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32)
     """2 and 3: at moderate load most steps decode a few rows, and there the time is not linear
     in rows (on a 2-core CPU the second row added 0.8 ms, the next ones 0.2-0.4 ms each)."""
@@ -359,7 +365,8 @@ class Profile:
                     p["kind"],
                     BatchShape(p["num_tokens"], p["attention_pairs"], p["kv_read_tokens"], p["num_sampled"],
                                p["num_prefill_chunks"], p["num_decode_rows"], p["num_first_decodes"],
-                               p["decode_extra_pairs"], p["decode_extra_reads"], p["prefill_gathered_tokens"]),
+                               p["decode_extra_pairs"], p["decode_extra_reads"], p["prefill_gathered_tokens"],
+                               p["num_prefill_gathers"]),
                     float(p["seconds"]),
                     tuple(p["samples"]),
                 )
@@ -475,12 +482,29 @@ class _Driver:
         return prefix
 
     def prefill(self, n: int, context: int, warmup: int) -> tuple[BatchShape, float]:
-        """One step prefilling `n` new tokens after `context` cached ones (after `warmup` alike)."""
+        """One step prefilling `n` new tokens after `context` cached ones, after `warmup` alike
+        and a cool-down."""
         prefix = self.cached_prefix(context)
-        for _ in range(warmup + 1):
+        for _ in range(warmup):
             self.add(prefix + self.prompts.fresh(n), 1)
-            shape, seconds = self.step()
-        return shape, seconds
+            self.step()
+        self.cool_down()
+        self.add(prefix + self.prompts.fresh(n), 1)
+        return self.step()
+
+    def cool_down(self) -> None:
+        """One short row decoding alone for `settle_s`, then gone: a step right after a long
+        prefill runs 10-25% slower, and quickens over some 30 ms of light steps (on a 2-core CPU,
+        a one-row decode 2.4 ms right after a 256-token prefill, 1.7 ms a dozen steps later; not
+        the clock rate: plain arithmetic timed after a burst of matrix products keeps its speed).
+        Most of a live engine's prefills follow light steps; measured after the grid's previous
+        point (a 512-token prefill, say), a short chunk's point came out 7% above the fit."""
+        if not self.settle_s:
+            return
+        row = self.add(self.prompts.fresh(JOIN_PROMPT), MAX_SETTLE + 1)
+        self.settle(DECODE_SETTLE)
+        self.core.abort([row.request_id])
+        self.drain()
 
     def decode(self, batch: int, context: int, warmup: int, prefill: int = 0) -> tuple[BatchShape, float]:
         """A step decoding `batch` rows with contexts spread evenly up to `context`, with a fresh
@@ -551,12 +575,13 @@ class _Driver:
         self.drain()
         return timed
 
-    def slowdown(self, num_steps: int, batch: int = 4, context: int = 64, run: int = 16) -> Slowdown:
+    def slowdown(self, num_steps: int, batch: int = 4, context: int = 64, run: int = 64) -> Slowdown:
         """`num_steps` reference steps (`batch` decode rows), timed back to back in runs of `run`
-        (then fresh rows, so contexts stay near `context`)."""
+        after the rows settled (then fresh rows, so contexts stay near `context`)."""
         seconds: list[float] = []
         while len(seconds) < num_steps:
-            seconds += [t for _, t in self.decode_steps(batch, context, min(run, num_steps - len(seconds)))]
+            steps = self.decode_steps(batch, context, min(run, num_steps - len(seconds)), settle=DECODE_SETTLE)
+            seconds += [t for _, t in steps]
         return Slowdown(tuple(seconds))
 
 
@@ -762,7 +787,8 @@ def run_profile(config: EngineConfig, grid: ProfileGrid, threads: int,
 
 UNITS = dict(zip(FEATURES, ("s/step", "s/token", "s/attention pair", "s/KV token read", "s/sampled row",
                              "s/prefill chunk", "s/step of more than one token", "s/step with decode rows",
-                             "s/token a prefill chunk gathers", "s/step with a first decode"), strict=True))
+                             "s/token a prefill chunk gathers", "s/prefill chunk after a cached prefix",
+                             "s/step with a first decode"), strict=True))
 """How `describe` names each fitted coefficient."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 
 import pytest
 
@@ -15,6 +16,7 @@ from tokenfactory.bench.fidelity_bench import (
     fidelity_workload,
     live_prompt,
     merge_profiles,
+    neighbour,
     pooled,
     replay_live,
     run_fidelity,
@@ -204,3 +206,13 @@ def test_arrivals_are_spread_to_the_asked_utilisation():
     assert [r.input_length for r in spread] == [r.input_length for r in workload]
     with pytest.raises(ValueError, match="utilisation"):
         at_utilisation(workload, 1.5, busy)
+
+
+def test_a_noisy_neighbour_runs_beside_the_block_and_stops_with_it():
+    with neighbour(None):
+        assert not multiprocessing.active_children()
+    with neighbour(1):
+        (child,) = multiprocessing.active_children()
+        assert child.is_alive()
+    child.join(timeout=5)
+    assert not child.is_alive() and not multiprocessing.active_children()

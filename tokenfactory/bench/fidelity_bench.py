@@ -30,12 +30,15 @@ how late the replay woke up for arrivals at an idle engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import multiprocessing
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event as StopEvent
 from pathlib import Path
 
 import torch
@@ -475,6 +478,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a small profile grid (smoke tests)")
     p.add_argument("--plots", type=Path, metavar="DIR",
                    help="also draw the comparison (latency CDFs, step prices, errors by round) as DIR/fidelity.png")
+    p.add_argument("--neighbour", type=int, metavar="SEED",
+                   help="run beside a noisy neighbour: another process loading the machine in random bursts "
+                        "(this seed's), to see how fidelity holds up on a noisy machine")
     p.add_argument("--rounds", type=int, default=9,
                    help="live replays, each followed by a profile sweep, and as many twin runs; each metric "
                         "is compared as its median over the rounds (default 9: this machine's speed drifts "
@@ -498,8 +504,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     grid = None if profile is not None else (QUICK_GRID if args.quick else SWEEP)
     utilisation = None if args.rate else args.utilisation
-    result = run_fidelity(config, workload, args.threads, grid, profile, args.clock, utilisation, console,
-                          args.rounds)
+    with neighbour(args.neighbour):
+        if args.neighbour is not None:
+            console.print(f"with a noisy neighbour (seed {args.neighbour}): bursts of 0.5-5 s of matrix products "
+                          "or memory sweeps in another process, as long apart")
+        result = run_fidelity(config, workload, args.threads, grid, profile, args.clock, utilisation, console,
+                              args.rounds)
     console.print(f"profile: {describe(result.profile)}")
     if args.save_profile:
         result.profile.save(args.save_profile)
@@ -511,6 +521,44 @@ def main(args: argparse.Namespace) -> int:
     console.print(f"fidelity goal (every metric within {GOAL:.0%}, aim {AIM:.0%}): "
                   + ("PASS" if not misses else f"MISS ({', '.join(misses)})"))
     return 0
+
+
+def noisy_neighbour(seed: int, stop: StopEvent) -> None:
+    """Another tenant of the machine, the kind that makes a shared 2-core machine noisy: bursts of
+    0.5-5 s, each of matrix products (compute and the last-level cache) or of sweeps over 16 MB
+    (memory bandwidth), with pauses as long, until `stop`."""
+    torch.set_num_threads(1)
+    rng = random.Random(seed)
+    square, sweep = torch.rand(1500, 1500), torch.rand(4_000_000)
+    while not stop.is_set():
+        burst, pause, compute = rng.uniform(0.5, 5), rng.uniform(0.5, 5), rng.random() < 0.5
+        until = time.monotonic() + burst
+        while time.monotonic() < until and not stop.is_set():
+            if compute:
+                square @ square
+            else:
+                sweep.mul(1.0001).sum()
+        stop.wait(pause)
+
+
+@contextlib.contextmanager
+def neighbour(seed: int | None) -> Iterator[None]:
+    """A `noisy_neighbour` process for the block's length (none when `seed` is None): a
+    reproducible noisy machine, to see how the twin's fidelity holds up on one."""
+    if seed is None:
+        yield
+        return
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    process = context.Process(target=noisy_neighbour, args=(seed, stop), daemon=True)
+    process.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
 
 
 def _table(result: FidelityResult) -> Table:

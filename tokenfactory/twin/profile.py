@@ -777,12 +777,19 @@ def grid_of(args: argparse.Namespace) -> ProfileGrid:
 
 def run_profile(config: EngineConfig, grid: ProfileGrid, threads: int,
                 runner: ShapeRecordingRunner | None = None, clock: str = "wall") -> Profile:
-    """Profile with a progress bar on the terminal."""
+    """Profile with a progress bar on the terminal, drawn between grid points only: a bar that
+    refreshes itself does so from a thread of its own, waking ten times a second to take the GIL
+    and, with another process on the second core, the engine's own core in the middle of timed
+    steps, where no such thread runs beside a live engine."""
     with Progress(TextColumn("profiling {task.description:8}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=True) as progress:
+                  TimeElapsedColumn(), transient=True, auto_refresh=False) as progress:
         task = progress.add_task("", total=(grid.num_points + 1) * grid.repeats)
-        return profile_engine(config, grid, threads, runner, clock,
-                              lambda kind: progress.update(task, advance=1, description=kind))
+
+        def advance(kind: str) -> None:
+            progress.update(task, advance=1, description=kind)
+            progress.refresh()
+
+        return profile_engine(config, grid, threads, runner, clock, advance)
 
 
 UNITS = dict(zip(FEATURES, ("s/step", "s/token", "s/attention pair", "s/KV token read", "s/sampled row",

@@ -1,7 +1,9 @@
 import argparse
 import json
 
+from tokenfactory.engine.config import CacheConfig, EngineConfig
 from tokenfactory.twin.cli import add_replay_arguments, main
+from tokenfactory.twin.profile import QUICK_GRID, profile_engine
 
 
 def test_replay_prints_a_metrics_table_for_a_small_trace(tmp_path, capsys):
@@ -28,8 +30,9 @@ def test_replay_arguments_have_the_documented_defaults():
     add_replay_arguments(parser)
     args = parser.parse_args([])
     assert (args.hardware, args.workers, args.tp, args.precision, args.speedup, args.router) == (
-        "h200", 16, 1, "bf16", 1.0, "round_robin"
+        None, 16, 1, "bf16", 1.0, "round_robin"  # None: an H200, or the profiled machine with --profile
     )
+    assert args.profile is None
     assert args.trace.name == "mooncake_conversation_trace.jsonl"
 
 
@@ -56,3 +59,20 @@ def test_replay_runs_gamma_and_agentic_workloads(capsys):
 def test_replay_refuses_bad_workload_parameters(capsys):
     assert main(["--workload", "poisson", "--rate", "0", "--num-requests", "5"]) == 2
     assert "rate" in capsys.readouterr().out
+
+
+def test_replay_prices_steps_from_a_profile_of_the_live_engine(tiny_model_dir, tmp_path, capsys):
+    profile = profile_engine(EngineConfig.from_pretrained(tiny_model_dir, cache=CacheConfig(num_blocks=64)),
+                             QUICK_GRID, threads=1)
+    path = tmp_path / "step_profile.json"
+    profile.save(path)
+    workload = ["--workload", "poisson", "--rate", "20", "--num-requests", "20", "--input-len", "40", "--output-len", "8"]
+    assert main(["--profile", str(path), "--workers", "2", *workload]) == 0
+    out = capsys.readouterr().out
+    assert "2 x the engine profiled in step_profile.json" in out and "20 / 0" in out
+    # One engine per worker at its own block size: TP and another block size contradict the profile.
+    assert main(["--profile", str(path), "--tp", "2", *workload]) == 2
+    assert "--tp must be 1" in capsys.readouterr().out
+    assert main(["--profile", str(path), "--block-size", "32", *workload]) == 2
+    assert "16-token KV blocks" in capsys.readouterr().out
+    assert main(["--profile", str(tmp_path / "absent.json"), *workload]) == 2

@@ -15,6 +15,7 @@ from tokenfactory.engine.config import SchedulerConfig
 from tokenfactory.twin.cost_model import CostModel, default_model
 from tokenfactory.twin.hardware import HARDWARE, get_hardware
 from tokenfactory.twin.metrics import SLO, Summary
+from tokenfactory.twin.profile import Profile, ProfiledCostModel
 from tokenfactory.control.router import ROUTERS, make_router
 from tokenfactory.twin.simulator import Simulator, TwinConfig
 from tokenfactory.twin.workloads import (
@@ -31,10 +32,18 @@ from tokenfactory.twin.workloads import (
 WORKLOADS = ("trace", "poisson", "gamma", "closed-loop", "agentic")
 
 
+DEFAULT_BLOCK_SIZE = 16
+
+
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", type=Path, default=MOONCAKE_TRACE, help="trace file (default: the Mooncake trace)")
     parser.add_argument("--format", choices=["auto", "mooncake", "azure"], default="auto")
-    parser.add_argument("--hardware", choices=sorted(HARDWARE), default="h200")
+    parser.add_argument("--hardware", choices=sorted(HARDWARE), default=None,
+                        help="simulated accelerator (default h200; with --profile, the power model of the "
+                             "profiled machine, cpu by default)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                        help="price steps from a `tokenfactory twin profile` file of a live engine instead of the "
+                             "roofline: its model, KV capacity and block size, one engine per worker (TP 1)")
     parser.add_argument("--workers", type=int, default=16, help="simulated workers (each a TP group)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of each worker")
     parser.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
@@ -42,7 +51,7 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     parser.add_argument("--router", choices=list(ROUTERS), default="round_robin",
                         help="routing policy (control.router; kv reads the workers' KV events)")
-    parser.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="KV block size in tokens")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO for goodput (s)")
@@ -113,6 +122,20 @@ def build_workload(args: argparse.Namespace) -> list[TraceRequest] | DynamicWork
     return agentic_workload(args, args.num_requests, args.rate, args.think if args.think else 2.0, args.seed)
 
 
+def cost_model(args: argparse.Namespace) -> tuple[CostModel | ProfiledCostModel, int]:
+    """The step prices the arguments ask for, and the KV block size they hold for (ValueError if
+    they contradict each other or the profile cannot be read)."""
+    if args.profile is None:
+        return CostModel(default_model(), get_hardware(args.hardware or "h200"), args.precision, args.tp), args.block_size
+    if args.tp != 1:
+        raise ValueError("a profile measures one engine: --tp must be 1 with --profile")
+    profile = Profile.load(args.profile)
+    block_size = int(profile.engine.get("block_size", args.block_size))
+    if args.block_size not in (block_size, DEFAULT_BLOCK_SIZE):
+        raise ValueError(f"the profile was measured with {block_size}-token KV blocks, not {args.block_size}")
+    return ProfiledCostModel.from_profile(profile, get_hardware(args.hardware or "cpu")), block_size
+
+
 def replay_main(args: argparse.Namespace) -> int:
     console = Console()
     if args.workload == "trace" and not args.trace.is_file():
@@ -120,16 +143,17 @@ def replay_main(args: argparse.Namespace) -> int:
         return 2
     try:
         workload = build_workload(args)
+        cost, block_size = cost_model(args)
         config = TwinConfig(
-            cost=CostModel(default_model(), get_hardware(args.hardware), args.precision, args.tp),
+            cost=cost,
             num_workers=args.workers,
             scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                       max_num_seqs=args.max_num_seqs),
-            block_size=args.block_size,
+            block_size=block_size,
             slo=SLO(args.slo_ttft, args.slo_itl),
             power_interval_s=args.power_interval or _power_interval(workload),
         )
-    except ValueError as error:
+    except (OSError, ValueError) as error:
         console.print(f"[red]{error}[/red]")
         return 2
     if not isinstance(workload, DynamicWorkload) and not workload:
@@ -157,8 +181,7 @@ def replay_main(args: argparse.Namespace) -> int:
     if args.plots is not None:
         from tokenfactory.twin.plots import write_replay_plots
 
-        title = (f"{args.workload}: {args.workers} x {args.hardware} TP{args.tp} {args.precision}, {args.router}, "
-                 f"{len(result.records)} requests")
+        title = f"{args.workload}: {_setup(args)}, {len(result.records)} requests"
         for path in write_replay_plots(result, args.plots, title):
             console.print(f"wrote {path}")
     return 0
@@ -171,8 +194,14 @@ def _power_interval(workload: list[TraceRequest] | DynamicWorkload) -> float:
     return max(1.0, workload[-1].arrival_time / 240)
 
 
+def _setup(args: argparse.Namespace) -> str:
+    if args.profile is not None:
+        return f"{args.workers} x the engine profiled in {args.profile.name}, {args.router}"
+    return f"{args.workers} x {args.hardware or 'h200'} TP{args.tp} {args.precision}, {args.router}"
+
+
 def _table(s: Summary, args: argparse.Namespace) -> Table:
-    table = Table(title=f"replay: {args.workers} x {args.hardware} TP{args.tp} {args.precision}, {args.router}")
+    table = Table(title=f"replay: {_setup(args)}")
     table.add_column("metric")
     table.add_column("p50 / value", justify="right")
     table.add_column("p90", justify="right")

@@ -18,7 +18,13 @@ from tokenfactory.engine.attention import AttentionMetadata, PrefillChunk
 from tokenfactory.engine.config import ConfigError, EngineConfig, ModelConfig
 from tokenfactory.engine.grammar import GrammarMasks, build_ll_tokenizer
 from tokenfactory.engine.model import ARCHITECTURES, CausalLM, KVCache
-from tokenfactory.engine.outputs import ModelRunnerOutput, ScheduledChunk, SchedulerOutput, shared_decode_blocks
+from tokenfactory.engine.outputs import (
+    ModelRunnerOutput,
+    ScheduledChunk,
+    SchedulerOutput,
+    prefill_gather_blocks,
+    shared_decode_blocks,
+)
 from tokenfactory.engine.request import Request
 from tokenfactory.engine.sampler import Sampler
 from tokenfactory.engine.tokenizer import Tokenizer
@@ -246,10 +252,10 @@ class ModelRunner:
         row = first_row
         for chunk in prefills:
             n = chunk.num_tokens
-            if chunk.start == 0:
+            num_blocks = prefill_gather_blocks(chunk, self.block_size)
+            if not num_blocks:
                 result.append(PrefillChunk(row, row + n, None, None))
             else:
-                num_blocks = math.ceil(chunk.end / self.block_size)
                 keys = torch.arange(num_blocks * self.block_size, device=self.device)
                 query_pos = torch.arange(chunk.start, chunk.end, device=self.device)
                 mask = keys.unsqueeze(0) <= query_pos.unsqueeze(1)  # [n, num_blocks * block_size]

@@ -42,6 +42,13 @@ class ScheduledChunk:
         return self.end == self.request.num_tokens
 
 
+def prefill_gather_blocks(chunk: ScheduledChunk, block_size: int) -> int:
+    """How many cache blocks the runner gathers for a prefill chunk: every block up to the
+    chunk's end after a cached prefix, none for a chunk from the prompt's start (its keys are
+    its own rows)."""
+    return -(-chunk.end // block_size) if chunk.start else 0
+
+
 def shared_decode_blocks(decodes: list[ScheduledChunk], block_size: int) -> int:
     """How many leading blocks every decode row's table has in common: the runner reads them once
     for the whole batch (0 for one row, where sharing saves nothing). Only blocks wholly before

@@ -30,9 +30,8 @@ from tokenfactory.twin.workloads import (
 )
 
 WORKLOADS = ("trace", "poisson", "gamma", "closed-loop", "agentic")
-
-
-DEFAULT_BLOCK_SIZE = 16
+BLOCK_SIZE = 16
+"""KV block size in tokens unless --block-size (or a profile) says otherwise."""
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +50,8 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     parser.add_argument("--router", choices=list(ROUTERS), default="round_robin",
                         help="routing policy (control.router; kv reads the workers' KV events)")
-    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="KV block size in tokens")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="KV block size in tokens (default 16; with --profile, the profiled engine's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO for goodput (s)")
@@ -125,15 +125,21 @@ def build_workload(args: argparse.Namespace) -> list[TraceRequest] | DynamicWork
 def cost_model(args: argparse.Namespace) -> tuple[CostModel | ProfiledCostModel, int]:
     """The step prices the arguments ask for, and the KV block size they hold for (ValueError if
     they contradict each other or the profile cannot be read)."""
+    hardware = get_hardware(_hardware_name(args))
     if args.profile is None:
-        return CostModel(default_model(), get_hardware(args.hardware or "h200"), args.precision, args.tp), args.block_size
+        return CostModel(default_model(), hardware, args.precision, args.tp), args.block_size or BLOCK_SIZE
     if args.tp != 1:
         raise ValueError("a profile measures one engine: --tp must be 1 with --profile")
     profile = Profile.load(args.profile)
-    block_size = int(profile.engine.get("block_size", args.block_size))
-    if args.block_size not in (block_size, DEFAULT_BLOCK_SIZE):
+    block_size = int(profile.engine.get("block_size", BLOCK_SIZE))
+    if args.block_size not in (None, block_size):
         raise ValueError(f"the profile was measured with {block_size}-token KV blocks, not {args.block_size}")
-    return ProfiledCostModel.from_profile(profile, get_hardware(args.hardware or "cpu")), block_size
+    return ProfiledCostModel.from_profile(profile, hardware), block_size
+
+
+def _hardware_name(args: argparse.Namespace) -> str:
+    """--hardware, or by default an H200 (the profiled machine, a CPU, with --profile)."""
+    return args.hardware or ("cpu" if args.profile is not None else "h200")
 
 
 def replay_main(args: argparse.Namespace) -> int:
@@ -197,7 +203,7 @@ def _power_interval(workload: list[TraceRequest] | DynamicWorkload) -> float:
 def _setup(args: argparse.Namespace) -> str:
     if args.profile is not None:
         return f"{args.workers} x the engine profiled in {args.profile.name}, {args.router}"
-    return f"{args.workers} x {args.hardware or 'h200'} TP{args.tp} {args.precision}, {args.router}"
+    return f"{args.workers} x {_hardware_name(args)} TP{args.tp} {args.precision}, {args.router}"
 
 
 def _table(s: Summary, args: argparse.Namespace) -> Table:

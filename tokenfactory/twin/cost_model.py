@@ -32,7 +32,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, ClassVar
 
 from tokenfactory.engine.config import ModelConfig
-from tokenfactory.engine.outputs import shared_decode_blocks
+from tokenfactory.engine.outputs import prefill_gather_blocks, shared_decode_blocks
 from tokenfactory.twin.hardware import Hardware
 
 if TYPE_CHECKING:
@@ -368,8 +368,8 @@ def step_shape(sched: SchedulerOutput, runner_block_size: int | None = None) -> 
     extra_pairs = extra_reads = gathered = gathers = 0
     bs = runner_block_size
     if bs is not None and num_prefill:
-        ends = [c.end for c in sched.chunks if c.num_tokens > 1 and c.start]
-        gathered, gathers = sum(-(-end // bs) * bs for end in ends), len(ends)
+        blocks = [b for c in sched.chunks if c.num_tokens > 1 and (b := prefill_gather_blocks(c, bs))]
+        gathered, gathers = sum(blocks) * bs, len(blocks)
     if bs is not None and num_decodes:
         decodes = [c for c in sched.chunks if c.num_tokens == 1]
         shared = shared_decode_blocks(decodes, bs)

@@ -363,10 +363,7 @@ class Profile:
             points = [
                 ProfilePoint(
                     p["kind"],
-                    BatchShape(p["num_tokens"], p["attention_pairs"], p["kv_read_tokens"], p["num_sampled"],
-                               p["num_prefill_chunks"], p["num_decode_rows"], p["num_first_decodes"],
-                               p["decode_extra_pairs"], p["decode_extra_reads"], p["prefill_gathered_tokens"],
-                               p["num_prefill_gathers"]),
+                    BatchShape(**{f.name: p[f.name] for f in dataclasses.fields(BatchShape)}),
                     float(p["seconds"]),
                     tuple(p["samples"]),
                 )

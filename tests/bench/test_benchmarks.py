@@ -44,8 +44,9 @@ def test_bench_decode_reports_a_fraction_of_the_bandwidth_bound(tiny_model_dir, 
 
 def test_bench_overhead_reports_gateway_router_and_transfer_costs(tiny_model_dir, capsys):
     assert main(["bench", "overhead", "--model", str(tiny_model_dir), "--requests", "3", "--prompt-len", "16",
-                 "--route-lens", "64", "256", "--transfer-lens", "32", "64"]) == 0
+                 "--route-lens", "64", "256", "--transfer-lens", "32", "64", "--neighbour", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    assert lines.pop(0).startswith("with a noisy neighbour (seed 1)")
     assert lines[0].startswith("TTFT p50, 3 two-token requests of 16 tokens")
     assert "the same work on both sides" in lines[1]  # the premise of the comparison, shown
     assert sum(line.startswith("router decision") for line in lines) == 2

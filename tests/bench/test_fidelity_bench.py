@@ -10,16 +10,19 @@ import multiprocessing
 import pytest
 
 from tokenfactory.bench.fidelity_bench import (
+    DRAWS,
     Comparison,
-    at_utilisation,
     ReplayClock,
+    RoundMachine,
+    at_utilisation,
     fidelity_workload,
     live_prompt,
     merge_profiles,
-    neighbour,
     pooled,
     replay_live,
+    round_machines,
     run_fidelity,
+    sweep_levels,
 )
 from tokenfactory.cli import main as cli_main
 from tokenfactory.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -113,8 +116,9 @@ def test_fidelity_with_a_given_profile_compares_both_sides(tiny_config, tiny_mod
     )
     workload = fidelity_workload(12, 40.0, PROMPTS, OUTPUTS, seed=3)
     result = run_fidelity(tiny_config, workload, grid=None, profile=profile, clock="cpu", rounds=2)
-    assert result.live.num_finished == result.twin.num_finished == 24  # two rounds pooled on each side
-    assert result.live.output_tokens == result.twin.output_tokens == 2 * sum(r.output_length for r in workload)
+    # Two rounds pooled on each side, each live round matched by DRAWS twin runs.
+    assert result.live.num_finished == result.twin.num_finished / DRAWS == 24
+    assert result.live.output_tokens == result.twin.output_tokens / DRAWS == 2 * sum(r.output_length for r in workload)
     assert [r.num_finished for r in result.live_rounds] == [12, 12]
     assert result.live.duration_s == pytest.approx(sum(r.duration_s for r in result.live_rounds))
     assert [c.name.split(" (")[0] for c in result.comparisons] == [
@@ -125,8 +129,10 @@ def test_fidelity_with_a_given_profile_compares_both_sides(tiny_config, tiny_mod
     assert math.isnan(result.step_model_error_where(lambda shape: False))  # no such steps
     ratios = result.ttft_ratios(arrived_idle=True) + result.ttft_ratios(arrived_idle=False)
     assert len(ratios) == 24 and all(r > 0 for r in ratios)
+    # Each live round gets DRAWS twin runs, each walking the series from its own point.
+    assert len(result.twin_rounds) == 2 * DRAWS and len({s.ttft.p90 for s in result.twin_rounds}) > 1
     # The same twin with every step at its mean price, beside it: same tokens, other latencies.
-    assert result.at_mean is not None and len(result.at_mean) == len(result.twin_rounds) == 2
+    assert result.at_mean is not None and len(result.at_mean) == len(result.twin_rounds)
     assert [s.output_tokens for s in result.at_mean] == [s.output_tokens for s in result.twin_rounds]
     assert result.at_mean[0].ttft != result.twin_rounds[0].ttft
     # Each metric is its median over the rounds (of two: their mean) on either side.
@@ -150,6 +156,27 @@ def test_two_sweeps_merge_into_one_profile_with_both_slowdown_series():
     assert merged.fit.predict(shapes[0]) == pytest.approx(0.02)
     assert merged.slowdown == Slowdown((1.0, 2.0, 3.0))
     assert merge_profiles([sweep(0.01, None), sweep(0.03, None)]).slowdown is None
+
+
+def test_each_round_gets_the_speed_and_slowdown_of_the_sweeps_either_side():
+    shapes = [shape_of([(n, 0)]) for n in (4, 16, 64, 128, 256, 512)] + [shape_of([(1, 64)] * b) for b in (1, 4, 16, 32)]
+    shapes.append(dataclasses.replace(shapes[-1], num_first_decodes=1))
+
+    def sweep(seconds: float, slowdown: Slowdown) -> Profile:
+        points = [ProfilePoint("prefill" if s.num_prefill_chunks else "decode", s, seconds * (i + 1),
+                               (seconds * (i + 1),)) for i, s in enumerate(shapes)]
+        return Profile(points, StepTimeFit((seconds,) + (0,) * (len(FEATURES) - 1)), {}, {}, slowdown=slowdown)
+
+    # The machine ran at 1, 2, then 4 times the speed of its first sweep.
+    sweeps = [sweep(0.04, Slowdown((1.0,))), sweep(0.02, Slowdown((2.0,))), sweep(0.01, Slowdown((3.0, 4.0)))]
+    merged = merge_profiles(sweeps)
+    levels = sweep_levels(sweeps, merged)
+    assert levels == pytest.approx([2.0, 1.0, 0.5])  # against their geometric middle
+    machines = round_machines(merged, sweeps, rounds=2)
+    assert [m.scale for m in machines] == pytest.approx([2 ** 0.5, 0.5 ** 0.5])
+    assert [m.slowdown for m in machines] == [Slowdown((1.0, 2.0)), Slowdown((2.0, 3.0, 4.0))]
+    # A profile file has no sweeps: every round gets its own series, at its own speed.
+    assert round_machines(merged, [], rounds=3) == [RoundMachine(1.0, merged.slowdown)] * 3
 
 
 def test_rounds_pool_into_one_run_one_after_the_other():
@@ -180,7 +207,8 @@ def test_bench_fidelity_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     for text in ("TTFT p90", "inter-token latency p50", "twin busy", "fitted model prices them", "fidelity goal",
-                 "every step at its mean price"):
+                 "every step at its round's mean price", "the live engine against itself",
+                 "the machine's speed"):
         assert text in out
     assert "PASS" in out or "MISS" in out
     plot = tmp_path / "plots" / "fidelity.png"
@@ -206,13 +234,3 @@ def test_arrivals_are_spread_to_the_asked_utilisation():
     assert [r.input_length for r in spread] == [r.input_length for r in workload]
     with pytest.raises(ValueError, match="utilisation"):
         at_utilisation(workload, 1.5, busy)
-
-
-def test_a_noisy_neighbour_runs_beside_the_block_and_stops_with_it():
-    with neighbour(None):
-        assert not multiprocessing.active_children()
-    with neighbour(1):
-        (child,) = multiprocessing.active_children()
-        assert child.is_alive()
-    child.join(timeout=5)
-    assert not child.is_alive() and not multiprocessing.active_children()

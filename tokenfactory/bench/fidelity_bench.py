@@ -17,10 +17,13 @@ in the same run unless `--profile FILE` gives one: a sweep before the first live
 after each. A shared machine's speed moves by a third within seconds, which no profile can know
 in advance (probing the machine's level beside the live run was tried: it read the level 3-8%
 off, and a probe heavy enough to read it well slowed the live steps), so the live replay is made
-`--rounds` times between the sweeps, the twin runs as many times (each walking the profile's
-slowdown series from its own point), and each metric is compared as its median over the rounds
-on either side: what the twin predicts is the engine on this machine, not one minute of it.
-Torch threads are fixed for the whole run.
+`--rounds` times between the sweeps and each metric is compared as its median over the rounds on
+either side: what the twin predicts is the engine on this machine, not one minute of it. Each
+live round is matched by `DRAWS` twin runs on the machine the sweeps either side of it measured
+(`round_machines`: their speed and their slowdown series), so that the twin's rounds vary as the
+live ones do and the two medians are the same kind of round. Torch threads are fixed for the
+whole run. How far the live engine's own rounds disagree (the odd rounds' median against the
+even rounds') is printed too: on a noisy machine that is what any comparison can hope for.
 
 To say why an error is what it is, the live run's own steps are priced by the fitted model too:
 the step model's error on the very batches the engine ran, the loop's time between steps, and
@@ -30,21 +33,20 @@ how late the replay woke up for arrivals at an idle engine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import multiprocessing
+import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.synchronize import Event as StopEvent
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from tokenfactory.bench.neighbour import neighbour
 from tokenfactory.control.router import RoundRobinRouter
 from tokenfactory.engine.config import EngineConfig, SchedulerConfig
 from tokenfactory.engine.engine import EngineCore
@@ -238,19 +240,25 @@ class FidelityResult:
     """As served (its arrival times rescaled when a utilisation was asked for)."""
     twin_busy_fraction: float
     twin_records: list[RequestRecord] = field(default_factory=list)
-    """The twin's requests, round by round in the workload's order (as the live run's)."""
+    """The twin's requests, run by run in the workload's order (as the live run's), `draws` runs a live round."""
     rounds: int = 1
-    """Live replays (and twin runs) on each side."""
+    """Live replays (the twin runs `draws` times for each)."""
     live_rounds: list[Summary] = field(default_factory=list)
     """Each live replay on its own: how far apart minutes of the same machine are."""
     twin_rounds: list[Summary] = field(default_factory=list)
     rescaled: list[Summary] | None = None
-    """The twin with every step price scaled so that the live run's own steps are priced right
-    in total: not a prediction (it reads the answer), but it separates the machine's load
-    drifting between profile and live run from what the rest of the twin gets wrong."""
+    """The twin with each round's step prices scaled so that its live round's own steps are priced
+    right in total: not a prediction (it reads the answer), but it separates the machine's speed
+    drifting between the sweeps and the rounds from what the rest of the twin gets wrong."""
     at_mean: list[Summary] | None = None
-    """The twin pricing every step at its mean, without the profile's `Slowdown`: what the twin
-    predicted before it modeled the machine's variability."""
+    """The twin without the slowdown series, every step at its round's mean price: what modeling
+    the machine's variability adds."""
+    draws: int = 1
+    """Twin runs per live round."""
+    runs: list[LiveRun] = field(default_factory=list)
+    """Each live replay's own steps."""
+    sweeps: list[Profile] = field(default_factory=list)
+    """The profile sweeps, one before the first round and one after each."""
 
     @property
     def step_model_error(self) -> float:
@@ -259,14 +267,14 @@ class FidelityResult:
 
     def step_model_error_where(self, which: Callable[[BatchShape], bool]) -> float:
         """`step_model_error` over the live steps whose shape `which` accepts (nan if none)."""
-        steps = [(shape, s) for shape, s in zip(self.run.shapes, self.run.step_s) if which(shape)]
-        measured = sum(s for _, s in steps)
-        return sum(self.profile.fit.predict(shape) for shape, _ in steps) / measured - 1 if measured else float("nan")
+        return step_error(self.profile.fit, [(shape, s) for shape, s in zip(self.run.shapes, self.run.step_s)
+                                             if which(shape)])
 
     def ttft_ratios(self, arrived_idle: bool) -> list[float]:
         """Per request, the twin's TTFT over the live one's, for the requests that arrived at an
         idle live engine (or those that did not)."""
-        twin = self.twin_records
+        n = len(self.workload)
+        twin = [self.twin_records[r * self.draws * n + q] for r in range(self.rounds) for q in range(n)]  # first draws
         return [twin[i].ttft / record.ttft for i, record in enumerate(self.run.records)
                 if (i in self.run.arrived_idle) == arrived_idle and record.ttft > 0 and twin[i].first_token >= 0]
 
@@ -280,6 +288,12 @@ class FidelityResult:
             sums[1] += self.profile.fit.predict(shape)
             sums[2] += 1
         return [measured / predicted for measured, predicted, n in windows.values() if n >= min_steps and predicted]
+
+
+def step_error(fit: StepTimeFit, steps: list[tuple[BatchShape, float]]) -> float:
+    """Predicted over measured time, summed over (shape, measured seconds) steps, minus 1 (nan if none)."""
+    measured = sum(s for _, s in steps)
+    return sum(fit.predict(shape) for shape, _ in steps) / measured - 1 if measured else float("nan")
 
 
 METRICS: tuple[tuple[str, Callable[[Summary], float]], ...] = (
@@ -388,17 +402,19 @@ def run_fidelity(config: EngineConfig, workload: list[TraceRequest], threads: in
     if sweeps:
         profile = merge_profiles(sweeps)
     run = merge_runs(runs)
-    twin = simulate_rounds(config, runner.num_blocks, profile.fit, profile, workload, rounds)
+    machines = round_machines(profile, sweeps, rounds)
+    twin = simulate_rounds(config, runner.num_blocks, profile, workload, machines)
     live_rounds = [_summary(r.records) for r in runs]
     result = FidelityResult(_summary(run.records), twin.summary, compare(live_rounds, twin.rounds), run, profile,
-                            live_wall, workload, twin.busy_fraction, twin.records, rounds, live_rounds, twin.rounds)
-    if run.step_s:
-        scale = 1 / (1 + result.step_model_error)
-        rescaled = StepTimeFit(tuple(c * scale for c in profile.fit.coefficients), profile.fit.rms_relative_error)
-        result.rescaled = simulate_rounds(config, runner.num_blocks, rescaled, profile, workload, rounds).rounds
-    if profile.slowdown is not None:
-        steady = dataclasses.replace(profile, slowdown=None)
-        result.at_mean = simulate_rounds(config, runner.num_blocks, profile.fit, steady, workload, rounds).rounds
+                            live_wall, workload, twin.busy_fraction, twin.records, rounds, live_rounds, twin.rounds,
+                            draws=DRAWS, runs=runs, sweeps=sweeps)
+    if all(r.step_s for r in runs):
+        rescaled = [dataclasses.replace(m, scale=1 / (1 + step_error(profile.fit, list(zip(r.shapes, r.step_s)))))
+                    for m, r in zip(machines, runs)]
+        result.rescaled = simulate_rounds(config, runner.num_blocks, profile, workload, rescaled).rounds
+    if any(m.slowdown for m in machines):
+        steady = [dataclasses.replace(m, slowdown=None) for m in machines]
+        result.at_mean = simulate_rounds(config, runner.num_blocks, profile, workload, steady).rounds
     return result
 
 
@@ -421,18 +437,72 @@ class PooledTwin:
     """The mean over the rounds."""
 
 
-def simulate_rounds(config: EngineConfig, num_blocks: int, fit: StepTimeFit, profile: Profile,
-                    workload: list[TraceRequest], rounds: int) -> PooledTwin:
-    """The twin over `rounds` replays, pooled as the live ones are: round i walks the profile's
-    slowdown series from i / rounds of its way along (one walk from its start would give every
-    round the same stretch of the machine's history)."""
-    if profile.slowdown is None:  # every round would be the same run
-        results = [simulate_run(config, num_blocks, fit, profile, workload)] * rounds
-    else:
-        series = profile.slowdown.seconds
-        results = [simulate_run(config, num_blocks, fit, dataclasses.replace(
-            profile, slowdown=Slowdown(series[k:] + series[:k])), workload)
-            for k in (i * len(series) // rounds for i in range(rounds))]
+def sweep_levels(sweeps: list[Profile], merged: Profile) -> list[float]:
+    """Each sweep's speed against the merged profile: the geometric mean over the grid's points of
+    the sweep's mean time for the point over the merged mean (1.1: that sweep ran 10% slow)."""
+    raw = [statistics.geometric_mean([statistics.fmean(p.samples) / m.seconds
+                                      for p, m in zip(sweep.points, merged.points)]) for sweep in sweeps]
+    middle = statistics.geometric_mean(raw)
+    return [r / middle for r in raw]
+
+
+def scaled(fit: StepTimeFit, scale: float) -> StepTimeFit:
+    return StepTimeFit(tuple(c * scale for c in fit.coefficients), fit.rms_relative_error)
+
+
+DRAWS = 5
+"""Twin runs per live round, each walking its round's slowdown series from another point: a
+simulation costs a fraction of a second, and the twin's median should not hang on where one walk
+puts the series' slow stretches against the workload's bursts."""
+
+
+@dataclass(frozen=True)
+class RoundMachine:
+    """What the twin knows of the machine one live round ran on."""
+
+    scale: float
+    """Its speed against the merged profile's (1.1: steps take 10% longer)."""
+    slowdown: Slowdown | None
+    """The variability to price steps with (None: every step at its mean)."""
+
+
+def round_machines(profile: Profile, sweeps: list[Profile], rounds: int) -> list[RoundMachine]:
+    """Each live round's machine, from the sweeps before and after it: their level (the geometric
+    mean of the two) and their slowdown series. A shared machine's speed drifts from minute to
+    minute, and a round's median is the round in the middle, not the machine averaged over every
+    round: with one series pooled over the whole run, every twin round walked through every slow
+    stretch of the run, and its upper percentiles came out 10-35% above the median live round's
+    beside a noisy neighbour. Without sweeps (a profile file), every round gets the profile's own."""
+    if len(sweeps) != rounds + 1:
+        return [RoundMachine(1.0, profile.slowdown)] * rounds
+    levels = sweep_levels(sweeps, profile)
+    return [RoundMachine(math.sqrt(levels[i] * levels[i + 1]), joined([sweeps[i].slowdown, sweeps[i + 1].slowdown]))
+            for i in range(rounds)]
+
+
+def joined(series: list[Slowdown | None]) -> Slowdown | None:
+    seconds = tuple(s for slowdown in series if slowdown for s in slowdown.seconds)
+    return Slowdown(seconds) if seconds else None
+
+
+def simulate_rounds(config: EngineConfig, num_blocks: int, profile: Profile, workload: list[TraceRequest],
+                    machines: list[RoundMachine], draws: int = DRAWS) -> PooledTwin:
+    """The twin over `draws` runs for each of the live rounds' `machines`, pooled as the live
+    rounds are: each run prices steps by the profile's fit at its machine's scale, walking its
+    machine's slowdown series from its own point (run j of n from j / n of the way along)."""
+    n = len(machines) * draws
+    results = []
+    for i, machine in enumerate(machines):
+        fit = scaled(profile.fit, machine.scale)
+        series = machine.slowdown.seconds if machine.slowdown else ()
+        for j in range(i * draws, (i + 1) * draws):
+            if not series and j > i * draws:  # every draw would be the same run
+                results.append(results[-1])
+                continue
+            k = j * len(series) // n
+            slowdown = Slowdown(series[k:] + series[:k]) if series else None
+            results.append(simulate_run(config, num_blocks, fit, dataclasses.replace(profile, slowdown=slowdown),
+                                        workload))
     records = pooled([r.records for r in results])
     return PooledTwin(_summary(records), [r.summary for r in results], records,
                       statistics.fmean(busy_fraction(r) for r in results))
@@ -523,44 +593,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def noisy_neighbour(seed: int, stop: StopEvent) -> None:
-    """Another tenant of the machine, the kind that makes a shared 2-core machine noisy: bursts of
-    0.5-5 s, each of matrix products (compute and the last-level cache) or of sweeps over 16 MB
-    (memory bandwidth), with pauses as long, until `stop`."""
-    torch.set_num_threads(1)
-    rng = random.Random(seed)
-    square, sweep = torch.rand(1500, 1500), torch.rand(4_000_000)
-    while not stop.is_set():
-        burst, pause, compute = rng.uniform(0.5, 5), rng.uniform(0.5, 5), rng.random() < 0.5
-        until = time.monotonic() + burst
-        while time.monotonic() < until and not stop.is_set():
-            if compute:
-                square @ square
-            else:
-                sweep.mul(1.0001).sum()
-        stop.wait(pause)
-
-
-@contextlib.contextmanager
-def neighbour(seed: int | None) -> Iterator[None]:
-    """A `noisy_neighbour` process for the block's length (none when `seed` is None): a
-    reproducible noisy machine, to see how the twin's fidelity holds up on one."""
-    if seed is None:
-        yield
-        return
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()
-    process = context.Process(target=noisy_neighbour, args=(seed, stop), daemon=True)
-    process.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
-
-
 def _table(result: FidelityResult) -> Table:
     arrivals = result.workload[-1].arrival_time
     rate = (len(result.workload) - 1) / arrivals if arrivals else float("inf")
@@ -614,13 +646,23 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
         console.print("the twin against each live round alone: " + "; ".join(
             f"{c.name.split(' (')[0]} " + " / ".join(f"{e:+.0%}" for e in round_errors(result, c, metric))
             for c, (_, metric) in zip(result.comparisons, METRICS)))
+    if len(result.sweeps) == len(result.runs) + 1:
+        levels = sweep_levels(result.sweeps, result.profile)
+        live = [1 / (1 + step_error(result.profile.fit, list(zip(r.shapes, r.step_s)))) for r in result.runs]
+        console.print("the machine's speed (step time over the merged profile's), sweep by sweep: "
+                      + " ".join(f"{x:.2f}" for x in levels) + "; live round by round (measured over priced): "
+                      + " ".join(f"{x:.2f}" for x in live))
+    if len(result.live_rounds) >= 2:
+        console.print("the live engine against itself, the odd rounds' median against the even rounds' (how much "
+                      f"of any comparison this machine's noise takes): "
+                      f"{_errors(result.live_rounds[0::2], result.live_rounds[1::2])}")
     if result.at_mean is not None:
-        console.print(f"the twin without the profile's slowdown (every step at its mean price): "
+        console.print(f"the twin without the slowdown series (every step at its round's mean price): "
                       f"{_errors(result.live_rounds, result.at_mean)}")
     if result.rescaled is not None:
         errors = _errors(result.live_rounds, result.rescaled)
-        console.print(f"diagnostic, not a prediction: the twin with its step prices scaled to the live "
-                      f"run's own steps ({1 / (1 + result.step_model_error):.2f}x): {errors}")
+        console.print(f"diagnostic, not a prediction: the twin with each round's step prices scaled to that "
+                      f"live round's own steps: {errors}")
 
 
 def round_errors(result: FidelityResult, comparison: Comparison, metric: Callable[[Summary], float]) -> list[float]:
@@ -680,7 +722,7 @@ def write_fidelity_plot(result: FidelityResult, path: Path) -> Path:
     ax.set_xticks(range(len(latency)), [c.name.replace(" (ms)", "").replace("inter-token latency", "ITL")
                                         for c, _ in latency])
     ax.set_ylabel("twin over live - 1 (%)")
-    ax.set_title(f"{result.rounds} rounds each side; shaded: within {GOAL:.0%}", fontsize=9)
+    ax.set_title(f"{result.rounds} live rounds, {result.draws} twin runs each; shaded: within {GOAL:.0%}", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     misses = [c for c in result.comparisons if not c.passed]

@@ -16,7 +16,8 @@
    time in the request's two steps (prefill and decode, from the engine's load reports read
    after the stream ended, by the same rule on both sides and for every request: the served
    side cannot read its prefill step alone without racing the decode step), and the overhead
-   again as their difference.
+   again as their difference. `--neighbour SEED` makes this comparison beside a noisy neighbour
+   (`bench/neighbour.py`), the same one `bench fidelity --neighbour` runs beside.
 2. The router alone: microseconds per routing decision (hashing the prompt's blocks, the index lookup
    and the policy) for prompts of several lengths over 16 workers.
 3. KV transfer for disaggregated serving: bytes and milliseconds to copy a prompt's KV out of one
@@ -37,6 +38,7 @@ from http.client import HTTPConnection
 
 import msgspec
 
+from tokenfactory.bench.neighbour import neighbour
 from tokenfactory.bench.serve_bench import free_port, start_server, wait_healthy
 from tokenfactory.cli import build_parser, serve_config
 from tokenfactory.control.kv_index import KVIndex
@@ -62,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt lengths for the router timing")
     p.add_argument("--transfer-lens", type=int, nargs="+", default=[128, 512, 2048],
                    help="prompt lengths for the KV transfer timing")
+    p.add_argument("--neighbour", type=int, metavar="SEED",
+                   help="run beside a noisy neighbour: another process loading the machine in random bursts "
+                        "(this seed's), to see how the overhead holds up on a noisy machine")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -72,7 +77,10 @@ def main(args: argparse.Namespace) -> int:
     config = serve_config(build_parser(["serve"]).parse_args(["serve", *flags]))  # the served workers' own
     rng = random.Random(0)
     prompts = [[rng.randrange(300, 4000) for _ in range(args.prompt_len)] for _ in range(args.requests)]
-    direct, served = ttft_both(config, model_dir, name, prompts)
+    with neighbour(args.neighbour):
+        if args.neighbour is not None:
+            print(f"with a noisy neighbour (seed {args.neighbour}) for the TTFT comparison")
+        direct, served = ttft_both(config, model_dir, name, prompts)
     d50, s50 = (statistics.median(t.ttft_s for t in side) for side in (direct, served))
     print(f"TTFT p50, {args.requests} two-token requests of {args.prompt_len} tokens, one at a time: "
           f"engine processes direct ({NUM_WORKERS}, in turn) {1000 * d50:.2f} ms, through gateway + kv router "

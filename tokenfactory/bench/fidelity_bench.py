@@ -471,7 +471,7 @@ def round_machines(profile: Profile, sweeps: list[Profile], rounds: int) -> list
     mean of the two) and their slowdown series. A shared machine's speed drifts from minute to
     minute, and a round's median is the round in the middle, not the machine averaged over every
     round: with one series pooled over the whole run, every twin round walked through every slow
-    stretch of the run, and its upper percentiles came out 10-35% above the median live round's
+    stretch of the run, and its upper percentiles came out 8-35% above the median live round's
     beside a noisy neighbour. Without sweeps (a profile file), every round gets the profile's own."""
     if len(sweeps) != rounds + 1:
         return [RoundMachine(1.0, profile.slowdown)] * rounds
@@ -489,17 +489,19 @@ def simulate_rounds(config: EngineConfig, num_blocks: int, profile: Profile, wor
                     machines: list[RoundMachine], draws: int = DRAWS) -> PooledTwin:
     """The twin over `draws` runs for each of the live rounds' `machines`, pooled as the live
     rounds are: each run prices steps by the profile's fit at its machine's scale, walking its
-    machine's slowdown series from its own point (run j of n from j / n of the way along)."""
+    machine's slowdown series from its own point (draw d of round i from (d + i / rounds) / draws
+    of the way along: a round's draws spread over its series, and rounds sharing one series start
+    apart)."""
     n = len(machines) * draws
-    results = []
+    results: list[SimulationResult] = []
     for i, machine in enumerate(machines):
         fit = scaled(profile.fit, machine.scale)
         series = machine.slowdown.seconds if machine.slowdown else ()
-        for j in range(i * draws, (i + 1) * draws):
-            if not series and j > i * draws:  # every draw would be the same run
+        for d in range(draws):
+            if not series and d:  # every draw would be the same run
                 results.append(results[-1])
                 continue
-            k = j * len(series) // n
+            k = (d * len(machines) + i) * len(series) // n
             slowdown = Slowdown(series[k:] + series[:k]) if series else None
             results.append(simulate_run(config, num_blocks, fit, dataclasses.replace(profile, slowdown=slowdown),
                                         workload))

@@ -133,6 +133,10 @@ class LiveRun:
     """Requests that arrived while the engine had nothing to do: their TTFT is the wake-up and
     their own prefill, with no queueing in it."""
 
+    def steps(self) -> list[tuple[BatchShape, float]]:
+        """Each step's shape and measured seconds."""
+        return list(zip(self.shapes, self.step_s))
+
 
 SPIN_S = 0.003
 """The last stretch of an idle wait is spent polling, not sleeping: a sleeper wakes late on a
@@ -267,8 +271,7 @@ class FidelityResult:
 
     def step_model_error_where(self, which: Callable[[BatchShape], bool]) -> float:
         """`step_model_error` over the live steps whose shape `which` accepts (nan if none)."""
-        return step_error(self.profile.fit, [(shape, s) for shape, s in zip(self.run.shapes, self.run.step_s)
-                                             if which(shape)])
+        return step_error(self.profile.fit, [(shape, s) for shape, s in self.run.steps() if which(shape)])
 
     def ttft_ratios(self, arrived_idle: bool) -> list[float]:
         """Per request, the twin's TTFT over the live one's, for the requests that arrived at an
@@ -409,7 +412,7 @@ def run_fidelity(config: EngineConfig, workload: list[TraceRequest], threads: in
                             live_wall, workload, twin.busy_fraction, twin.records, rounds, live_rounds, twin.rounds,
                             draws=DRAWS, runs=runs, sweeps=sweeps)
     if all(r.step_s for r in runs):
-        rescaled = [dataclasses.replace(m, scale=1 / (1 + step_error(profile.fit, list(zip(r.shapes, r.step_s)))))
+        rescaled = [dataclasses.replace(m, scale=1 / (1 + step_error(profile.fit, r.steps())))
                     for m, r in zip(machines, runs)]
         result.rescaled = simulate_rounds(config, runner.num_blocks, profile, workload, rescaled).rounds
     if any(m.slowdown for m in machines):
@@ -650,7 +653,7 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
             for c, (_, metric) in zip(result.comparisons, METRICS)))
     if len(result.sweeps) == len(result.runs) + 1:
         levels = sweep_levels(result.sweeps, result.profile)
-        live = [1 / (1 + step_error(result.profile.fit, list(zip(r.shapes, r.step_s)))) for r in result.runs]
+        live = [1 / (1 + step_error(result.profile.fit, r.steps())) for r in result.runs]
         console.print("the machine's speed (step time over the merged profile's), sweep by sweep: "
                       + " ".join(f"{x:.2f}" for x in levels) + "; live round by round (measured over priced): "
                       + " ".join(f"{x:.2f}" for x in live))

@@ -261,8 +261,8 @@ class FidelityResult:
     """Twin runs per live round."""
     runs: list[LiveRun] = field(default_factory=list)
     """Each live replay's own steps."""
-    sweeps: list[Profile] = field(default_factory=list)
-    """The profile sweeps, one before the first round and one after each."""
+    machines: list[RoundMachine] = field(default_factory=list)
+    """The machine the twin ran each live round on."""
 
     @property
     def step_model_error(self) -> float:
@@ -329,9 +329,14 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
         for ps in zip(*(profile.points for profile in profiles), strict=True)
     ]
     fit = fit_step_time([(p.shape, p.seconds) for p in points])
-    series = [s for profile in profiles if profile.slowdown for s in profile.slowdown.seconds]
     return Profile(points, fit, first.model, first.engine, first.machine, sum(p.wall_s for p in profiles),
-                   Slowdown(tuple(series)) if series else None)
+                   joined([profile.slowdown for profile in profiles]))
+
+
+def joined(series: list[Slowdown | None]) -> Slowdown | None:
+    """Slowdown series one after the other (None if there are none)."""
+    seconds = tuple(s for slowdown in series if slowdown for s in slowdown.seconds)
+    return Slowdown(seconds) if seconds else None
 
 
 def pooled(rounds: list[list[RequestRecord]]) -> list[RequestRecord]:
@@ -410,7 +415,7 @@ def run_fidelity(config: EngineConfig, workload: list[TraceRequest], threads: in
     live_rounds = [_summary(r.records) for r in runs]
     result = FidelityResult(_summary(run.records), twin.summary, compare(live_rounds, twin.rounds), run, profile,
                             live_wall, workload, twin.busy_fraction, twin.records, rounds, live_rounds, twin.rounds,
-                            draws=DRAWS, runs=runs, sweeps=sweeps)
+                            draws=DRAWS, runs=runs, machines=machines)
     if all(r.step_s for r in runs):
         rescaled = [dataclasses.replace(m, scale=1 / (1 + step_error(profile.fit, r.steps())))
                     for m, r in zip(machines, runs)]
@@ -481,11 +486,6 @@ def round_machines(profile: Profile, sweeps: list[Profile], rounds: int) -> list
     levels = sweep_levels(sweeps, profile)
     return [RoundMachine(math.sqrt(levels[i] * levels[i + 1]), joined([sweeps[i].slowdown, sweeps[i + 1].slowdown]))
             for i in range(rounds)]
-
-
-def joined(series: list[Slowdown | None]) -> Slowdown | None:
-    seconds = tuple(s for slowdown in series if slowdown for s in slowdown.seconds)
-    return Slowdown(seconds) if seconds else None
 
 
 def simulate_rounds(config: EngineConfig, num_blocks: int, profile: Profile, workload: list[TraceRequest],
@@ -651,12 +651,11 @@ def _diagnose(result: FidelityResult, console: Console) -> None:
         console.print("the twin against each live round alone: " + "; ".join(
             f"{c.name.split(' (')[0]} " + " / ".join(f"{e:+.0%}" for e in round_errors(result, c, metric))
             for c, (_, metric) in zip(result.comparisons, METRICS)))
-    if len(result.sweeps) == len(result.runs) + 1:
-        levels = sweep_levels(result.sweeps, result.profile)
+    if result.machines and result.runs:
         live = [1 / (1 + step_error(result.profile.fit, r.steps())) for r in result.runs]
-        console.print("the machine's speed (step time over the merged profile's), sweep by sweep: "
-                      + " ".join(f"{x:.2f}" for x in levels) + "; live round by round (measured over priced): "
-                      + " ".join(f"{x:.2f}" for x in live))
+        console.print("the machine's speed round by round (step time over the merged profile's): for the twin, from "
+                      "the sweeps either side " + " ".join(f"{m.scale:.2f}" for m in result.machines)
+                      + "; live, measured over priced " + " ".join(f"{x:.2f}" for x in live))
     if len(result.live_rounds) >= 2:
         console.print("the live engine against itself, the odd rounds' median against the even rounds' (how much "
                       f"of any comparison this machine's noise takes): "
